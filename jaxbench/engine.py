@@ -1,0 +1,384 @@
+"""The engine: owns the devices, the weights, the compiled steps, batching and pipelining.
+
+One engine drives every visible device. Weights are replicated; each device is one nonce group
+(nonces.py). A step is one jitted `shard_map` over a 1-D mesh: inputs (or their generator states)
+and permutations in, one float32 distance per nonce out. While the devices run step k, a producer
+thread draws and transfers step k+1; the host waits on the devices only to collect finished
+distances.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import draws, weights as weights_mod
+from .distance import distances as distances_on_device, split_target
+from .model import forward_fn
+from .nonces import NonceSchedule, device_major
+from .params import Params
+
+log = logging.getLogger("jaxbench.engine")
+
+AXIS = "d"
+DEFAULT_CACHE_DIR = Path(os.environ.get("JAXBENCH_CACHE_DIR", Path.home() / ".cache" / "jaxbench" / "xla"))
+MAX_BATCH = 256
+
+
+def enable_compile_cache(directory: str | os.PathLike | None = DEFAULT_CACHE_DIR) -> None:
+    """Persist compiled executables across processes (a restarted server does not recompile)."""
+    if not directory:
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchJob:
+    params: Params
+    block_hash: str
+    public_key: str
+    r_target: float
+    schedule: NonceSchedule
+    dtype: str = "float16"
+    duration_s: float | None = None
+
+
+@dataclasses.dataclass
+class GroupResult:
+    """One device group's share of a step: every nonce it computed and its distance."""
+
+    group: int
+    nonces: list[int]
+    dist: np.ndarray
+
+    def valid(self, r_target: float) -> tuple[list[int], list[float]]:
+        keep = np.flatnonzero(self.dist < r_target)
+        return [self.nonces[i] for i in keep], [float(self.dist[i]) for i in keep]
+
+
+@dataclasses.dataclass
+class StepResult:
+    step: int
+    groups: list[GroupResult]
+    draw_seconds: float  # host time spent preparing this step's inputs (overlapped with the devices)
+    seconds: float  # dispatch to distances on the host
+
+    @property
+    def computed(self) -> int:
+        return sum(len(g.nonces) for g in self.groups)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    params: Params
+    block_hash: str
+    dtype: str
+    weights: dict
+    target: jax.Array
+    build_seconds: float
+
+
+@dataclasses.dataclass
+class _Prepared:
+    step: int
+    flat_start: int
+    per_group: list[list[int]]
+    inputs: jax.Array
+    permutations: jax.Array
+    draw_seconds: float
+
+
+class Engine:
+    def __init__(
+        self,
+        devices: Sequence[jax.Device] | int | None = None,
+        draws_mode: str = "auto",
+        compile_cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
+        host_threads: int | None = None,
+    ):
+        all_devices = jax.devices()
+        if devices is None:
+            devices = all_devices
+        elif isinstance(devices, int):
+            if not 1 <= devices <= len(all_devices):
+                raise ValueError(f"devices must be in [1, {len(all_devices)}], got {devices}")
+            devices = all_devices[:devices]
+        self.devices = list(devices)
+        self.mesh = jax.sharding.Mesh(np.array(self.devices), (AXIS,))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.split = NamedSharding(self.mesh, P(AXIS))
+        if draws_mode == "auto":
+            draws_mode = "device" if self.platform == "gpu" else "host"
+        if draws_mode not in ("host", "device"):
+            raise ValueError(f"draws must be 'host', 'device' or 'auto', got {draws_mode!r}")
+        self.draws_mode = draws_mode
+        enable_compile_cache(compile_cache_dir)
+        self.drawer = draws.HostDrawer(host_threads)
+        self._model: LoadedModel | None = None
+        self._steps: dict[tuple, Callable] = {}
+        self._compile_seconds: dict[tuple, float] = {}
+        self._lock = threading.Lock()
+        self.steps_completed = 0  # grows with every collected step; lets callers see the engine move
+
+    @property
+    def platform(self) -> str:
+        return self.devices[0].platform
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.devices)
+
+    def describe(self) -> list[dict]:
+        return [{"id": d.id, "kind": d.device_kind, "platform": d.platform} for d in self.devices]
+
+    def compiled_keys(self) -> list[dict]:
+        return [
+            {"params": k[0].to_dict(), "dtype": k[1], "batch": k[2], "devices": k[3], "draws": k[4]}
+            for k in self._steps
+        ]
+
+    # Weights ---------------------------------------------------------------------------------
+
+    def load(self, params: Params, block_hash: str, dtype: str) -> LoadedModel:
+        """Weights and target on every device, kept while the block hash, params and dtype stay."""
+        with self._lock:
+            m = self._model
+            if m and (m.params, m.block_hash, m.dtype) == (params, block_hash, dtype):
+                return m
+            self._model = None  # free the old weights before building new ones
+            t0 = time.perf_counter()
+            pool = draws.draw_pool(block_hash, params.pool_size)
+            pool = jax.device_put(pool, self.replicated).astype(weights_mod.JNP_DTYPES[dtype])
+            built = weights_mod.build_weights(pool, params, block_hash)
+            del pool
+            built = jax.block_until_ready(built)
+            target = jax.device_put(split_target(draws.draw_target(block_hash, params.vocab_size)), self.replicated)
+            self._model = LoadedModel(params, block_hash, dtype, built, target, time.perf_counter() - t0)
+            log.info("built weights for %s… (%s, %s) in %.2f s", block_hash[:16], dtype,
+                     _short(params), self._model.build_seconds)
+            return self._model
+
+    # Compiled steps --------------------------------------------------------------------------
+
+    def _build_step(self, params: Params, dtype: str) -> Callable:
+        forward = forward_fn(params, dtype)
+        if self.draws_mode == "device":
+            from . import device_draws
+
+            make_inputs = device_draws.make_input_drawer(params.seq_len, params.dim, dtype)
+        else:
+            make_inputs = lambda x: x
+
+        def per_device(w, inputs, permutations, target):
+            return distances_on_device(forward(w, make_inputs(inputs)), permutations, target)
+
+        return jax.jit(
+            jax.shard_map(
+                per_device, mesh=self.mesh,
+                in_specs=(P(), P(AXIS), P(AXIS), P()), out_specs=P(AXIS), check_vma=False,
+            )
+        )
+
+    def compiled_step(self, model: LoadedModel, batch: int) -> Callable:
+        key = (model.params, model.dtype, batch, len(self.devices), self.draws_mode)
+        if key in self._steps:
+            return self._steps[key]
+        params = model.params
+        g = self.n_groups
+        if self.draws_mode == "device":
+            from . import device_draws
+
+            inputs = jax.ShapeDtypeStruct((g * batch, *device_draws.STATE_SHAPE), jnp.uint32, sharding=self.split)
+        else:
+            inputs = jax.ShapeDtypeStruct(
+                (g * batch, params.seq_len, params.dim), weights_mod.JNP_DTYPES[model.dtype], sharding=self.split
+            )
+        perms = jax.ShapeDtypeStruct((g * batch, params.vocab_size), jnp.int32, sharding=self.split)
+        t0 = time.perf_counter()
+        compiled = self._build_step(params, model.dtype).lower(model.weights, inputs, perms, model.target).compile()
+        self._compile_seconds[key] = time.perf_counter() - t0
+        log.info("compiled step (batch %d × %d devices, %s, %s draws) in %.2f s", batch, g, model.dtype,
+                 self.draws_mode, self._compile_seconds[key])
+        self._steps[key] = compiled
+        return compiled
+
+    def compile_seconds(self, model: LoadedModel, batch: int) -> float:
+        return self._compile_seconds.get((model.params, model.dtype, batch, len(self.devices), self.draws_mode), 0.0)
+
+    # Batch size ------------------------------------------------------------------------------
+
+    def default_batch(self, params: Params, dtype: str) -> int:
+        """Per-device batch from the device's free memory and a per-nonce activation estimate."""
+        stats = self.devices[0].memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        if not limit:
+            return 8 if self.platform == "cpu" else 32
+        free = limit - stats.get("bytes_in_use", 0)
+        if self._model is None or self._model.params != params:
+            free -= params.weight_bytes(jnp.dtype(weights_mod.JNP_DTYPES[dtype]).itemsize)
+        per_nonce = activation_bytes(params, dtype)
+        batch = int(0.8 * free // per_nonce)
+        if batch >= 16:
+            batch -= batch % 8
+        return int(max(1, min(MAX_BATCH, batch)))
+
+    # Work ------------------------------------------------------------------------------------
+
+    def _prepare(self, job: SearchJob, step: int, flat_start: int, batch: int) -> _Prepared | None:
+        nonces = job.schedule.take(flat_start, batch * self.n_groups)
+        if not nonces:
+            return None
+        t0 = time.perf_counter()
+        rows, per_group = device_major(nonces, self.n_groups, batch)
+        if self.draws_mode == "device":
+            from . import device_draws
+
+            host_inputs = device_draws.initial_states(job.block_hash, job.public_key, rows)
+        else:
+            host_inputs = self.drawer.inputs(job.block_hash, job.public_key, rows, job.params, job.dtype)
+        perms = self.drawer.permutations(job.block_hash, job.public_key, rows, job.params.vocab_size)
+        inputs = jax.device_put(host_inputs, self.split)
+        permutations = jax.device_put(perms, self.split)
+        return _Prepared(step, flat_start, per_group, inputs, permutations, time.perf_counter() - t0)
+
+    def search(
+        self, job: SearchJob, stop: threading.Event | None = None, batch: int | None = None,
+        on_compiled: Callable[[float], None] | None = None,
+    ) -> Iterator[StepResult]:
+        """Run the schedule step by step, yielding each step's distances as soon as it finishes.
+
+        Stops at the end of the schedule, after `duration_s`, or within one step of `stop` being
+        set; every step already dispatched is still collected and yielded. An out-of-memory at a
+        batch size retreats to half the size and redoes the lost steps.
+        """
+        stop = stop or threading.Event()
+        model = self.load(job.params, job.block_hash, job.dtype)
+        batch = batch or self.default_batch(job.params, job.dtype)
+        deadline = None if job.duration_s is None else time.monotonic() + job.duration_s
+        flat_next = 0  # first flat index not yet yielded
+        step_no = 0
+        while True:
+            try:
+                step_fn = self.compiled_step(model, batch)
+                if on_compiled:
+                    on_compiled(self.compile_seconds(model, batch))
+                    on_compiled = None
+                for result, flat_done in self._pipeline(job, model, step_fn, batch, flat_next, step_no, stop, deadline):
+                    flat_next = flat_done
+                    step_no = result.step + 1
+                    yield result
+                return
+            except Exception as e:  # noqa: BLE001 — only out-of-memory is retried
+                if not is_out_of_memory(e) or batch == 1:
+                    raise
+                log.warning("out of memory at batch %d; retrying at %d", batch, batch // 2)
+                self._steps.pop((model.params, model.dtype, batch, len(self.devices), self.draws_mode), None)
+                batch //= 2
+
+    def _pipeline(self, job, model, step_fn, batch, flat_start, step_no, stop, deadline):
+        prepared: queue.Queue = queue.Queue(maxsize=2)
+        producer_stop = threading.Event()
+        per_step = batch * self.n_groups
+
+        def produce():
+            flat, k = flat_start, step_no
+            try:
+                while not producer_stop.is_set():
+                    item = self._prepare(job, k, flat, batch)
+                    while not producer_stop.is_set():
+                        try:
+                            prepared.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if item is None:
+                        return
+                    flat, k = flat + per_step, k + 1
+            except BaseException as e:  # noqa: BLE001 — handed to the consumer
+                prepared.put(e)
+
+        producer = threading.Thread(target=produce, name="jaxbench-draw", daemon=True)
+        producer.start()
+        in_flight: list[tuple[_Prepared, jax.Array, float]] = []
+        try:
+            while True:
+                finished = stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
+                item = None if finished else prepared.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is not None:
+                    t0 = time.perf_counter()
+                    dist = step_fn(model.weights, item.inputs, item.permutations, model.target)
+                    in_flight.append((item, dist, t0))
+                if in_flight and (item is None or len(in_flight) > 1):
+                    done, dist, t0 = in_flight.pop(0)
+                    host_dist = np.asarray(dist)
+                    self.steps_completed += 1
+                    groups = [
+                        GroupResult(g, nonces, host_dist[g * batch : g * batch + len(nonces)])
+                        for g, nonces in enumerate(done.per_group)
+                    ]
+                    result = StepResult(done.step, groups, done.draw_seconds, time.perf_counter() - t0)
+                    yield result, done.flat_start + result.computed
+                if item is None and not in_flight:
+                    return
+        finally:
+            producer_stop.set()
+            producer.join(timeout=30)
+
+    def distances(
+        self, params: Params, block_hash: str, public_key: str, nonces: Sequence[int], dtype: str = "float16",
+        batch: int | None = None,
+    ) -> np.ndarray:
+        """Distances of the given nonces, in the order given."""
+        job = SearchJob(params, block_hash, public_key, r_target=0.0, schedule=NonceSchedule.of(nonces), dtype=dtype)
+        if batch is None:
+            batch = min(self.default_batch(params, dtype), -(-len(nonces) // self.n_groups))
+        out = np.empty(len(nonces), dtype=np.float32)
+        offset = 0
+        for result in self.search(job, batch=batch):
+            # Group g of a step holds flat offsets g, g + G, …: put them back in flat order.
+            n = result.computed
+            for g in result.groups:
+                out[offset + g.group : offset + n : self.n_groups] = g.dist
+            offset += n
+        return out
+
+    def close(self):
+        self.drawer.close()
+
+
+def activation_bytes(params: Params, dtype: str) -> int:
+    """A generous estimate of one nonce's live device memory inside a layer of the step."""
+    item = jnp.dtype(weights_mod.JNP_DTYPES[dtype]).itemsize
+    s, d, h = params.seq_len, params.dim, params.hidden_dim
+    qkv = s * (params.n_heads + 2 * params.n_kv_heads) * params.head_dim
+    scores = params.n_heads * s * s * (4 + 4 + item)  # float32 scores, float32 softmax, rounded probs
+    ffn = 3 * s * h * item
+    residual = 6 * s * d * 4
+    io = s * d * item + params.vocab_size * (4 + 4 + 4)
+    return int(1.5 * (qkv * 4 + scores + ffn + residual + io))
+
+
+def _short(params: Params) -> str:
+    return f"dim {params.dim}, {params.n_layers} layers, seq {params.seq_len}, vocab {params.vocab_size}"

@@ -1,0 +1,159 @@
+"""The PoC transformer: a LLaMA fed with embeddings, returning the last position's logits.
+
+Numerics follow the network's reference (spec §4) so that distances agree within the fidelity rule:
+every matrix product accumulates in float32 and rounds to the model dtype; RMSNorm, RoPE and the
+softmax run in float32; the RoPE tables are rounded to the model dtype; the head's output is rounded
+to the model dtype before it is widened to float32.
+
+Written with Flax NNX: each part is an `nnx.Module` holding its weights as `nnx.Param`s. The weights
+are not initialised by Flax but built from the block hash (weights.py), so the modules take arrays.
+The per-layer weights carry a leading layer axis, and the blocks run under `lax.scan`, so compile
+time does not grow with depth. Only the last position goes through the last block's query path,
+the final norm and the head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .params import Params
+from .weights import JNP_DTYPES
+
+
+def matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """A product accumulated in float32 and rounded to the operands' dtype (as cuBLAS does for torch)."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=precision).astype(a.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * weight
+
+
+def rope_frequencies(params: Params) -> np.ndarray:
+    """inv_k = 1 / theta ** (2k / head_dim) in float32, with Llama 3.1's scaling when asked for."""
+    hd = params.head_dim
+    freqs = (1.0 / (np.float32(params.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32)[: hd // 2] / np.float32(hd)))).astype(np.float32)
+    if not params.use_scaled_rope:
+        return freqs
+    scale, low_factor, high_factor, old_context = 8.0, 1.0, 4.0, 8192.0
+    low_wavelen, high_wavelen = old_context / low_factor, old_context / high_factor
+    scaled = []
+    for f in freqs.astype(np.float64):
+        wavelen = 2 * math.pi / f
+        if wavelen < high_wavelen:
+            scaled.append(f)
+        elif wavelen > low_wavelen:
+            scaled.append(f / scale)
+        else:
+            smooth = (old_context / wavelen - low_factor) / (high_factor - low_factor)
+            scaled.append((1 - smooth) * f / scale + smooth * f)
+    return np.array(scaled, dtype=np.float32)
+
+
+def rope_tables(params: Params, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of position × frequency, (seq_len, head_dim // 2), rounded to the model dtype."""
+    angles = np.outer(np.arange(params.seq_len, dtype=np.float32), rope_frequencies(params)).astype(np.float32)
+    return jnp.asarray(np.cos(angles), dtype), jnp.asarray(np.sin(angles), dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) in float32. x: (B, S, heads, hd); tables: (S, hd/2)."""
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    c = cos.astype(jnp.float32)[:, None, :]
+    s = sin.astype(jnp.float32)[:, None, :]
+    rotated = jnp.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
+    return rotated.reshape(x.shape).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, wq, wk, wv, wo, params: Params):
+        self.wq, self.wk, self.wv, self.wo = nnx.Param(wq), nnx.Param(wk), nnx.Param(wv), nnx.Param(wo)
+        self.n_heads, self.n_kv_heads, self.head_dim = params.n_heads, params.n_kv_heads, params.head_dim
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, last_only: bool) -> jax.Array:
+        """x: (B, S, dim) -> (B, S or 1, dim). With `last_only`, only the last position queries."""
+        b, s, _ = x.shape
+        kv, group, hd = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
+        x_q, cos_q, sin_q = (x[:, -1:], cos[-1:], sin[-1:]) if last_only else (x, cos, sin)
+        q = apply_rope(matmul("bsd,de->bse", x_q, self.wq[...]).reshape(b, -1, self.n_heads, hd), cos_q, sin_q)
+        k = apply_rope(matmul("bsd,de->bse", x, self.wk[...]).reshape(b, s, kv, hd), cos, sin)
+        v = matmul("bsd,de->bse", x, self.wv[...]).reshape(b, s, kv, hd)
+
+        # Query head j reads kv head j // group.
+        q = q.reshape(b, -1, kv, group, hd)
+        scores = matmul("bqkgd,btkd->bkgqt", q, k)
+        scores = (scores.astype(jnp.float32) / jnp.float32(math.sqrt(hd))).astype(x.dtype).astype(jnp.float32)
+        if not last_only:
+            causal = jnp.tril(jnp.ones((s, s), dtype=bool))
+            scores = jnp.where(causal, scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = matmul("bkgqt,btkd->bqkgd", probs, v).reshape(b, -1, self.n_heads * hd)
+        return matmul("bse,ed->bsd", out, self.wo[...])
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, w1, w2, w3):
+        self.w1, self.w2, self.w3 = nnx.Param(w1), nnx.Param(w2), nnx.Param(w3)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = matmul("bsd,dh->bsh", x, self.w1[...])
+        gate = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype)
+        return matmul("bsh,hd->bsd", gate * matmul("bsd,dh->bsh", x, self.w3[...]), self.w2[...])
+
+
+class Block(nnx.Module):
+    def __init__(self, w: dict, params: Params):
+        self.attention = Attention(w["wq"], w["wk"], w["wv"], w["wo"], params)
+        self.feed_forward = FeedForward(w["w1"], w["w2"], w["w3"])
+        self.attention_norm = nnx.Param(w["attention_norm"])
+        self.ffn_norm = nnx.Param(w["ffn_norm"])
+        self.eps = params.norm_eps
+
+    def __call__(self, h: jax.Array, cos, sin, last_only: bool = False) -> jax.Array:
+        a = self.attention(rms_norm(h, self.attention_norm[...], self.eps), cos, sin, last_only)
+        h = (h[:, -1:] if last_only else h) + a
+        return h + self.feed_forward(rms_norm(h, self.ffn_norm[...], self.eps))
+
+
+class Transformer(nnx.Module):
+    """Built from the weight pytree of weights.build_weights; `layers` holds every block stacked."""
+
+    def __init__(self, weights: dict, params: Params, dtype: str):
+        self.params = params
+        self.dtype = JNP_DTYPES[dtype]
+        self.layers = Block(weights["layers"], params)
+        self.norm = nnx.Param(weights["norm"])
+        self.output = nnx.Param(weights["output"])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (B, seq_len, dim) in the model dtype -> last-position logits (B, vocab), float32."""
+        cos, sin = rope_tables(self.params, self.dtype)
+        block_def, stacked = nnx.split(self.layers)
+        layer = lambda i: nnx.merge(block_def, jax.tree.map(lambda w: w[i], stacked))
+
+        def run_block(h, i):
+            return layer(i)(h, cos, sin), None
+
+        n = self.params.n_layers
+        h, _ = jax.lax.scan(run_block, x.astype(self.dtype), jnp.arange(n - 1))
+        h = layer(n - 1)(h, cos, sin, last_only=True)[:, 0]
+        h = rms_norm(h, self.norm[...], self.params.norm_eps)
+        return matmul("bd,dv->bv", h, self.output[...]).astype(jnp.float32)
+
+
+def forward_fn(params: Params, dtype: str):
+    """A pure function (weights, x) -> logits, for jit: the NNX module rebuilt around traced weights."""
+
+    def forward(weights: dict, x: jax.Array) -> jax.Array:
+        return Transformer(weights, params, dtype)(x)
+
+    return forward

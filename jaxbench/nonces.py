@@ -1,0 +1,66 @@
+"""Which nonces a search computes, and which device group computes each (spec §7).
+
+A schedule is a sequence of nonces in a fixed "flat" order. A step takes the next G×B of them;
+device group g gets flat indices f0 + x·G + g. For the arithmetic schedule of spec §7
+(nonce = start + node_id + i·n_nodes) that gives group g the nonces
+start + node_id + g·n_nodes + x·(G·n_nodes), and the set computed after any number of steps
+does not depend on G.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class NonceSchedule:
+    """Arithmetic (`first + i * stride` for i < count) or an explicit list; count None = unbounded."""
+
+    first: int = 0
+    stride: int = 1
+    count: int | None = None
+    explicit: tuple[int, ...] | None = None
+
+    @classmethod
+    def for_node(
+        cls, start_nonce: int = 0, node_id: int = 0, n_nodes: int = 1, end: int | None = None,
+        limit: int | None = None,
+    ) -> "NonceSchedule":
+        """Node `node_id` of `n_nodes` from `start_nonce`; `end` excludes nonces ≥ end; `limit` caps the count."""
+        if not 0 <= node_id < n_nodes:
+            raise ValueError(f"node_id must be in [0, n_nodes), got {node_id} of {n_nodes}")
+        first = start_nonce + node_id
+        count = None
+        if end is not None:
+            count = max(0, -(-(end - first) // n_nodes))
+        if limit is not None:
+            count = limit if count is None else min(count, limit)
+        return cls(first=first, stride=n_nodes, count=count)
+
+    @classmethod
+    def of(cls, nonces: Sequence[int]) -> "NonceSchedule":
+        return cls(explicit=tuple(nonces), count=len(nonces))
+
+    def take(self, flat_start: int, n: int) -> list[int]:
+        """Up to n nonces from flat index flat_start (fewer at the end of a bounded schedule)."""
+        stop = flat_start + n if self.count is None else min(flat_start + n, self.count)
+        if self.explicit is not None:
+            return list(self.explicit[flat_start:stop])
+        return [self.first + i * self.stride for i in range(flat_start, stop)]
+
+
+def device_major(nonces: list[int], n_groups: int, batch: int) -> tuple[list[int], list[list[int]]]:
+    """Lay one step's nonces (flat order) out as G rows of B, row g holding flat offsets x·G + g.
+
+    Returns the padded (G·B) list in row order (missing slots repeat the first nonce, so every row
+    is a real computation) and each group's real nonces.
+    """
+    filler = nonces[0]
+    rows: list[int] = []
+    per_group: list[list[int]] = []
+    for g in range(n_groups):
+        real = nonces[g::n_groups]
+        per_group.append(real)
+        rows.extend(real + [filler] * (batch - len(real)))
+    return rows, per_group
