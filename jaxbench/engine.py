@@ -79,6 +79,8 @@ class GroupResult:
 @dataclasses.dataclass
 class StepResult:
     step: int
+    flat_start: int  # schedule index of the step's first nonce; the step spans batch × groups of them
+    batch: int
     groups: list[GroupResult]
     draw_seconds: float  # host time spent preparing this step's inputs (overlapped with the devices)
     seconds: float  # dispatch to distances on the host
@@ -244,7 +246,7 @@ class Engine:
 
     # Work ------------------------------------------------------------------------------------
 
-    def _prepare(self, job: SearchJob, step: int, flat_start: int, batch: int) -> _Prepared | None:
+    def prepare_step(self, job: SearchJob, step: int, flat_start: int, batch: int) -> _Prepared | None:
         nonces = job.schedule.take(flat_start, batch * self.n_groups)
         if not nonces:
             return None
@@ -304,7 +306,7 @@ class Engine:
             flat, k = flat_start, step_no
             try:
                 while not producer_stop.is_set():
-                    item = self._prepare(job, k, flat, batch)
+                    item = self.prepare_step(job, k, flat, batch)
                     while not producer_stop.is_set():
                         try:
                             prepared.put(item, timeout=0.1)
@@ -338,7 +340,7 @@ class Engine:
                         GroupResult(g, nonces, host_dist[g * batch : g * batch + len(nonces)])
                         for g, nonces in enumerate(done.per_group)
                     ]
-                    result = StepResult(done.step, groups, done.draw_seconds, time.perf_counter() - t0)
+                    result = StepResult(done.step, done.flat_start, batch, groups, done.draw_seconds, time.perf_counter() - t0)
                     yield result, done.flat_start + result.computed
                 if item is None and not in_flight:
                     return

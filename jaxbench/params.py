@@ -50,7 +50,7 @@ class Params:
                     raise ParamsError(f.name, f"must be a positive finite number, got {value}")
                 object.__setattr__(self, f.name, float(value))
         if self.dim % self.n_heads:
-            raise ParamsError("n_heads", f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            raise ParamsError("dim", f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ParamsError(
                 "n_kv_heads", f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}"

@@ -1,0 +1,128 @@
+"""`python -m jaxbench bench`: the throughput figures every number in docs/benchmarks.md comes from."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+
+from .engine import Engine, SearchJob
+from .nonces import NonceSchedule
+from .params import Params
+
+# Dense fp16/bf16 matrix rate measured on these cards (shared/reference-numbers.md): the floor's clock.
+MATRIX_PEAK_FLOPS = {"H100": 800e12, "H200": 800e12}
+
+
+def matrix_peak(device_kind: str) -> float | None:
+    for name, rate in MATRIX_PEAK_FLOPS.items():
+        if name in device_kind:
+            return rate
+    return None
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _peak_memory(engine: Engine) -> int | None:
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in engine.devices]
+    return max(peaks) if all(p is not None for p in peaks) else None
+
+
+def run_bench(
+    engine: Engine, params: Params, dtype: str, block_hash: str, public_key: str, seconds: float,
+    batch: int | None = None,
+) -> dict:
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    groups = engine.n_groups
+
+    t0 = time.perf_counter()
+    model = engine.load(params, block_hash, dtype)
+    build_seconds = time.perf_counter() - t0
+    batch = batch or engine.default_batch(params, dtype)
+    step_fn = engine.compiled_step(model, batch)
+    compile_seconds = engine.compile_seconds(model, batch)
+    log(f"weights {build_seconds:.2f} s, compile {compile_seconds:.2f} s, batch {batch} × {groups} devices")
+
+    # Draws alone: one step's inputs and permutations prepared on the host (and sent).
+    job = SearchJob(params, block_hash, public_key, 0.0, NonceSchedule.for_node(0), dtype)
+    prepared = engine.prepare_step(job, 0, 0, batch)
+    jax.block_until_ready((prepared.inputs, prepared.permutations))
+    t0 = time.perf_counter()
+    prepared = engine.prepare_step(job, 1, batch * groups, batch)
+    jax.block_until_ready((prepared.inputs, prepared.permutations))
+    draw_rate = batch * groups / (time.perf_counter() - t0)
+
+    # Device only: the same prepared step run back to back.
+    jax.block_until_ready(step_fn(model.weights, prepared.inputs, prepared.permutations, model.target))
+    reps = 0
+    t0 = time.perf_counter()
+    while True:
+        out = step_fn(model.weights, prepared.inputs, prepared.permutations, model.target)
+        reps += 1
+        if reps >= 3 and time.perf_counter() - t0 >= min(seconds / 2, 10):
+            break
+        if reps % 4 == 0:
+            out.block_until_ready()
+    out.block_until_ready()
+    device_rate = reps * batch * groups / (time.perf_counter() - t0)
+    device_result = np.asarray(out)
+    if not np.all(np.isfinite(device_result)):
+        raise RuntimeError("non-finite distances in the benchmark step")
+
+    # End to end: draws, transfers, steps and distances back on the host, pipelined.
+    job = SearchJob(params, block_hash, public_key, 0.0, NonceSchedule.for_node(10**9), dtype, duration_s=seconds)
+    stop = threading.Event()
+    computed = steps = 0
+    draw_s = step_s = 0.0
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    for result in engine.search(job, stop, batch=batch):
+        computed += result.computed
+        steps += 1
+        draw_s += result.draw_seconds
+        step_s += result.seconds
+    wall = time.perf_counter() - t0
+    cpu_cores = (_cpu_seconds() - cpu0) / wall
+    e2e_rate = computed / wall
+
+    flops = params.flops_per_nonce()
+    kind = engine.devices[0].device_kind
+    peak = matrix_peak(kind)
+    report = {
+        "params": params.to_dict(),
+        "dtype": dtype,
+        "draws": engine.draws_mode,
+        "device_kind": kind,
+        "devices": groups,
+        "batch_per_device": batch,
+        "end_to_end_nonces_per_s": round(e2e_rate, 2),
+        "end_to_end_nonces_per_s_per_device": round(e2e_rate / groups, 2),
+        "device_only_nonces_per_s": round(device_rate, 2),
+        "achieved_tflops_per_device": round(e2e_rate / groups * flops / 1e12, 1),
+        "device_only_tflops_per_device": round(device_rate / groups * flops / 1e12, 1),
+        "floor_nonces_per_s_per_device": round(peak / flops, 1) if peak else None,
+        "percent_of_floor": round(100 * e2e_rate / groups * flops / peak, 1) if peak else None,
+        "draw_nonces_per_s": round(draw_rate, 1),
+        "mean_draw_seconds_per_step": round(draw_s / max(steps, 1), 4),
+        "mean_step_seconds": round(step_s / max(steps, 1), 4),
+        "host_cpu_cores_busy": round(cpu_cores, 2),
+        "weight_build_seconds": round(build_seconds, 2),
+        "compile_seconds": round(compile_seconds, 2),
+        "peak_device_memory_gib": None if (m := _peak_memory(engine)) is None else round(m / 2**30, 2),
+        "end_to_end_seconds": round(wall, 2),
+        "nonces_computed": computed,
+    }
+    _print_table(report)
+    return report
+
+
+def _print_table(report: dict) -> None:
+    rows = [(k, v) for k, v in report.items() if k != "params"]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows), file=sys.stderr, flush=True)

@@ -1,0 +1,59 @@
+"""Validation of a claimed batch of nonces, as a network validator does it (spec §7)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import fields
+from .distance import DEFAULT_FRAUD_THRESHOLD, fraud_report
+from .params import Params
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    params: Params
+    block_hash: str
+    public_key: str
+    nonces: list[int]
+    dist: list[float]
+    r_target: float
+    dtype: str = "float16"
+    fraud_threshold: float = DEFAULT_FRAUD_THRESHOLD
+
+
+def parse_claim(data: Any) -> Claim:
+    if not isinstance(data, Mapping):
+        raise fields.FieldError("body", "must be a JSON object")
+    known = {f.name for f in dataclasses.fields(Claim)}
+    for key in data:
+        if key not in known:
+            raise fields.FieldError(str(key), "unknown field")
+    nonces = fields.nonce_list(data, "nonces")
+    dist = data.get("dist")
+    if not isinstance(dist, list) or len(dist) != len(nonces):
+        raise fields.FieldError("dist", f"must be a list of {len(nonces)} numbers, one per nonce")
+    for v in dist:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise fields.FieldError("dist", f"must hold numbers, got {v!r:.60}")
+    return Claim(
+        params=fields.params(data),
+        block_hash=fields.seed_text(data, "block_hash"),
+        public_key=fields.seed_text(data, "public_key"),
+        nonces=nonces,
+        dist=[float(v) for v in dist],
+        r_target=fields.number(data, "r_target"),
+        dtype=fields.dtype(data),
+        fraud_threshold=fields.number(data, "fraud_threshold", DEFAULT_FRAUD_THRESHOLD),
+    )
+
+
+def validate_claim(engine, claim: Claim) -> dict:
+    """Recompute every distance and report invalid nonces, the binomial p-value and the verdict."""
+    recomputed = engine.distances(claim.params, claim.block_hash, claim.public_key, claim.nonces, claim.dtype)
+    report = fraud_report(np.array(claim.dist), recomputed, claim.r_target, claim.fraud_threshold)
+    report["invalid_nonces"] = [claim.nonces[i] for i in report.pop("invalid_indices")]
+    report["dtype"] = claim.dtype
+    return report

@@ -1,0 +1,114 @@
+"""Checks of user-supplied fields, shared by the CLI and the service: each failure names its field."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from .params import Params, ParamsError, resolve_params
+
+DTYPES = ("float16", "bfloat16", "float32")
+MAX_SEED_TEXT = 4096
+
+
+class FieldError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+_MISSING = object()
+
+
+def _get(data: Mapping[str, Any], name: str, default: Any):
+    value = data.get(name, _MISSING)
+    if value is _MISSING or value is None and default is not _MISSING:
+        if default is _MISSING:
+            raise FieldError(name, "is required")
+        return default
+    return value
+
+
+def seed_text(data: Mapping[str, Any], name: str, default: Any = _MISSING) -> str:
+    """A string that goes into seed strings: block hashes, public keys."""
+    value = _get(data, name, default)
+    if not isinstance(value, str) or not value:
+        raise FieldError(name, f"must be a non-empty string, got {value!r:.60}")
+    if len(value) > MAX_SEED_TEXT:
+        raise FieldError(name, f"must be at most {MAX_SEED_TEXT} characters")
+    return value
+
+
+def integer(data: Mapping[str, Any], name: str, default: Any = _MISSING, minimum: int | None = 0) -> int:
+    value = _get(data, name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FieldError(name, f"must be an integer, got {value!r:.60}")
+    if minimum is not None and value < minimum:
+        raise FieldError(name, f"must be ≥ {minimum}, got {value}")
+    return value
+
+
+def number(data: Mapping[str, Any], name: str, default: Any = _MISSING, positive: bool = True) -> float:
+    value = _get(data, name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FieldError(name, f"must be a finite number, got {value!r:.60}")
+    if positive and value <= 0:
+        raise FieldError(name, f"must be positive, got {value}")
+    return float(value)
+
+
+def dtype(data: Mapping[str, Any], name: str = "dtype", default: str = "float16") -> str:
+    value = _get(data, name, default)
+    if value not in DTYPES:
+        raise FieldError(name, f"must be one of {', '.join(DTYPES)}, got {value!r:.60}")
+    return value
+
+
+def params(data: Mapping[str, Any], name: str = "params", default: Any = _MISSING) -> Params:
+    """An object of parameter fields or a preset name."""
+    value = _get(data, name, default)
+    if isinstance(value, Params):
+        return value
+    if not isinstance(value, (Mapping, str)):
+        raise FieldError(name, f"must be an object or a preset name, got {type(value).__name__}")
+    try:
+        return resolve_params(value)
+    except ParamsError as e:
+        field = name if e.field == "params" else f"{name}.{e.field}"
+        raise FieldError(field, e.message) from None
+
+
+def nonce_list(data: Mapping[str, Any], name: str = "nonces", max_len: int = 1_000_000) -> list[int]:
+    value = _get(data, name, _MISSING)
+    if not isinstance(value, list) or not value:
+        raise FieldError(name, "must be a non-empty list of non-negative integers")
+    if len(value) > max_len:
+        raise FieldError(name, f"must hold at most {max_len} nonces")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise FieldError(name, f"must hold non-negative integers, got {v!r:.60}")
+    return value
+
+
+def parse_nonce_ranges(text: str, name: str = "nonces") -> list[int]:
+    """"1,5,10-20" -> [1, 5, 10, …, 20] (ranges inclusive)."""
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if lo < 0 or hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                v = int(part)
+                if v < 0:
+                    raise ValueError
+                out.append(v)
+        except ValueError:
+            raise FieldError(name, f"bad nonce or range {part!r} (use non-negative integers and a-b ranges)") from None
+        if len(out) > 1_000_000:
+            raise FieldError(name, "at most 1,000,000 nonces")
+    return out

@@ -1,0 +1,91 @@
+"""Result lines of a search, as the predecessor's /generate streams them (seed-service spec §1.4),
+and the summary line that ends every stream. Shared by the CLI and the service."""
+
+from __future__ import annotations
+
+import time
+
+from .engine import SearchJob, StepResult
+
+
+class SearchTally:
+    """Turns steps into result lines and keeps the per-worker and aggregate counts.
+
+    Every computed nonce is counted, also in steps with no valid nonce (the predecessor's
+    aggregate only counted emitted lines).
+    """
+
+    def __init__(self, job: SearchJob, n_workers: int, block_height: int = 0):
+        self.job = job
+        self.n_workers = n_workers
+        self.block_height = block_height
+        self.started = time.monotonic()
+        self.worker_computed = [0] * n_workers
+        self.worker_valid = [0] * n_workers
+        self.worker_batches = [0] * n_workers
+        self.lines_emitted = 0
+
+    @property
+    def total_computed(self) -> int:
+        return sum(self.worker_computed)
+
+    @property
+    def total_valid(self) -> int:
+        return sum(self.worker_valid)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def add(self, step: StepResult) -> list[dict]:
+        """Count a step; return one line per worker batch with at least one valid nonce."""
+        lines = []
+        for g in step.groups:
+            nonces, dist = g.valid(self.job.r_target)
+            w = g.group
+            self.worker_batches[w] += 1
+            self.worker_computed[w] += len(g.nonces)
+            self.worker_valid[w] += len(nonces)
+            if not nonces:
+                continue
+            self.lines_emitted += 1
+            following = self.job.schedule.take(step.flat_start + step.batch * self.n_workers + w, 1)
+            lines.append({
+                "worker_id": w,
+                "public_key": self.job.public_key,
+                "block_hash": self.job.block_hash,
+                "block_height": self.block_height,
+                "nonces": nonces,
+                "dist": dist,
+                "node_id": w,
+                "batch_number": self.worker_batches[w],
+                "batch_computed": len(g.nonces),
+                "batch_valid": len(nonces),
+                "total_computed": self.worker_computed[w],
+                "total_valid": self.worker_valid[w],
+                "elapsed_seconds": int(self.elapsed()),
+                "next_nonce": following[0] if following else None,
+                "aggregated_batch_number": self.lines_emitted,
+                "aggregated_total_computed": self.total_computed,
+                "aggregated_total_valid": self.total_valid,
+                "n_workers": self.n_workers,
+            })
+        return lines
+
+    def end_reason(self, stopped: bool) -> str:
+        """Why a search that ended without error ended: stopped by its caller, out of time, or done."""
+        if stopped:
+            return "stopped"
+        if self.job.duration_s is not None and self.elapsed() >= self.job.duration_s:
+            return "duration"
+        return "completed"
+
+    def summary(self, reason: str) -> dict:
+        elapsed = self.elapsed()
+        return {
+            "status": "done",
+            "reason": reason,
+            "total_computed": self.total_computed,
+            "total_valid": self.total_valid,
+            "elapsed_seconds": round(elapsed, 3),
+            "nonces_per_second": round(self.total_computed / elapsed, 3) if elapsed > 0 else 0.0,
+        }
