@@ -1,0 +1,32 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VECTORS = Path(os.environ.get("JAXBENCH_VECTORS", ROOT.parent / "shared" / "vectors" / "reference-vectors.json"))
+
+
+def load_cases() -> list[dict]:
+    return json.loads(VECTORS.read_text())
+
+
+def run_cli(*args: str, input: str | None = None, timeout: float = 300, env: dict | None = None):
+    """`python -m jaxbench ARGS` in a subprocess; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "jaxbench", *args], capture_output=True, text=True, timeout=timeout,
+        input=input, cwd=ROOT, env=full_env,
+    )
+
+
+@pytest.fixture(scope="session")
+def engine():
+    from jaxbench.engine import Engine
+
+    e = Engine(devices=1, draws_mode="host", compile_cache_dir=None)
+    yield e
+    e.close()

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from jaxbench.params import PRESETS, Params, ParamsError, resolve_params
+
+
+def test_presets_have_the_spec_shapes():
+    mainnet = PRESETS["mainnet"]
+    assert mainnet.hidden_dim == 49152
+    assert round(mainnet.n_params / 1e9, 1) == 17.8  # "~17.7 B" counts the embedding table too
+    assert PRESETS["bench"].hidden_dim == 7168
+    assert round(PRESETS["bench"].n_params / 1e9, 2) == 1.43
+    assert PRESETS["testnet"].seq_len == 128
+    assert Params() == Params(dim=2048, n_layers=16, n_heads=16, n_kv_heads=16, vocab_size=8192)
+
+
+def test_flops_per_nonce_match_the_floor_counts():
+    # shared/reference-numbers.md: 1.81 TFLOP (bench) and 8.96 TFLOP (mainnet) per nonce.
+    assert round(PRESETS["bench"].flops_per_nonce() / 1e12, 2) == 1.81
+    assert round(PRESETS["mainnet"].flops_per_nonce() / 1e12, 2) == 8.96
+
+
+def test_weight_bytes_exclude_the_unused_embedding_table():
+    p = PRESETS["tiny"]
+    assert p.weight_bytes(2) == 2 * (p.n_params - p.vocab_size * p.dim)
+
+
+@pytest.mark.parametrize(
+    "fields, bad_field",
+    [
+        ({"bogus": 1}, "bogus"),
+        ({"dim": "64"}, "dim"),
+        ({"dim": 64.0}, "dim"),
+        ({"dim": True}, "dim"),
+        ({"dim": 0}, "dim"),
+        ({"n_layers": -1}, "n_layers"),
+        ({"seq_len": 0}, "seq_len"),
+        ({"vocab_size": None}, "vocab_size"),
+        ({"norm_eps": 0}, "norm_eps"),
+        ({"rope_theta": float("inf")}, "rope_theta"),
+        ({"ffn_dim_multiplier": "1.3"}, "ffn_dim_multiplier"),
+        ({"use_scaled_rope": 1}, "use_scaled_rope"),
+        ({"dim": 65, "n_heads": 4}, "dim"),
+        ({"dim": 64, "n_heads": 4, "n_kv_heads": 3}, "n_kv_heads"),
+        ({"dim": 60, "n_heads": 4, "n_kv_heads": 4}, "n_heads"),  # head_dim 15 is odd
+    ],
+)
+def test_bad_fields_are_named(fields, bad_field):
+    with pytest.raises(ParamsError) as err:
+        Params.from_dict(fields)
+    assert err.value.field == bad_field
+    assert bad_field in str(err.value)
+
+
+def test_resolve_params_accepts_presets_json_and_files(tmp_path):
+    assert resolve_params("tiny") is PRESETS["tiny"]
+    assert resolve_params('{"dim": 64, "n_heads": 4, "n_kv_heads": 4}').dim == 64
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(PRESETS["tiny"].to_dict()))
+    assert resolve_params(f"@{f}") == PRESETS["tiny"]
+    with pytest.raises(ParamsError, match="unknown preset"):
+        resolve_params("huge")
+    with pytest.raises(ParamsError, match="invalid JSON"):
+        resolve_params("{nope")
+    with pytest.raises(ParamsError, match="cannot read"):
+        resolve_params(f"@{tmp_path / 'missing.json'}")
