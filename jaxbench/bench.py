@@ -98,6 +98,7 @@ def run_bench(
         "params": params.to_dict(),
         "dtype": dtype,
         "draws": engine.draws_mode,
+        "attention": engine.attention_for(dtype),
         "device_kind": kind,
         "devices": groups,
         "batch_per_device": batch,

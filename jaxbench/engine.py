@@ -117,6 +117,7 @@ class Engine:
         draws_mode: str = "auto",
         compile_cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
         host_threads: int | None = None,
+        attention: str | None = None,
     ):
         all_devices = jax.devices()
         if devices is None:
@@ -134,6 +135,9 @@ class Engine:
         if draws_mode not in ("host", "device"):
             raise ValueError(f"draws must be 'host', 'device' or 'auto', got {draws_mode!r}")
         self.draws_mode = draws_mode
+        # The fused cuDNN attention on GPUs; the reference's step-by-step rounding elsewhere.
+        self.attention = attention or os.environ.get("JAXBENCH_ATTENTION") or (
+            "cudnn" if self.platform == "gpu" else "xla")
         enable_compile_cache(compile_cache_dir)
         self.drawer = draws.HostDrawer(host_threads)
         self._model: LoadedModel | None = None
@@ -155,7 +159,7 @@ class Engine:
 
     def compiled_keys(self) -> list[dict]:
         return [
-            {"params": k[0].to_dict(), "dtype": k[1], "batch": k[2], "devices": k[3], "draws": k[4]}
+            {"params": k[0].to_dict(), "dtype": k[1], "batch": k[2], "devices": k[3], "draws": k[4], "attention": k[5]}
             for k in self._steps
         ]
 
@@ -182,8 +186,11 @@ class Engine:
 
     # Compiled steps --------------------------------------------------------------------------
 
+    def attention_for(self, dtype: str) -> str:
+        return "xla" if dtype == "float32" else self.attention
+
     def _build_step(self, params: Params, dtype: str) -> Callable:
-        forward = forward_fn(params, dtype)
+        forward = forward_fn(params, dtype, self.attention_for(dtype))
         if self.draws_mode == "device":
             from . import device_draws
 
@@ -201,8 +208,12 @@ class Engine:
             )
         )
 
+    def _step_key(self, model: LoadedModel, batch: int) -> tuple:
+        return (model.params, model.dtype, batch, len(self.devices), self.draws_mode,
+                self.attention_for(model.dtype))
+
     def compiled_step(self, model: LoadedModel, batch: int) -> Callable:
-        key = (model.params, model.dtype, batch, len(self.devices), self.draws_mode)
+        key = self._step_key(model, batch)
         if key in self._steps:
             return self._steps[key]
         params = model.params
@@ -225,7 +236,7 @@ class Engine:
         return compiled
 
     def compile_seconds(self, model: LoadedModel, batch: int) -> float:
-        return self._compile_seconds.get((model.params, model.dtype, batch, len(self.devices), self.draws_mode), 0.0)
+        return self._compile_seconds.get(self._step_key(model, batch), 0.0)
 
     # Batch size ------------------------------------------------------------------------------
 
@@ -294,7 +305,7 @@ class Engine:
                 if not is_out_of_memory(e) or batch == 1:
                     raise
                 log.warning("out of memory at batch %d; retrying at %d", batch, batch // 2)
-                self._steps.pop((model.params, model.dtype, batch, len(self.devices), self.draws_mode), None)
+                self._steps.pop(self._step_key(model, batch), None)
                 batch //= 2
 
     def _pipeline(self, job, model, step_fn, batch, flat_start, step_no, stop, deadline):

@@ -26,9 +26,10 @@ from .weights import JNP_DTYPES
 
 
 def matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    """A product accumulated in float32 and rounded to the operands' dtype (as cuBLAS does for torch)."""
+    """A product in the operands' dtype. XLA accumulates float16/bfloat16 products in float32 and rounds
+    once, as cuBLAS does for the reference; float32 products run at full precision (no TF32)."""
     precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=precision).astype(a.dtype)
+    return jnp.einsum(spec, a, b, precision=precision)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -74,10 +75,29 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "cudnn") -> jax.Array:
+    """Causal attention through cuDNN's fused kernel; q (B, S, H, hd), k and v (B, S, KV, hd).
+
+    cuDNN wants head sizes in multiples of 8: zero-padding q, k and v leaves every score and the
+    first hd output columns unchanged. Scores and softmax stay in float32 inside the kernel, so
+    the scores are not rounded to the model dtype as in the reference: the distances move by far
+    less than the float16 fidelity bound (docs/benchmarks.md has the measured gaps).
+    """
+    hd = q.shape[-1]
+    pad = [(0, 0)] * 3 + [(0, -hd % 8)]
+    q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(hd), is_causal=True, implementation=implementation)
+    return out[..., :hd]
+
+
 class Attention(nnx.Module):
-    def __init__(self, wq, wk, wv, wo, params: Params):
+    def __init__(self, wq, wk, wv, wo, params: Params, implementation: str = "xla"):
         self.wq, self.wk, self.wv, self.wo = nnx.Param(wq), nnx.Param(wk), nnx.Param(wv), nnx.Param(wo)
         self.n_heads, self.n_kv_heads, self.head_dim = params.n_heads, params.n_kv_heads, params.head_dim
+        self.implementation = implementation
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, last_only: bool) -> jax.Array:
         """x: (B, S, dim) -> (B, S or 1, dim). With `last_only`, only the last position queries."""
@@ -87,6 +107,8 @@ class Attention(nnx.Module):
         q = apply_rope(matmul("bsd,de->bse", x_q, self.wq[...]).reshape(b, -1, self.n_heads, hd), cos_q, sin_q)
         k = apply_rope(matmul("bsd,de->bse", x, self.wk[...]).reshape(b, s, kv, hd), cos, sin)
         v = matmul("bsd,de->bse", x, self.wv[...]).reshape(b, s, kv, hd)
+        if self.implementation == "cudnn" and not last_only:
+            return matmul("bse,ed->bsd", flash_attention(q, k, v).reshape(b, s, -1), self.wo[...])
 
         # Query head j reads kv head j // group.
         q = q.reshape(b, -1, kv, group, hd)
@@ -111,8 +133,8 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, w: dict, params: Params):
-        self.attention = Attention(w["wq"], w["wk"], w["wv"], w["wo"], params)
+    def __init__(self, w: dict, params: Params, attention: str = "xla"):
+        self.attention = Attention(w["wq"], w["wk"], w["wv"], w["wo"], params, attention)
         self.feed_forward = FeedForward(w["w1"], w["w2"], w["w3"])
         self.attention_norm = nnx.Param(w["attention_norm"])
         self.ffn_norm = nnx.Param(w["ffn_norm"])
@@ -127,10 +149,12 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     """Built from the weight pytree of weights.build_weights; `layers` holds every block stacked."""
 
-    def __init__(self, weights: dict, params: Params, dtype: str):
+    def __init__(self, weights: dict, params: Params, dtype: str, attention: str = "xla"):
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
         self.params = params
         self.dtype = JNP_DTYPES[dtype]
-        self.layers = Block(weights["layers"], params)
+        self.layers = Block(weights["layers"], params, attention)
         self.norm = nnx.Param(weights["norm"])
         self.output = nnx.Param(weights["output"])
 
@@ -150,10 +174,14 @@ class Transformer(nnx.Module):
         return matmul("bd,dv->bv", h, self.output[...]).astype(jnp.float32)
 
 
-def forward_fn(params: Params, dtype: str):
-    """A pure function (weights, x) -> logits, for jit: the NNX module rebuilt around traced weights."""
+def forward_fn(params: Params, dtype: str, attention: str = "xla"):
+    """A pure function (weights, x) -> logits, for jit: the NNX module rebuilt around traced weights.
+
+    `attention`: "xla" follows the reference's rounding step by step; "cudnn" is the fused kernel
+    (GPUs, float16/bfloat16) for the full-sequence layers.
+    """
 
     def forward(weights: dict, x: jax.Array) -> jax.Array:
-        return Transformer(weights, params, dtype)(x)
+        return Transformer(weights, params, dtype, attention)(x)
 
     return forward
