@@ -80,12 +80,13 @@ def run_bench(
     job = SearchJob(params, block_hash, public_key, 0.0, NonceSchedule.for_node(10**9), dtype, duration_s=seconds)
     stop = threading.Event()
     computed = steps = 0
-    draw_s = step_s = 0.0
+    draw_s = wait_s = step_s = 0.0
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     for result in engine.search(job, stop, batch=batch):
         computed += result.computed
         steps += 1
         draw_s += result.draw_seconds
+        wait_s += result.wait_seconds
         step_s += result.seconds
     wall = time.perf_counter() - t0
     cpu_cores = (_cpu_seconds() - cpu0) / wall
@@ -112,6 +113,8 @@ def run_bench(
         "draw_nonces_per_s": round(draw_rate, 1),
         "mean_draw_seconds_per_step": round(draw_s / max(steps, 1), 4),
         "mean_step_seconds": round(step_s / max(steps, 1), 4),
+        # Draws of step k+1 overlap step k: the devices idle only for the part the host waited.
+        "mean_host_wait_seconds_per_step": round(wait_s / max(steps, 1), 4),
         "host_cpu_cores_busy": round(cpu_cores, 2),
         "weight_build_seconds": round(build_seconds, 2),
         "compile_seconds": round(compile_seconds, 2),

@@ -83,6 +83,7 @@ class StepResult:
     batch: int
     groups: list[GroupResult]
     draw_seconds: float  # host time spent preparing this step's inputs (overlapped with the devices)
+    wait_seconds: float  # time the dispatching thread waited for those inputs: the draws not overlapped
     seconds: float  # dispatch to distances on the host
 
     @property
@@ -332,26 +333,29 @@ class Engine:
 
         producer = threading.Thread(target=produce, name="jaxbench-draw", daemon=True)
         producer.start()
-        in_flight: list[tuple[_Prepared, jax.Array, float]] = []
+        in_flight: list[tuple[_Prepared, jax.Array, float, float]] = []
         try:
             while True:
                 finished = stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
+                waited = time.perf_counter()
                 item = None if finished else prepared.get()
+                waited = time.perf_counter() - waited
                 if isinstance(item, BaseException):
                     raise item
                 if item is not None:
                     t0 = time.perf_counter()
                     dist = step_fn(model.weights, item.inputs, item.permutations, model.target)
-                    in_flight.append((item, dist, t0))
+                    in_flight.append((item, dist, t0, waited))
                 if in_flight and (item is None or len(in_flight) > 1):
-                    done, dist, t0 = in_flight.pop(0)
+                    done, dist, t0, waited = in_flight.pop(0)
                     host_dist = np.asarray(dist)
                     self.steps_completed += 1
                     groups = [
                         GroupResult(g, nonces, host_dist[g * batch : g * batch + len(nonces)])
                         for g, nonces in enumerate(done.per_group)
                     ]
-                    result = StepResult(done.step, done.flat_start, batch, groups, done.draw_seconds, time.perf_counter() - t0)
+                    result = StepResult(done.step, done.flat_start, batch, groups, done.draw_seconds, waited,
+                                        time.perf_counter() - t0)
                     yield result, done.flat_start + result.computed
                 if item is None and not in_flight:
                     return

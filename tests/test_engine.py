@@ -1,0 +1,75 @@
+"""Engine behaviour: caches, stopping, out-of-memory retreat, the persistent compile cache."""
+
+import threading
+
+import numpy as np
+
+from jaxbench.engine import Engine, SearchJob
+from jaxbench.nonces import NonceSchedule
+from jaxbench.params import PRESETS
+
+TINY = PRESETS["tiny"]
+
+
+def test_weights_and_compiled_steps_are_kept_per_key(engine):
+    a = engine.load(TINY, "keep", "float16")
+    assert engine.load(TINY, "keep", "float16") is a
+    step = engine.compiled_step(a, 4)
+    assert engine.compiled_step(a, 4) is step
+    assert engine.compiled_step(a, 2) is not step
+    b = engine.load(TINY, "other", "float16")
+    assert b is not a and engine.load(TINY, "other", "float16") is b
+
+
+def test_stop_ends_the_search_within_a_step_and_keeps_what_was_computed(engine):
+    job = SearchJob(TINY, "stop", "pk", 1.41, NonceSchedule.for_node(0), "float16")
+    stop = threading.Event()
+    seen = []
+    for step in engine.search(job, stop, batch=4):
+        seen.append(step)
+        if len(seen) == 3:
+            stop.set()
+    # The step dispatched before the stop was seen is still collected, none after it.
+    assert len(seen) in (3, 4)
+    flat = [n for s in seen for g in s.groups for n in g.nonces]
+    assert sorted(flat) == list(range(len(flat)))
+
+
+def test_out_of_memory_retreats_to_a_smaller_batch_and_redoes_the_lost_step(monkeypatch):
+    engine = Engine(devices=1, draws_mode="host", compile_cache_dir=None)
+    job = SearchJob(TINY, "oom", "pk", 1.41, NonceSchedule.for_node(0, limit=24), "float16")
+    expected = engine.distances(TINY, "oom", "pk", list(range(24)), "float16", batch=8)
+    real = engine.compiled_step
+    failures = []
+
+    def compiled_step(model, batch):
+        step = real(model, batch)
+        if batch < 8:
+            return step
+
+        def failing(*args):
+            if len(failures) < 1 and args:
+                failures.append(batch)
+                raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+            return step(*args)
+
+        return failing
+
+    monkeypatch.setattr(engine, "compiled_step", compiled_step)
+    got = {}
+    batches = set()
+    for step in engine.search(job, batch=8):
+        batches.add(step.batch)
+        for g in step.groups:
+            got.update(zip(g.nonces, g.dist))
+    assert failures == [8] and batches == {4}
+    assert sorted(got) == list(range(24))
+    # Another batch size is another XLA program: float32 sums may round differently in the last bit.
+    np.testing.assert_allclose([got[n] for n in range(24)], expected, rtol=0, atol=1e-6)
+
+
+def test_compiled_steps_persist_across_processes(tmp_path):
+    cache = tmp_path / "xla"
+    engine = Engine(devices=1, draws_mode="host", compile_cache_dir=cache)
+    engine.compiled_step(engine.load(TINY, "cache", "float16"), 3)
+    assert any(cache.iterdir()), "the compilation cache directory stayed empty"
