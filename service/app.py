@@ -1,0 +1,178 @@
+"""The Quart app: thin routes that parse, validate, take the one-job lock and relay the job's lines.
+
+Routes (bodies may be wrapped as `{"payload": {...}}`):
+  POST /generate   NDJSON stream of result lines and a summary line (generate.py)
+  POST /warmup     NDJSON stream, callback protocol (warmup.py)
+  POST /pooled     NDJSON stream, orchestrator protocol (pooled.py)
+  POST /benchmark  one JSON object: the summary line's fields plus `workload` (nonces computed)
+  POST /validate   one JSON object: jaxbench.claims' report
+  GET|POST /health device, job and compile state; 503 and "unhealthy" once a device is broken
+Errors before a stream starts: 400 {"error", "field"} for a bad field, 409 {"error": "busy", "job"}
+while a job runs, 503 when the device is broken or the server is shutting down, 413 for a body over
+MAX_CONTENT_LENGTH.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import httpx
+from quart import Quart, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from jaxbench.claims import parse_claim, validate_claim
+from jaxbench.engine import Engine
+
+from . import requests as rq
+from .config import Settings
+from .generate import generate_driver
+from .jobs import JobManager, LineChannel, Refused
+from .pooled import pooled_driver
+from .warmup import warmup_driver
+
+log = logging.getLogger("service.app")
+
+
+def _json_line(line: dict) -> str:
+    try:
+        return json.dumps(line, allow_nan=False) + "\n"
+    except ValueError:  # a NaN distance: write it as null rather than invalid JSON
+        return json.dumps(_no_nan(line)) + "\n"
+
+
+def _no_nan(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
+
+
+def ndjson(chan: LineChannel) -> Response:
+    async def lines():
+        try:
+            async for line in chan:
+                yield _json_line(line)
+        finally:
+            chan.detach()  # on a disconnect this stops the job
+
+    resp = Response(lines(), status=200, mimetype="application/x-ndjson")
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Accel-Buffering"] = "no"
+    resp.timeout = None
+    return resp
+
+
+def create_app(engine: Engine, settings: Settings) -> Quart:
+    app = Quart("service")
+    app.config["RESPONSE_TIMEOUT"] = None  # streams run for minutes; jobs enforce their own limits
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["BODY_TIMEOUT"] = 60
+    manager = JobManager(engine, settings)
+    app.extensions["jobs"] = manager
+    state: dict = {}
+
+    @app.before_serving
+    async def _start():
+        state["http"] = httpx.AsyncClient(timeout=settings.http_timeout_s, follow_redirects=False)
+
+    @app.after_serving
+    async def _stop():
+        await manager.cancel_all()
+        http = state.pop("http", None)
+        if http is not None:
+            await http.aclose()
+
+    def http() -> httpx.AsyncClient:
+        if "http" not in state:  # used outside `serve` (tests with app.test_client())
+            state["http"] = httpx.AsyncClient(timeout=settings.http_timeout_s)
+        return state["http"]
+
+    async def body() -> dict:
+        return rq.parse_body(await request.get_data())
+
+    @app.errorhandler(rq.FieldError)
+    async def _bad_field(e: rq.FieldError):
+        return jsonify({"error": str(e), "field": e.field}), 400
+
+    @app.errorhandler(Refused)
+    async def _refused(e: Refused):
+        return jsonify(e.body), e.status
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(e: HTTPException):
+        body = {"error": e.description or e.name}
+        if e.code == 413:
+            body = {"error": f"body larger than {settings.max_body_bytes} bytes", "field": "body"}
+        return jsonify(body), e.code
+
+    @app.errorhandler(Exception)
+    async def _internal(e: Exception):
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return jsonify({"error": str(e) or type(e).__name__, "error_type": type(e).__name__}), 500
+
+    @app.route("/health", methods=["GET", "POST"])
+    async def health():
+        status, report = manager.health()
+        return jsonify(report), status
+
+    @app.post("/generate")
+    async def generate():
+        req = rq.generate_request(await body(), settings)
+        job = manager.acquire("generate")
+        return ndjson(manager.start_session(job, lambda chan: generate_driver(job, chan, req)))
+
+    @app.post("/benchmark")
+    async def benchmark():
+        req = rq.generate_request(await body(), settings, default_max_nonces=settings.benchmark_nonces)
+        job = manager.acquire("benchmark")
+        chan = manager.start_session(job, lambda chan: generate_driver(job, chan, req, emit_results=False))
+        errors, summary = [], None
+        try:
+            async for line in chan:
+                if line.get("status") == "done":
+                    summary = line
+                elif "error" in line:
+                    errors.append(line)
+        finally:
+            chan.detach()
+        if summary is None:
+            return jsonify({"error": "benchmark ended without a summary", "errors": errors}), 500
+        out = {**summary, "workload": summary["total_computed"]}
+        if errors:
+            out["errors"] = errors
+        return jsonify(out), (500 if summary["reason"] == "error" else 200)
+
+    @app.post("/warmup")
+    async def warmup():
+        req = rq.warmup_request(await body(), settings)
+        job = manager.acquire("warmup")
+        return ndjson(manager.start_session(job, lambda chan: warmup_driver(job, chan, req, http())))
+
+    @app.post("/pooled")
+    async def pooled():
+        req = rq.pooled_request(await body(), settings)
+        job = manager.acquire("pooled")
+        return ndjson(manager.start_session(job, lambda chan: pooled_driver(job, chan, req, http())))
+
+    @app.post("/validate")
+    async def validate():
+        claim = parse_claim(await body())
+        job = manager.acquire("validate")
+        job.phase = "computing"
+        job.detail.update({"block_hash": claim.block_hash[:16], "n": len(claim.nonces)})
+        try:
+            report = await job.call(validate_claim, manager.engine, claim)
+            job.summary = {"reason": "completed", "n": report["n"], "n_invalid": report["n_invalid"]}
+        except BaseException:
+            job.summary = {"reason": job.stop_reason or "error"}
+            raise
+        finally:
+            job.finish()
+        return Response(_json_line(report), status=200, mimetype="application/json")
+
+    return app

@@ -1,0 +1,465 @@
+"""The job lifecycle: one job owns the devices at a time.
+
+* `JobManager.acquire(kind)` hands out the single `Job`, or raises `Refused` (409 busy, 503 broken
+  device or shutting down). It never waits.
+* A job's device work runs in worker threads (`Job.call` for one function, `Job.search` for
+  `engine.search`), never on the event loop. A search thread pushes each finished step to an
+  asyncio.Queue through `loop.call_soon_threadsafe`; a few steps may wait there unread, then the thread
+  waits (backpressure, nothing is dropped).
+* A job's driver (the /generate, /warmup or /pooled flow) runs as its own task and writes lines to a
+  `LineChannel`; the HTTP response only relays them. A client that disconnects detaches the channel,
+  which stops the job (`Job.stop("disconnected")`): the stop Event of every search is set, the engine
+  ends within one step, and the driver runs its normal end (callbacks, orchestrator shutdown) without
+  anyone listening.
+* The job is released, and the next one can start, only when its driver has finished *and* every
+  thread it started has returned, so two jobs never share the devices.
+* SIGTERM: `begin_drain()` refuses new jobs and stops the running one with reason "shutdown"; its
+  stream ends with its summary line; `wait_idle()` tells the server when it may exit.
+* A device runtime error that is not an out-of-memory marks the device broken (FATAL marker in the
+  log, /health unhealthy, new jobs refused with 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Awaitable, Callable
+
+import jax
+
+from jaxbench.engine import Engine, SearchJob, StepResult, is_out_of_memory
+from jaxbench.params import Params
+
+from .config import Settings
+from .logsetup import log_fatal
+
+log = logging.getLogger("service.jobs")
+
+MAX_UNREAD_STEPS = 8  # steps a search thread may run ahead of the driver before it waits
+LINE_QUEUE = 512  # lines a driver may run ahead of the HTTP client before it waits
+_ids = itertools.count(1)
+
+
+class Refused(Exception):
+    def __init__(self, status: int, body: dict):
+        super().__init__(body.get("error"))
+        self.status = status
+        self.body = body
+
+
+# XLA statuses of runtime errors that say "this request was wrong", not "the device is bad".
+_REQUEST_ERRORS = ("INVALID_ARGUMENT", "UNIMPLEMENTED", "CANCELLED", "OUT_OF_RANGE")
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """A runtime error from the device that is not an out-of-memory (the job reports those and
+    retreats) nor a rejected request: the device can't be trusted any more."""
+    runtime_error = getattr(jax.errors, "JaxRuntimeError", None)
+    if runtime_error is None or not isinstance(exc, runtime_error) or is_out_of_memory(exc):
+        return False
+    return not str(exc).lstrip().startswith(_REQUEST_ERRORS)
+
+
+def error_line(exc: BaseException) -> dict:
+    line = {"error": str(exc) or type(exc).__name__, "error_type": type(exc).__name__}
+    field = getattr(exc, "field", None)
+    if isinstance(field, str):
+        line["field"] = field
+    if is_device_failure(exc):
+        line["fatal"] = True
+    return line
+
+
+class LineChannel:
+    """Lines from a job's driver to the HTTP response. `emit` waits while the client lags; after the
+    client has gone (`detach`) lines are dropped and the job is told to stop."""
+
+    _END = object()
+
+    def __init__(self, job: "Job", limit: int = LINE_QUEUE):
+        self.job = job
+        self.limit = limit
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.detached = False
+        self.finished = False  # the reader saw the end
+        self._space = asyncio.Event()
+
+    async def emit(self, line: dict) -> None:
+        while not self.detached and self.queue.qsize() >= self.limit:
+            self._space.clear()
+            await self._space.wait()
+        if not self.detached:
+            self.queue.put_nowait(line)
+
+    def end(self) -> None:
+        self.queue.put_nowait(self._END)
+
+    def detach(self) -> None:
+        if self.detached:
+            return
+        self.detached = True
+        self._space.set()
+        if not self.finished:
+            self.job.stop("disconnected")
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> dict:
+        item = await self.queue.get()
+        self._space.set()
+        if item is self._END:
+            self.finished = True
+            raise StopAsyncIteration
+        return item
+
+
+class _End:
+    def __init__(self, exc: BaseException | None):
+        self.exc = exc
+
+
+class SearchRun:
+    """`engine.search` in a worker thread, read on the event loop: `await run.next()` gives the next
+    StepResult, None at the end, or raises the search's exception."""
+
+    def __init__(self, job: "Job", sjob: SearchJob, batch: int | None):
+        self.job = job
+        self.sjob = sjob
+        self.batch = batch
+        self.stop = threading.Event()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._credits = threading.Semaphore(MAX_UNREAD_STEPS)
+        self._end: _End | None = None
+
+    def _take_credit(self) -> bool:
+        while not self.stop.is_set():
+            if self._credits.acquire(timeout=0.1):
+                return True
+        return False  # stopping: hand the step over anyway, the reader drains or is gone
+
+    def _target(self) -> None:
+        manager = self.job.manager
+        end = _End(None)
+        try:
+            batch = self.batch or manager.batch_for(self.sjob.params, self.sjob.block_hash, self.sjob.dtype)
+            for step in manager.engine.search(self.sjob, self.stop, batch=batch):
+                self.job.computed += step.computed
+                if step.batch < batch:  # the engine retreated after an out-of-memory
+                    manager.remember_batch(self.sjob.params, self.sjob.dtype, step.batch)
+                    batch = step.batch
+                credited = self._take_credit()
+                self.job.post(self.queue.put_nowait, (step, credited))
+        except BaseException as e:  # noqa: BLE001 — handed to the reader
+            end = _End(e)
+            manager.note_failure(e)
+        self.job.post(self.queue.put_nowait, end)
+
+    async def next(self) -> StepResult | None:
+        if self._end is not None:
+            if self._end.exc is not None:
+                raise self._end.exc
+            return None
+        item = await self.queue.get()
+        if isinstance(item, _End):
+            self._end = item
+            return await self.next()
+        step, credited = item
+        if credited:
+            self._credits.release()
+        return step
+
+    @property
+    def ended(self) -> bool:
+        return self._end is not None
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> StepResult:
+        step = await self.next()
+        if step is None:
+            raise StopAsyncIteration
+        return step
+
+
+class Job:
+    def __init__(self, manager: "JobManager", kind: str):
+        self.manager = manager
+        self.kind = kind
+        self.id = f"{kind}-{next(_ids)}"
+        self.started = time.time()
+        self._t0 = time.monotonic()
+        self.loop = asyncio.get_running_loop()
+        self.stop_reason: str | None = None
+        self.stopped = asyncio.Event()
+        self.phase = "starting"
+        self.detail: dict[str, Any] = {}
+        self.summary: dict | None = None
+        self.computed = 0  # nonces computed by this job's searches (written by the search thread)
+        self._steps_at_start = manager.engine.steps_completed
+        self._threads = 0
+        self._runs: list[SearchRun] = []
+        self._finished = False
+        self._released = False
+
+    # Thread plumbing -------------------------------------------------------------------------
+
+    def post(self, fn: Callable, *args) -> None:
+        """Run fn(*args) on the event loop (from any thread)."""
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: the process is exiting
+            pass
+
+    def _start_thread(self, target: Callable[[], None], name: str) -> None:
+        def body():
+            try:
+                target()
+            finally:
+                self.post(self._thread_done)
+
+        self._threads += 1
+        threading.Thread(target=body, name=f"{self.id}-{name}", daemon=True).start()
+
+    def _thread_done(self) -> None:
+        self._threads -= 1
+        self._maybe_release()
+
+    async def call(self, fn: Callable, *args) -> Any:
+        """fn(*args) in a worker thread of this job (device work); its result or exception."""
+        fut = self.loop.create_future()
+
+        def settle(value, exc):
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(value)
+
+        def target():
+            try:
+                value = fn(*args)
+            except BaseException as e:  # noqa: BLE001 — handed to the awaiting task
+                self.manager.note_failure(e)
+                self.post(settle, None, e)
+            else:
+                self.post(settle, value, None)
+
+        self._start_thread(target, getattr(fn, "__name__", "call"))
+        return await fut
+
+    def search(self, sjob: SearchJob, batch: int | None = None) -> SearchRun:
+        run = SearchRun(self, sjob, batch or self.manager.settings.batch)
+        self._runs = [r for r in self._runs if not r.ended] + [run]
+        if self.stop_reason is not None:
+            run.stop.set()
+        self._start_thread(run._target, "search")
+        return run
+
+    # Lifecycle -------------------------------------------------------------------------------
+
+    def stop(self, reason: str) -> None:
+        """Ask the job to end (first reason wins): its searches stop within one step."""
+        if self.stop_reason is None and not self._finished:
+            self.stop_reason = reason
+            log.info("job %s: stopping (%s)", self.id, reason)
+        self.stopped.set()
+        for run in self._runs:
+            run.stop.set()
+
+    async def sleep(self, seconds: float) -> bool:
+        """Sleep, waking early when the job is stopped; True if stopped."""
+        try:
+            await asyncio.wait_for(self.stopped.wait(), timeout=max(0.0, seconds))
+        except asyncio.TimeoutError:
+            pass
+        return self.stopped.is_set()
+
+    def finish(self) -> None:
+        """The driver is done; the job is released once its threads have returned too."""
+        self._finished = True
+        for run in self._runs:
+            run.stop.set()
+        self._maybe_release()
+
+    def _maybe_release(self) -> None:
+        if self._finished and self._threads == 0 and not self._released:
+            self._released = True
+            self.manager._release(self)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def info(self) -> dict:
+        out = {
+            "id": self.id,
+            "kind": self.kind,
+            "started_at": round(self.started, 3),
+            "elapsed_seconds": round(self.elapsed, 3),
+            "phase": self.phase,
+            "steps_completed": self.manager.engine.steps_completed - self._steps_at_start,
+            "nonces_computed": self.computed,
+            "stop_reason": self.stop_reason,
+        }
+        out.update(self.detail)
+        if self.summary is not None:
+            out["summary"] = self.summary
+        return out
+
+
+class JobManager:
+    def __init__(self, engine: Engine, settings: Settings):
+        self.engine = engine
+        self.settings = settings
+        self.instance = uuid.uuid4().hex  # tells this process's /health from anything else on the port
+        self.job: Job | None = None
+        self.last_job: dict | None = None
+        self.broken: str | None = None
+        self.draining = False
+        self._batch_lock = threading.Lock()
+        self._batches: dict[tuple[Params, str], int] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    # The one-job lock ------------------------------------------------------------------------
+
+    def check_available(self) -> None:
+        if self.broken:
+            raise Refused(503, {"error": "device broken", "fatal": True, "detail": self.broken})
+        if self.draining:
+            raise Refused(503, {"error": "shutting down"})
+        if self.job is not None:
+            raise Refused(409, {"error": "busy", "job": self.job.info()})
+
+    def acquire(self, kind: str) -> Job:
+        self.check_available()
+        self.job = Job(self, kind)
+        log.info("job %s: started", self.job.id)
+        return self.job
+
+    def _release(self, job: Job) -> None:
+        if self.job is job:
+            self.job = None
+        self.last_job = {**job.info(), "ended_at": round(time.time(), 3)}
+        log.info("job %s: released (%s)", job.id, (job.summary or {}).get("reason", job.stop_reason or "done"))
+
+    def start_session(self, job: Job, driver: Callable[[LineChannel], Awaitable[None]]) -> LineChannel:
+        """Run the job's driver as its own task; the returned channel carries its lines."""
+        chan = LineChannel(job)
+
+        async def run():
+            try:
+                await driver(chan)
+            except Exception as e:  # noqa: BLE001 — drivers report their own errors; this is the backstop
+                log.exception("job %s: driver failed", job.id)
+                await chan.emit(error_line(e))
+            finally:
+                job.finish()
+                chan.end()
+
+        self.spawn(run(), name=job.id)
+        return chan
+
+    def spawn(self, coro, name: str | None = None) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # Shutdown --------------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        self.draining = True
+        if self.job is not None:
+            self.job.stop("shutdown")
+
+    async def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.job is not None or self._tasks:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def cancel_all(self) -> None:
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+    # Device state ----------------------------------------------------------------------------
+
+    def note_failure(self, exc: BaseException) -> None:
+        """Called from worker threads with every exception they end on."""
+        if is_device_failure(exc):
+            self.mark_broken(f"{type(exc).__name__}: {exc}")
+
+    def mark_broken(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = reason[:2000]
+            log_fatal("device failure, the worker must be replaced: %s", self.broken)
+
+    # Batch size and compilation (run in worker threads) ----------------------------------------
+
+    def batch_for(self, params: Params, block_hash: str, dtype: str) -> int:
+        """Load the weights, then the per-device batch, chosen once per (params, dtype) so warmup
+        and the searches that follow use the same compiled step."""
+        self.engine.load(params, block_hash, dtype)
+        if self.settings.batch:
+            return self.settings.batch
+        with self._batch_lock:
+            key = (params, dtype)
+            if key not in self._batches:
+                self._batches[key] = self.engine.default_batch(params, dtype)
+            return self._batches[key]
+
+    def remember_batch(self, params: Params, dtype: str, batch: int) -> None:
+        with self._batch_lock:
+            self._batches[(params, dtype)] = batch
+
+    def prepare(self, params: Params, block_hash: str, dtype: str) -> dict:
+        """Weights built and the step compiled (both cached by the engine)."""
+        t0 = time.perf_counter()
+        batch = self.batch_for(params, block_hash, dtype)
+        model = self.engine.load(params, block_hash, dtype)
+        was_compiled = self._is_compiled(params, dtype, batch)
+        self.engine.compiled_step(model, batch)
+        return {"seconds": round(time.perf_counter() - t0, 3), "batch": batch, "cached": was_compiled,
+                "devices": self.engine.n_groups}
+
+    def _is_compiled(self, params: Params, dtype: str, batch: int) -> bool:
+        return any(k["params"] == params.to_dict() and k["dtype"] == dtype and k["batch"] == batch
+                   for k in self.compiled())
+
+    # Reporting -------------------------------------------------------------------------------
+
+    def compiled(self) -> list[dict]:
+        for _ in range(5):  # a worker thread may be adding an entry right now
+            try:
+                return self.engine.compiled_keys()
+            except RuntimeError:
+                time.sleep(0.001)
+        return []
+
+    def health(self) -> tuple[int, dict]:
+        body = {
+            "status": "unhealthy" if self.broken else "healthy",
+            "cuda_broken": self.broken is not None,
+            "broken_reason": self.broken,
+            "busy": self.job is not None,
+            "draining": self.draining,
+            "devices": self.engine.describe(),
+            "compiled": self.compiled(),
+            "steps_completed": self.engine.steps_completed,
+            "job": self.job.info() if self.job is not None else None,
+            "last_job": self.last_job,
+            "instance": self.instance,
+        }
+        return (503 if self.broken else 200), body

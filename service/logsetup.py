@@ -1,0 +1,72 @@
+"""Logging, configured once: every line to MODEL_LOG (truncated at start) and to stdout.
+
+The Vast.ai PyWorker tails the log file and substring-matches `signals.READY_LINE` (→ "loaded") and
+`signals.FATAL_MARKER` (→ "errored"). Those two strings may appear only in the lines meant to carry
+them: the formatter defuses them in any other line (a block hash or an exception message from a
+request could contain them).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from . import signals
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_SIGNAL = "jaxbench_signal"
+
+log = logging.getLogger("service")
+
+
+class SignalSafeFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if getattr(record, _SIGNAL, False):
+            return text
+        if signals.FATAL_MARKER in text:
+            text = text.replace(signals.FATAL_MARKER, signals.FATAL_MARKER.rstrip(":") + "(quoted)")
+        if signals.READY_LINE in text:
+            text = text.replace(signals.READY_LINE, signals.READY_LINE.replace(" ", "_"))
+        return text
+
+
+class _FlushingFileHandler(logging.FileHandler):
+    def emit(self, record):
+        super().emit(record)
+        self.flush()
+
+
+def setup_logging(log_path: str, level: str = "INFO") -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    formatter = SignalSafeFormatter(FORMAT)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if log_path:
+        path = Path(log_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(_FlushingFileHandler(path, mode="w", encoding="utf-8"))
+    for h in handlers:
+        h.setFormatter(formatter)
+        root.addHandler(h)
+    root.setLevel(getattr(logging, level, logging.INFO) if isinstance(level, str) else level)
+    # Libraries that attach their own handlers would print twice; make them go through root only.
+    for name in ("hypercorn.error", "hypercorn.access", "quart.app", "quart.serving", "jax", "httpx"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+        lg.propagate = True
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per outgoing request otherwise
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+
+
+def log_ready() -> None:
+    log.info(signals.READY_LINE, extra={_SIGNAL: True})
+
+
+def log_fatal(message: str, *args) -> None:
+    log.critical(signals.FATAL_MARKER + " " + message, *args, extra={_SIGNAL: True})

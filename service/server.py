@@ -1,0 +1,162 @@
+"""`python -m service`: logging, the one Engine, hypercorn, the ready line and graceful shutdown.
+
+Start: settings from the environment (config.py) → logging (MODEL_LOG truncated) → Engine (imports
+JAX, finds the devices) and a tiny computation on every device → hypercorn binds → once the port
+accepts connections, `signals.READY_LINE` is logged, exactly once. A failure on the way logs
+`signals.FATAL_MARKER` and exits with status 1.
+
+SIGTERM / SIGINT: new jobs are refused (503), the running job is stopped with reason "shutdown" (its
+stream ends with its summary line, a pooled session notifies the orchestrator, a warmup sends its
+completion callback); once it has ended (at most MODEL_DRAIN_TIMEOUT_S) hypercorn stops and the
+process exits 0. A second signal stops at once. The drain does not rely on hypercorn's
+graceful_timeout, which Python ≥ 3.12 does not honour while a stream is open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+from . import config
+from .logsetup import log_fatal, log_ready, setup_logging
+
+log = logging.getLogger("service")
+
+READY_WAIT_S = 60.0
+
+
+def create_engine(settings: config.Settings):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxbench.engine import Engine
+
+    engine = Engine(devices=settings.devices, draws_mode=settings.draws)
+    # A tiny computation on every device: a device that can't run fails here, not in the first job.
+    x = jax.device_put(jnp.arange(8 * engine.n_groups, dtype=jnp.float32), engine.split)
+    total = float(jax.block_until_ready(jax.jit(lambda v: (v * 2).sum())(x)))
+    if total != float(8 * engine.n_groups * (8 * engine.n_groups - 1)):
+        raise RuntimeError(f"device self-test gave {total}")
+    return engine
+
+
+def _probe_host(host: str) -> str:
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "::1"
+    return host.strip("[]")
+
+
+async def _wait_serving(host: str, port: int, instance: str, serve_task: asyncio.Task) -> bool:
+    """True once this process's app answers /health on the port (not just anything listening there)."""
+    import httpx
+
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/health"
+    deadline = time.monotonic() + READY_WAIT_S
+    async with httpx.AsyncClient(timeout=1) as client:
+        while time.monotonic() < deadline and not serve_task.done():
+            try:
+                r = await client.get(url)
+                if r.json().get("instance") == instance:
+                    return True
+            except (httpx.HTTPError, ValueError, AttributeError):
+                pass
+            await asyncio.sleep(0.05)
+    return False
+
+
+async def serve(app, settings: config.Settings) -> int:
+    from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.config import Config
+
+    manager = app.extensions["jobs"]
+    cfg = Config()
+    cfg.bind = [f"[{settings.host}]:{settings.port}" if ":" in settings.host else f"{settings.host}:{settings.port}"]
+    cfg.graceful_timeout = settings.graceful_timeout_s
+    cfg.errorlog = logging.getLogger("hypercorn.error")
+    cfg.accesslog = logging.getLogger("hypercorn.access") if settings.access_log else None
+    loop = asyncio.get_running_loop()
+    stop_serving = asyncio.Event()
+
+    async def drain_then_stop():
+        if not await manager.wait_idle(settings.drain_timeout_s):
+            log.warning("the running job did not end within %.0f s; stopping anyway", settings.drain_timeout_s)
+        stop_serving.set()
+
+    def on_signal(name: str):
+        if manager.draining:
+            log.warning("%s again: stopping now", name)
+            stop_serving.set()
+            return
+        log.info("%s: draining (refusing new jobs, ending the running one)", name)
+        manager.begin_drain()
+        loop.create_task(drain_then_stop())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+    serve_task = loop.create_task(hypercorn_serve(app, cfg, shutdown_trigger=stop_serving.wait))
+    listening = await _wait_serving(_probe_host(settings.host), settings.port, manager.instance, serve_task)
+    if serve_task.done():
+        exc = serve_task.exception()
+        log_fatal("the server could not start: %s", f"{type(exc).__name__}: {exc}" if exc else "it stopped")
+        return 1
+    if not listening:
+        log_fatal("the server did not accept connections on port %d within %.0f s", settings.port, READY_WAIT_S)
+        stop_serving.set()
+        await asyncio.wait({serve_task}, timeout=settings.graceful_timeout_s + 5)
+        return 1
+    log_ready()
+    waiter = loop.create_task(stop_serving.wait())
+    await asyncio.wait({serve_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    try:
+        await asyncio.wait_for(asyncio.shield(serve_task), settings.graceful_timeout_s + 5)
+    except asyncio.TimeoutError:
+        log.warning("hypercorn did not stop in time; exiting anyway")
+        serve_task.cancel()
+    except Exception as e:  # noqa: BLE001
+        log_fatal("the server failed: %s: %s", type(e).__name__, e)
+        return 1
+    log.info("stopped")
+    return 0
+
+
+def main() -> int:
+    try:
+        settings = config.Settings.from_env()
+    except config.SettingsError as e:
+        try:
+            setup_logging(os.environ.get("MODEL_LOG") or config.Settings.log_path)
+        except OSError:
+            setup_logging("")
+        log_fatal("bad configuration: %s", e)
+        return 2
+    try:
+        setup_logging(settings.log_path, settings.log_level)
+    except OSError as e:
+        setup_logging("", settings.log_level)  # stdout only
+        log_fatal("cannot write the log file %s: %s", settings.log_path, e)
+        return 1
+    log.info("starting the model server on %s:%d (pid %d, Python %s)", settings.host, settings.port, os.getpid(),
+             sys.version.split()[0])
+    try:
+        engine = create_engine(settings)
+    except Exception as e:  # noqa: BLE001
+        log.exception("engine start failed")
+        log_fatal("no usable device: %s: %s", type(e).__name__, e)
+        return 1
+    log.info("engine: %d device(s) %s, %s draws", engine.n_groups,
+             ", ".join(sorted({d["kind"] for d in engine.describe()})), engine.draws_mode)
+    from .app import create_app
+
+    app = create_app(engine, settings)
+    try:
+        return asyncio.run(serve(app, settings))
+    finally:
+        engine.close()

@@ -1,0 +1,163 @@
+"""/warmup (seed-service spec §2), streamed live, with the predecessor's bugs fixed.
+
+Lines, in order:
+1. `{"status": "warmup_ready", "job_id"}` at once.
+2. If the request carries `params` (and optionally `block_hash`, `dtype`): `{"status": "compiling"}`,
+   then `{"status": "compiled", "seconds", "batch", "devices", "cached"}`: the weights are built and
+   the step compiled while the MLNode is not ready yet. Without `block_hash` the weights are built
+   for a placeholder hash (the compiled step does not depend on it; the real weights are built when
+   the generation input arrives).
+3. Polls of `GET {callback_url}/warmup/params?job_id=…` every `poll_interval_s`: while not ready
+   `{"status": "warmup_waiting", "poll_count", "elapsed"}`; "ready" means HTTP 2xx and a JSON object
+   with `status == "ready"`; its `params` object is the whole /generate input, validated like one
+   (a bad field is an error line naming it). After `timeout_s`: `{"status": "warmup_timeout", "elapsed"}`.
+4. With the input: `{"status": "warmup_params_received", "elapsed"}`, `compiling`/`compiled` (cached,
+   near 0 s, when step 2 already compiled these params), then the generation's result lines.
+5. `POST {callback_url}/warmup/complete` with `{"job_id", "total_batches", "total_computed",
+   "total_valid", "reason"}` and an `error` field when the warmup failed: sent on every exit (timeout,
+   error, client disconnect, shutdown), before the last line.
+6. The summary line `{"status": "done", "reason", …, "callback": "sent"|"failed"}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+
+from jaxbench.params import Params
+from jaxbench.results import SearchTally
+
+from . import requests as rq
+from .generate import run_generation
+from .jobs import Job, LineChannel, error_line
+
+log = logging.getLogger("service.warmup")
+
+PLACEHOLDER_BLOCK_HASH = "jaxbench-warmup-placeholder"
+COMPLETE_ATTEMPTS = 3
+
+
+async def compile_step(job: Job, chan: LineChannel, params: Params, block_hash: str, dtype: str) -> dict:
+    job.phase = "compiling"
+    await chan.emit({"status": "compiling", "dtype": dtype})
+    info = await job.call(job.manager.prepare, params, block_hash, dtype)
+    await chan.emit({"status": "compiled", **info})
+    return info
+
+
+async def fetch_params(http: httpx.AsyncClient, req: rq.WarmupRequest, timeout: float) -> dict | None:
+    """The generation input if the MLNode has it ready, else None."""
+    url = req.callback_url + "/warmup/params"
+    try:
+        r = await http.get(url, params={"job_id": req.job_id}, timeout=timeout)
+    except httpx.HTTPError as e:
+        log.warning("warmup %s: polling %s failed: %s: %s", req.job_id, url, type(e).__name__, e)
+        return None
+    if not 200 <= r.status_code < 300:
+        log.warning("warmup %s: polling %s gave HTTP %d", req.job_id, url, r.status_code)
+        return None
+    try:
+        body = r.json()
+    except ValueError:
+        log.warning("warmup %s: %s did not answer JSON", req.job_id, url)
+        return None
+    if not isinstance(body, dict) or body.get("status") != "ready":
+        return None
+    params = body.get("params")
+    if not isinstance(params, dict):
+        raise rq.FieldError("params", "the callback's ready answer must carry a `params` object")
+    return params
+
+
+async def post_complete(http: httpx.AsyncClient, req: rq.WarmupRequest, payload: dict, timeout: float,
+                        retry_base_s: float) -> bool:
+    url = req.callback_url + "/warmup/complete"
+    for attempt in range(COMPLETE_ATTEMPTS):
+        try:
+            r = await http.post(url, json=payload, timeout=timeout)
+            if 200 <= r.status_code < 300:
+                log.info("warmup %s: completion sent (%s)", req.job_id, payload.get("reason"))
+                return True
+            log.warning("warmup %s: completion callback gave HTTP %d", req.job_id, r.status_code)
+        except httpx.HTTPError as e:
+            log.warning("warmup %s: completion callback failed: %s: %s", req.job_id, type(e).__name__, e)
+        if attempt + 1 < COMPLETE_ATTEMPTS:
+            await asyncio.sleep(retry_base_s * 2 ** attempt)
+    return False
+
+
+async def warmup_driver(job: Job, chan: LineChannel, req: rq.WarmupRequest, http: httpx.AsyncClient) -> None:
+    settings = job.manager.settings
+    timeout = settings.http_timeout_s
+    tally = SearchTally(None, job.manager.engine.n_groups)  # replaced by the generation's tally
+    reason, error = "error", None
+    job.detail.update({"job_id": req.job_id, "callback_url": req.callback_url})
+    await chan.emit({"status": "warmup_ready", "job_id": req.job_id})
+    try:
+        if req.params is not None:
+            await compile_step(job, chan, req.params, req.block_hash or PLACEHOLDER_BLOCK_HASH, req.dtype)
+        job.phase = "waiting_params"
+        start = time.monotonic()
+        polls = 0
+        while True:
+            if job.stop_reason:
+                reason, error = job.stop_reason, f"stopped ({job.stop_reason}) while waiting for params"
+                break
+            elapsed = time.monotonic() - start
+            if elapsed > req.timeout_s:
+                await chan.emit({"status": "warmup_timeout", "elapsed": int(elapsed)})
+                reason, error = "warmup_timeout", f"no params after {int(elapsed)} s"
+                break
+            data = await fetch_params(http, req, timeout)
+            if data is not None:
+                await chan.emit({"status": "warmup_params_received", "elapsed": int(time.monotonic() - start)})
+                gen = rq.generate_request(data, settings)
+                await compile_step(job, chan, gen.params, gen.block_hash, gen.dtype)
+                tally, reason = await run_generation(job, chan, gen)
+                if reason == "error":
+                    error = "generation failed"
+                elif reason in ("shutdown", "disconnected"):
+                    error = f"stopped ({reason})"
+                break
+            polls += 1
+            await chan.emit({"status": "warmup_waiting", "poll_count": polls,
+                             "elapsed": int(time.monotonic() - start)})
+            if polls == 1 or polls % 12 == 0:
+                log.info("warmup %s: waiting for params (poll %d)", req.job_id, polls)
+            await job.sleep(req.poll_interval_s)
+    except rq.FieldError as e:
+        log.warning("warmup %s: bad generation input from the callback: %s", req.job_id, e)
+        await chan.emit({**error_line(e), "field": e.field, "source": "callback"})
+        reason, error = "error", str(e)
+    except Exception as e:  # noqa: BLE001 — an error line, then the callback and the summary
+        log.warning("warmup %s: failed: %s: %s", req.job_id, type(e).__name__, e)
+        await chan.emit(error_line(e))
+        reason, error = "error", f"{type(e).__name__}: {e}"
+    except asyncio.CancelledError:  # the server is being torn down: still tell the MLNode
+        payload = _completion(req, tally, "shutdown", "server stopped")
+        job.manager.spawn(post_complete(http, req, payload, timeout, settings.retry_base_s))
+        raise
+    job.phase = "completing"
+    payload = _completion(req, tally, reason, error)
+    sent = await post_complete(http, req, payload, timeout, settings.retry_base_s)
+    summary = tally.summary(reason)
+    summary["callback"] = "sent" if sent else "failed"
+    job.summary = summary
+    job.phase = "done"
+    await chan.emit(summary)
+
+
+def _completion(req: rq.WarmupRequest, tally: SearchTally, reason: str, error: str | None) -> dict:
+    payload = {
+        "job_id": req.job_id,
+        "total_batches": tally.lines_emitted,
+        "total_computed": tally.total_computed,
+        "total_valid": tally.total_valid,
+        "reason": reason,
+    }
+    if error is not None:
+        payload["error"] = error
+    return payload

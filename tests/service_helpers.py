@@ -1,0 +1,248 @@
+"""Helpers for the service tests: a live `python -m service` subprocess, NDJSON reading with
+timestamps, the jaxbench CLI, and small real HTTP servers standing in for the warmup callback
+and the orchestrator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+# The servers and CLI runs use JAX's CPU backend unless SERVICE_TEST_JAX_PLATFORMS says otherwise
+# ("" = JAX's default, e.g. to run these tests on a GPU machine).
+JAX_PLATFORMS = os.environ.get("SERVICE_TEST_JAX_PLATFORMS", "cpu")
+PLATFORM_ENV = {"JAX_PLATFORMS": JAX_PLATFORMS} if JAX_PLATFORMS else {}
+DRAWS = os.environ.get("SERVICE_TEST_DRAWS", "auto")  # where inputs are drawn (jaxbench.engine)
+PYTHONPATH = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+sys.path.insert(0, str(REPO))
+
+from service import signals  # noqa: E402
+
+TINY_BODY = {
+    "block_hash": "test-block-hash",
+    "block_height": 7,
+    "public_key": "test-public-key",
+    "r_target": 2.0,  # every distance is below 2: every nonce is valid
+    "batch_size": 100,
+    "start_nonce": 0,
+    "params": "tiny",
+}
+
+# Fast intervals for every test server; individual requests override some of them.
+FAST_ENV = {
+    "MODEL_BATCH": "8",
+    "MODEL_WARMUP_POLL_S": "0.1",
+    "MODEL_POOLED_POLL_S": "0.05",
+    "MODEL_POOLED_WAIT_POLL_S": "0.05",
+    "MODEL_POOLED_HEARTBEAT_S": "0.2",
+    "MODEL_RETRY_BASE_S": "0.05",
+    "MODEL_RETRY_MAX_S": "0.2",
+    "MODEL_HTTP_TIMEOUT_S": "2",
+    "MODEL_FINAL_FLUSH_S": "5",
+    "MODEL_DRAIN_TIMEOUT_S": "15",
+    "MODEL_BENCHMARK_NONCES": "32",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class ServiceProcess:
+    """`python -m service` on 127.0.0.1:<free port>, ready once READY_LINE is in its log."""
+
+    def __init__(self, workdir: Path, cache_dir: Path, env: dict | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.log_path = self.workdir / "model" / "server.log"  # the directory does not exist yet
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": PYTHONPATH,
+            "MODEL_SERVER_HOST": "127.0.0.1",
+            "MODEL_SERVER_PORT": str(self.port),
+            "MODEL_LOG": str(self.log_path),
+            "LOG_LEVEL": "INFO",
+            "JAXBENCH_CACHE_DIR": str(cache_dir),
+            **PLATFORM_ENV,
+            "MODEL_DRAWS": DRAWS,
+            **FAST_ENV,
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> "ServiceProcess":
+        self.stdout = open(self.workdir / "stdout.txt", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=self.env,
+                                     stdout=self.stdout, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        mine = f"(pid {self.proc.pid},"  # the start line of this process: a stale log does not count
+        while not (mine in self.log() and signals.READY_LINE in self.log()):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"server not ready after {timeout} s:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()
+        except FileNotFoundError:
+            return ""
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def wait_idle(self, timeout: float = 15.0) -> dict:
+        return wait_until(lambda: (lambda h: h if not h["busy"] else None)(self.health()), timeout,
+                          interval=0.05, what="the server to be idle")
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.stdout.close()
+        return self.proc.returncode
+
+
+def read_stream(client: httpx.Client, path: str, body, on_line: Callable[[dict], None] | None = None,
+                timeout: float = 60.0) -> list[tuple[float, dict]]:
+    """POST and read an NDJSON stream to its end: [(monotonic arrival time, line)]."""
+    out = []
+    deadline = time.monotonic() + timeout
+    with client.stream("POST", path, json=body, timeout=httpx.Timeout(timeout)) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        for text in r.iter_lines():
+            if not text:
+                continue
+            line = json.loads(text)
+            out.append((time.monotonic(), line))
+            if on_line is not None:
+                on_line(line)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"stream still running after {timeout} s")
+    return out
+
+
+def cli_distances(block_hash: str, public_key: str, nonces: str, cache_dir: Path, params: str = "tiny",
+                  dtype: str = "float16", batch: int = 8) -> dict[int, float]:
+    """Distances from `python -m jaxbench distances` (a subprocess, like a user would run it)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxbench", "distances", "--params", params, "--block-hash", block_hash,
+         "--public-key", public_key, "--nonces", nonces, "--dtype", dtype, "--batch", str(batch), "--draws", DRAWS,
+         "--cache-dir", str(cache_dir)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": PYTHONPATH, **PLATFORM_ENV},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    return dict(zip(data["nonces"], data["dist"]))
+
+
+class Recorded:
+    def __init__(self, method: str, path: str, query: dict, body):
+        self.time = time.monotonic()
+        self.method = method
+        self.path = path
+        self.query = query
+        self.body = body
+
+    def __repr__(self):
+        return f"{self.method} {self.path} {self.query} {str(self.body)[:80]}"
+
+
+class FakeHTTPServer:
+    """A real HTTP server on 127.0.0.1 in a thread. `handler(method, path, query, body)` returns
+    (status, json_body); every request is recorded in `requests`."""
+
+    def __init__(self, handler: Callable[[str, str, dict, object], tuple[int, object]]):
+        self.handler = handler
+        self.requests: list[Recorded] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _serve(self):
+                parts = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                body = json.loads(raw) if raw else None
+                query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+                with outer.lock:
+                    outer.requests.append(Recorded(self.command, parts.path, query, body))
+                try:
+                    status, reply = outer.handler(self.command, parts.path, query, body)
+                except Exception as e:  # noqa: BLE001
+                    status, reply = 500, {"error": repr(e)}
+                data = json.dumps(reply).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the caller gave up (cancelled call)
+                    pass
+
+            do_GET = do_POST = _serve
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def calls(self, path_suffix: str, method: str | None = None) -> list[Recorded]:
+        with self.lock:
+            return [r for r in self.requests if r.path.endswith(path_suffix) and (method is None or r.method == method)]
