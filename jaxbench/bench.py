@@ -46,8 +46,8 @@ def run_bench(
     model = engine.load(params, block_hash, dtype)
     build_seconds = time.perf_counter() - t0
     batch = batch or engine.default_batch(params, dtype)
-    step_fn = engine.compiled_step(model, batch)
-    compile_seconds = engine.compile_seconds(model, batch)
+    step_fn = engine.compiled_step(params, dtype, batch)
+    compile_seconds = engine.compile_seconds(params, dtype, batch)
     log(f"weights {build_seconds:.2f} s, compile {compile_seconds:.2f} s, batch {batch} × {groups} devices")
 
     # Draws alone: one step's inputs and permutations prepared on the host (and sent).

@@ -145,6 +145,7 @@ class Engine:
         self._steps: dict[tuple, Callable] = {}
         self._compile_seconds: dict[tuple, float] = {}
         self._lock = threading.Lock()
+        self._compile_lock = threading.Lock()
         self.steps_completed = 0  # grows with every collected step; lets callers see the engine move
 
     @property
@@ -159,9 +160,11 @@ class Engine:
         return [{"id": d.id, "kind": d.device_kind, "platform": d.platform} for d in self.devices]
 
     def compiled_keys(self) -> list[dict]:
+        with self._compile_lock:
+            keys = list(self._steps)
         return [
             {"params": k[0].to_dict(), "dtype": k[1], "batch": k[2], "devices": k[3], "draws": k[4], "attention": k[5]}
-            for k in self._steps
+            for k in keys
         ]
 
     # Weights ---------------------------------------------------------------------------------
@@ -209,35 +212,45 @@ class Engine:
             )
         )
 
-    def _step_key(self, model: LoadedModel, batch: int) -> tuple:
-        return (model.params, model.dtype, batch, len(self.devices), self.draws_mode,
-                self.attention_for(model.dtype))
+    def _step_key(self, params: Params, dtype: str, batch: int) -> tuple:
+        return (params, dtype, batch, len(self.devices), self.draws_mode, self.attention_for(dtype))
 
-    def compiled_step(self, model: LoadedModel, batch: int) -> Callable:
-        key = self._step_key(model, batch)
-        if key in self._steps:
-            return self._steps[key]
-        params = model.params
+    def _abstract_arguments(self, params: Params, dtype: str, batch: int) -> tuple:
+        """Shapes, dtypes and shardings of a step's arguments: enough to compile before any weights exist."""
         g = self.n_groups
+        pool = jax.ShapeDtypeStruct((params.pool_size,), weights_mod.JNP_DTYPES[dtype])
+        weights = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated),
+            jax.eval_shape(lambda p: weights_mod.build_weights(p, params, "shape"), pool),
+        )
         if self.draws_mode == "device":
             from . import device_draws
 
             inputs = jax.ShapeDtypeStruct((g * batch, *device_draws.STATE_SHAPE), jnp.uint32, sharding=self.split)
         else:
             inputs = jax.ShapeDtypeStruct(
-                (g * batch, params.seq_len, params.dim), weights_mod.JNP_DTYPES[model.dtype], sharding=self.split
+                (g * batch, params.seq_len, params.dim), weights_mod.JNP_DTYPES[dtype], sharding=self.split
             )
         perms = jax.ShapeDtypeStruct((g * batch, params.vocab_size), jnp.int32, sharding=self.split)
-        t0 = time.perf_counter()
-        compiled = self._build_step(params, model.dtype).lower(model.weights, inputs, perms, model.target).compile()
-        self._compile_seconds[key] = time.perf_counter() - t0
-        log.info("compiled step (batch %d × %d devices, %s, %s draws) in %.2f s", batch, g, model.dtype,
-                 self.draws_mode, self._compile_seconds[key])
-        self._steps[key] = compiled
-        return compiled
+        target = jax.ShapeDtypeStruct((2, params.vocab_size), jnp.float32, sharding=self.replicated)
+        return weights, inputs, perms, target
 
-    def compile_seconds(self, model: LoadedModel, batch: int) -> float:
-        return self._compile_seconds.get(self._step_key(model, batch), 0.0)
+    def compiled_step(self, params: Params, dtype: str, batch: int) -> Callable:
+        """The step for (params, dtype, batch) on these devices, compiled once and kept."""
+        key = self._step_key(params, dtype, batch)
+        with self._compile_lock:
+            if key in self._steps:
+                return self._steps[key]
+            t0 = time.perf_counter()
+            compiled = self._build_step(params, dtype).lower(*self._abstract_arguments(params, dtype, batch)).compile()
+            self._compile_seconds[key] = time.perf_counter() - t0
+            log.info("compiled step (batch %d × %d devices, %s, %s draws, %s attention) in %.2f s", batch,
+                     self.n_groups, dtype, self.draws_mode, self.attention_for(dtype), self._compile_seconds[key])
+            self._steps[key] = compiled
+            return compiled
+
+    def compile_seconds(self, params: Params, dtype: str, batch: int) -> float:
+        return self._compile_seconds.get(self._step_key(params, dtype, batch), 0.0)
 
     # Batch size ------------------------------------------------------------------------------
 
@@ -293,9 +306,9 @@ class Engine:
         step_no = 0
         while True:
             try:
-                step_fn = self.compiled_step(model, batch)
+                step_fn = self.compiled_step(job.params, job.dtype, batch)
                 if on_compiled:
-                    on_compiled(self.compile_seconds(model, batch))
+                    on_compiled(self.compile_seconds(job.params, job.dtype, batch))
                     on_compiled = None
                 for result, flat_done in self._pipeline(job, model, step_fn, batch, flat_next, step_no, stop, deadline):
                     flat_next = flat_done
@@ -306,7 +319,8 @@ class Engine:
                 if not is_out_of_memory(e) or batch == 1:
                     raise
                 log.warning("out of memory at batch %d; retrying at %d", batch, batch // 2)
-                self._steps.pop(self._step_key(model, batch), None)
+                with self._compile_lock:
+                    self._steps.pop(self._step_key(job.params, job.dtype, batch), None)
                 batch //= 2
 
     def _pipeline(self, job, model, step_fn, batch, flat_start, step_no, stop, deadline):

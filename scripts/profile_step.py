@@ -52,7 +52,7 @@ def main() -> int:
     engine = Engine(draws_mode=args.draws)
     model = engine.load(params, "profile", args.dtype)
     batch = args.batch or engine.default_batch(params, args.dtype)
-    step = engine.compiled_step(model, batch)
+    step = engine.compiled_step(params, args.dtype, batch)
     job = SearchJob(params, "profile", "pk", 0.0, NonceSchedule.for_node(0), args.dtype)
     prepared = engine.prepare_step(job, 0, 0, batch)
     run = lambda: step(model.weights, prepared.inputs, prepared.permutations, model.target).block_until_ready()

@@ -146,7 +146,7 @@ class SearchRun:
         manager = self.job.manager
         end = _End(None)
         try:
-            batch = self.batch or manager.batch_for(self.sjob.params, self.sjob.block_hash, self.sjob.dtype)
+            batch = self.batch or manager.batch_for(self.sjob.params, self.sjob.dtype)
             for step in manager.engine.search(self.sjob, self.stop, batch=batch):
                 self.job.computed += step.computed
                 if step.batch < batch:  # the engine retreated after an out-of-memory
@@ -408,10 +408,9 @@ class JobManager:
 
     # Batch size and compilation (run in worker threads) ----------------------------------------
 
-    def batch_for(self, params: Params, block_hash: str, dtype: str) -> int:
-        """Load the weights, then the per-device batch, chosen once per (params, dtype) so warmup
-        and the searches that follow use the same compiled step."""
-        self.engine.load(params, block_hash, dtype)
+    def batch_for(self, params: Params, dtype: str) -> int:
+        """The per-device batch, chosen once per (params, dtype) so warmup and the searches that
+        follow use the same compiled step."""
         if self.settings.batch:
             return self.settings.batch
         with self._batch_lock:
@@ -424,13 +423,15 @@ class JobManager:
         with self._batch_lock:
             self._batches[(params, dtype)] = batch
 
-    def prepare(self, params: Params, block_hash: str, dtype: str) -> dict:
-        """Weights built and the step compiled (both cached by the engine)."""
+    def prepare(self, params: Params, block_hash: str | None, dtype: str) -> dict:
+        """The step compiled and, when the block hash is known, the weights built (both cached by
+        the engine); the compiled step depends on the shapes only."""
         t0 = time.perf_counter()
-        batch = self.batch_for(params, block_hash, dtype)
-        model = self.engine.load(params, block_hash, dtype)
+        batch = self.batch_for(params, dtype)
         was_compiled = self._is_compiled(params, dtype, batch)
-        self.engine.compiled_step(model, batch)
+        self.engine.compiled_step(params, dtype, batch)
+        if block_hash is not None:
+            self.engine.load(params, block_hash, dtype)
         return {"seconds": round(time.perf_counter() - t0, 3), "batch": batch, "cached": was_compiled,
                 "devices": self.engine.n_groups}
 

@@ -3,10 +3,9 @@
 Lines, in order:
 1. `{"status": "warmup_ready", "job_id"}` at once.
 2. If the request carries `params` (and optionally `block_hash`, `dtype`): `{"status": "compiling"}`,
-   then `{"status": "compiled", "seconds", "batch", "devices", "cached"}`: the weights are built and
-   the step compiled while the MLNode is not ready yet. Without `block_hash` the weights are built
-   for a placeholder hash (the compiled step does not depend on it; the real weights are built when
-   the generation input arrives).
+   then `{"status": "compiled", "seconds", "batch", "devices", "cached"}`: the step is compiled (it
+   depends on the shapes only) and, when `block_hash` is given, the weights are built, while the
+   MLNode is not ready yet.
 3. Polls of `GET {callback_url}/warmup/params?job_id=…` every `poll_interval_s`: while not ready
    `{"status": "warmup_waiting", "poll_count", "elapsed"}`; "ready" means HTTP 2xx and a JSON object
    with `status == "ready"`; its `params` object is the whole /generate input, validated like one
@@ -36,11 +35,10 @@ from .jobs import Job, LineChannel, error_line
 
 log = logging.getLogger("service.warmup")
 
-PLACEHOLDER_BLOCK_HASH = "jaxbench-warmup-placeholder"
 COMPLETE_ATTEMPTS = 3
 
 
-async def compile_step(job: Job, chan: LineChannel, params: Params, block_hash: str, dtype: str) -> dict:
+async def compile_step(job: Job, chan: LineChannel, params: Params, block_hash: str | None, dtype: str) -> dict:
     job.phase = "compiling"
     await chan.emit({"status": "compiling", "dtype": dtype})
     info = await job.call(job.manager.prepare, params, block_hash, dtype)
@@ -98,7 +96,7 @@ async def warmup_driver(job: Job, chan: LineChannel, req: rq.WarmupRequest, http
     await chan.emit({"status": "warmup_ready", "job_id": req.job_id})
     try:
         if req.params is not None:
-            await compile_step(job, chan, req.params, req.block_hash or PLACEHOLDER_BLOCK_HASH, req.dtype)
+            await compile_step(job, chan, req.params, req.block_hash, req.dtype)
         job.phase = "waiting_params"
         start = time.monotonic()
         polls = 0
