@@ -123,13 +123,13 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
     @app.post("/generate")
     async def generate():
         req = rq.generate_request(await body(), settings)
-        job = manager.acquire("generate")
+        job = await manager.acquire("generate")
         return ndjson(manager.start_session(job, lambda chan: generate_driver(job, chan, req)))
 
     @app.post("/benchmark")
     async def benchmark():
         req = rq.generate_request(await body(), settings, default_max_nonces=settings.benchmark_nonces)
-        job = manager.acquire("benchmark")
+        job = await manager.acquire("benchmark")
         chan = manager.start_session(job, lambda chan: generate_driver(job, chan, req, emit_results=False))
         errors, summary = [], None
         try:
@@ -150,19 +150,19 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
     @app.post("/warmup")
     async def warmup():
         req = rq.warmup_request(await body(), settings)
-        job = manager.acquire("warmup")
+        job = await manager.acquire("warmup")
         return ndjson(manager.start_session(job, lambda chan: warmup_driver(job, chan, req, http())))
 
     @app.post("/pooled")
     async def pooled():
         req = rq.pooled_request(await body(), settings)
-        job = manager.acquire("pooled")
+        job = await manager.acquire("pooled")
         return ndjson(manager.start_session(job, lambda chan: pooled_driver(job, chan, req, http())))
 
     @app.post("/validate")
     async def validate():
         claim = parse_claim(await body())
-        job = manager.acquire("validate")
+        job = await manager.acquire("validate")
         job.phase = "computing"
         job.detail.update({"block_hash": claim.block_hash[:16], "n": len(claim.nonces)})
         try:

@@ -30,6 +30,7 @@ Every duration the protocol uses has a module-level default here, an environment
 | MODEL_RETRY_MAX_S | 30 | longest backoff sleep |
 | MODEL_RESULT_BUFFER | 1000 | /pooled: results held for (re)sending; the oldest is dropped (and counted) beyond it |
 | MODEL_FINAL_FLUSH_S | 30 | /pooled: how long the end of a session keeps trying to send buffered results |
+| MODEL_STOPPING_JOB_WAIT_S | 10 | a new request waits this long for a job that is already stopping (e.g. its client left) before 409 |
 | MODEL_DRAIN_TIMEOUT_S | 30 | SIGTERM: how long running jobs get to end before the server stops anyway |
 | MODEL_GRACEFUL_TIMEOUT_S | 3 | hypercorn's graceful timeout once the jobs have ended |
 """
@@ -87,6 +88,7 @@ class Settings:
     retry_max_s: float = 30.0
     result_buffer: int = 1000
     final_flush_s: float = 30.0
+    stopping_job_wait_s: float = 10.0
     drain_timeout_s: float = 30.0
     graceful_timeout_s: float = 3.0
 
@@ -118,6 +120,7 @@ class Settings:
             retry_max_s=_env("MODEL_RETRY_MAX_S", d.retry_max_s, float),
             result_buffer=_env("MODEL_RESULT_BUFFER", d.result_buffer, int),
             final_flush_s=_env("MODEL_FINAL_FLUSH_S", d.final_flush_s, float),
+            stopping_job_wait_s=_env("MODEL_STOPPING_JOB_WAIT_S", d.stopping_job_wait_s, float),
             drain_timeout_s=_env("MODEL_DRAIN_TIMEOUT_S", d.drain_timeout_s, float),
             graceful_timeout_s=_env("MODEL_GRACEFUL_TIMEOUT_S", d.graceful_timeout_s, float),
         )

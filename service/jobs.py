@@ -337,7 +337,12 @@ class JobManager:
         if self.job is not None:
             raise Refused(409, {"error": "busy", "job": self.job.info()})
 
-    def acquire(self, kind: str) -> Job:
+    async def acquire(self, kind: str) -> Job:
+        """The devices for a new job. A job that is already stopping (its client left, say) is
+        waited for a little, since the PyWorker sends the next queued request at once."""
+        deadline = time.monotonic() + self.settings.stopping_job_wait_s
+        while self.job is not None and self.job.stop_reason is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         self.check_available()
         self.job = Job(self, kind)
         log.info("job %s: started", self.job.id)

@@ -193,6 +193,18 @@ def test_busy_409_then_disconnect_stops_the_engine(server, client):
     assert lines[-1]["reason"] == "completed" and lines[-1]["total_computed"] == 16
 
 
+def test_a_request_right_after_a_disconnect_waits_for_the_stopping_job(server, client):
+    """The PyWorker forwards its next queued request the moment a client leaves: no 409 then."""
+    # Steps of a few hundred milliseconds, so the job is still finishing one when the next request comes.
+    slow = {"dim": 256, "n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "vocab_size": 1000, "seq_len": 128,
+            "multiple_of": 64}
+    with client.stream("POST", "/generate", json=body(duration_s=120, params=slow, r_target=2.0)) as r:
+        assert json.loads(next(r.iter_lines()))["nonces"]
+    lines = [line for _, line in read_stream(client, "/generate", body(max_nonces=16, params=slow))]
+    assert lines[-1]["reason"] == "completed" and lines[-1]["total_computed"] == 16
+    assert server.health()["last_job"]["kind"] == "generate"
+
+
 def test_benchmark_runs_to_completion(client):
     r = client.post("/benchmark", json=body(max_nonces=64, r_target=1.4))
     assert r.status_code == 200, r.text
