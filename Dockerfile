@@ -1,0 +1,32 @@
+# The model server image: Python 3.13, jax[cuda12] and the rest of requirements.txt at the exact
+# versions of docker/constraints.txt, the code, and start_server.sh as the command.
+# docs/deploy.md describes the Vast.ai setup and every environment variable.
+FROM python:3.13-slim-bookworm
+
+# Vast.ai's PyWorker bootstrap, which the template's on-start script runs in this container, needs
+# curl, git and openssl; the model server itself needs none of them.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates curl git openssl \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY requirements.txt docker/constraints.txt ./
+RUN pip install --no-cache-dir -r requirements.txt -c constraints.txt
+
+COPY jaxbench/ jaxbench/
+COPY service/ service/
+COPY start_server.sh ./
+
+ENV PYTHONUNBUFFERED=1 \
+    MODEL_SERVER_HOST=0.0.0.0 \
+    MODEL_SERVER_PORT=18000 \
+    MODEL_LOG=/var/log/model/server.log \
+    JAXBENCH_CACHE_DIR=/var/cache/jaxbench/xla \
+    XLA_PYTHON_CLIENT_PREALLOCATE=true \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.90
+RUN mkdir -p /var/log/model /var/cache/jaxbench/xla
+
+EXPOSE 18000
+HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('MODEL_SERVER_PORT', '18000'), timeout=5)"]
+CMD ["/app/start_server.sh"]

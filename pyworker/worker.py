@@ -1,0 +1,177 @@
+"""The Vast.ai PyWorker in front of the jaxbench model server (`python -m service`).
+
+It checks each request's signature, queues the nonce-search routes one at a time, forwards the
+payload to the model server on this machine and reports load and throughput to the autoscaler.
+The model server's port, log file and default job length come from the same environment
+variables, read by the same code (`service.config.Settings`), as the model server's own.
+
+Workload units are nonces of the benchmark's parameter set (`JAXBENCH_BENCHMARK_PARAMS`, default
+`bench`: set it to the parameters your clients send). The benchmark runs `MODEL_BENCHMARK_NONCES`
+nonces per request on the model server's non-streaming `/benchmark` route and counts exactly that
+many units per request, so the throughput the SDK measures (`max_perf`) is nonces per second.
+A job counts the nonces it will compute: its time limit times the measured rate, or its
+`max_nonces` if that is smaller. The time limit is `duration_s` (default `MODEL_DURATION_S`) for
+`/generate`, `/benchmark` and `/warmup` (whose generation is a `/generate` job), and
+`session_timeout_s` (default `MODEL_POOLED_SESSION_S`) for `/pooled`. The measured rate is the
+benchmark result that the SDK keeps in `.has_benchmark` in its working directory; before the
+benchmark has run (the autoscaler sends no traffic then) a job without `max_nonces` counts 0. With
+these units, the SDK's queue estimate (working load / max_perf) is the seconds of work ahead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from aiohttp import ClientResponse, web
+
+# Imported from the module itself: `from vastai import Worker` gives None when the import fails.
+from vastai.serverless.server.worker import (
+    BenchmarkConfig,
+    HandlerConfig,
+    LogActionConfig,
+    Worker,
+    WorkerConfig,
+)
+
+from service.config import Settings
+from service.signals import FATAL_MARKER, READY_LINE
+
+MODEL_SETTINGS = Settings.from_env()
+MODEL_SERVER_URL = "http://127.0.0.1"
+
+# Where the SDK writes the measured throughput; relative to its working directory, as the SDK reads it.
+BENCHMARK_RESULT_FILE = Path(".has_benchmark")
+BENCHMARK_RUNS = 3
+# A job route rejects a request (429) when the work already running would hold it longer than this.
+MAX_QUEUE_SECONDS = 60.0
+
+
+def _benchmark_params(spec: str) -> str | dict:
+    """A preset name, or a JSON object of parameter fields."""
+    return json.loads(spec) if spec.lstrip().startswith("{") else spec
+
+
+BENCHMARK_PAYLOAD = {
+    "block_hash": "jaxbench-pyworker-benchmark",
+    "block_height": 0,
+    "public_key": "jaxbench-pyworker-benchmark",
+    # The network's r_target (jaxbench.params.DEFAULT_R_TARGET), so the benchmark emits as many
+    # results as a real job; not imported, to keep jaxbench out of the PyWorker's environment.
+    "r_target": 1.4013564660458173,
+    "batch_size": 1,  # required by the model server, which picks the device batch itself
+    "start_nonce": 0,
+    "params": _benchmark_params(os.environ.get("JAXBENCH_BENCHMARK_PARAMS", "bench")),
+    "max_nonces": MODEL_SETTINGS.benchmark_nonces,
+}
+
+
+def _positive(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
+
+
+def measured_rate() -> float | None:
+    """Nonces per second from the SDK's benchmark result, or None before the benchmark has run."""
+    try:
+        return _positive(float(BENCHMARK_RESULT_FILE.read_text().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def _nonces_within(seconds: float, max_nonces: float | None = None) -> float:
+    rate = measured_rate()
+    bounds = [b for b in (max_nonces, seconds * rate if rate else None) if b is not None]
+    return min(bounds) if bounds else 0.0
+
+
+def _unwrapped(payload: dict) -> dict:
+    inner = payload.get("payload")
+    return inner if isinstance(inner, dict) else payload  # the model server unwraps this form too
+
+
+def job_workload(payload: dict) -> float:
+    """The nonces a /generate, /benchmark or /warmup job will compute (see the module docstring)."""
+    job = _unwrapped(payload)
+    seconds = _positive(job.get("duration_s")) or MODEL_SETTINGS.duration_s
+    return _nonces_within(seconds, _positive(job.get("max_nonces")))
+
+
+def pooled_workload(payload: dict) -> float:
+    """The nonces a /pooled session will compute (see the module docstring)."""
+    seconds = _positive(_unwrapped(payload).get("session_timeout_s")) or MODEL_SETTINGS.pooled_session_s
+    return _nonces_within(seconds)
+
+
+def no_workload(payload: dict) -> float:
+    return 0.0
+
+
+async def relay_stream(client_request: web.Request, model_response: ClientResponse) -> web.StreamResponse:
+    """Pass the model server's answer on chunk by chunk, then close the connection to it.
+
+    The SDK's default relay never closes `model_response`, so a client that goes away leaves the
+    job running on the GPU; closing it here (also on cancellation) makes the model server stop.
+    """
+    try:
+        response = web.StreamResponse(status=model_response.status)
+        response.content_type = model_response.content_type
+        await response.prepare(client_request)
+        async for chunk in model_response.content.iter_any():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        model_response.close()
+
+
+def _job_route(route: str, workload_calculator) -> HandlerConfig:
+    return HandlerConfig(
+        route=route,
+        allow_parallel_requests=False,
+        max_queue_time=MAX_QUEUE_SECONDS,
+        workload_calculator=workload_calculator,
+        response_generator=relay_stream,
+    )
+
+
+worker_config = WorkerConfig(
+    model_server_url=MODEL_SERVER_URL,
+    model_server_port=MODEL_SETTINGS.port,
+    model_log_file=MODEL_SETTINGS.log_path,
+    model_healthcheck_url="/health",
+    handlers=[
+        _job_route("/generate", job_workload),
+        _job_route("/warmup", job_workload),
+        _job_route("/pooled", pooled_workload),
+        HandlerConfig(
+            route="/health",
+            allow_parallel_requests=True,
+            max_queue_time=None,
+            workload_calculator=no_workload,
+        ),
+        # Non-streaming: the model server answers once the nonces are computed, so the SDK, which
+        # times each request until its response headers, times the work itself.
+        HandlerConfig(
+            route="/benchmark",
+            allow_parallel_requests=False,
+            max_queue_time=MAX_QUEUE_SECONDS,
+            workload_calculator=job_workload,
+            benchmark_config=BenchmarkConfig(
+                dataset=[BENCHMARK_PAYLOAD], runs=BENCHMARK_RUNS, concurrency=1, do_warmup=True
+            ),
+        ),
+    ],
+    log_action_config=LogActionConfig(on_load=[READY_LINE], on_error=[FATAL_MARKER]),
+)
+
+
+def main() -> None:
+    Worker(worker_config).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""What ships: the requirement sets, the image's pins, the Dockerfile and its build context,
+start_server.sh, and the PyWorker's needs in the environment Vast.ai gives it."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from service_helpers import FakeHTTPServer, free_port
+
+from service.signals import FATAL_MARKER, READY_LINE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def requirements(path: Path) -> dict[str, Requirement]:
+    reqs = [Requirement(line.split("#")[0]) for line in path.read_text().splitlines() if line.split("#")[0].strip()]
+    return {canonicalize_name(r.name): r for r in reqs}
+
+
+RUNTIME = requirements(ROOT / "requirements.txt")
+DEV = requirements(ROOT / "requirements-dev.txt")
+PINS = requirements(ROOT / "docker" / "constraints.txt")
+
+
+# Requirement sets and image pins ------------------------------------------------------------------
+
+
+def test_dev_set_is_the_runtime_set_with_cpu_jax():
+    for name, req in RUNTIME.items():
+        assert name in DEV, f"{name} is in requirements.txt but not in requirements-dev.txt"
+        assert DEV[name].specifier == req.specifier, name
+    assert RUNTIME["jax"].extras == {"cuda12"} and DEV["jax"].extras == set()
+
+
+def test_image_pins_are_exact_and_within_the_ranges():
+    versions = {}
+    for name, pin in PINS.items():
+        (spec,) = pin.specifier
+        assert spec.operator == "==" and not pin.marker and not pin.extras, str(pin)
+        versions[name] = spec.version
+    for name, req in RUNTIME.items():
+        assert name in versions, f"{name} has no pin in docker/constraints.txt"
+        assert req.specifier.contains(versions[name], prereleases=True), f"{name}=={versions[name]} vs {req}"
+    jax_family = {name: versions[name] for name in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt")}
+    assert len(set(jax_family.values())) == 1, jax_family
+
+
+def test_requirements_install_in_the_pyworker_venv():
+    """Vast.ai's bootstrap installs requirements.txt into a Python 3.10 venv for the PyWorker, and
+    jax >= 0.11 and flax 0.12 have no release for it: they must be marked for Python >= 3.12."""
+    python_3_10 = {**default_environment(), "python_version": "3.10", "python_full_version": "3.10.13"}
+    applying = {name for name, r in RUNTIME.items() if r.marker is None or r.marker.evaluate(python_3_10)}
+    assert "vastai" in applying
+    assert not applying & {"jax", "flax"}, sorted(applying & {"jax", "flax"})
+
+
+def test_pyworker_needs_only_its_own_packages():
+    """The PyWorker imports the model server's settings and log signals, but not JAX or Quart."""
+    heavy = ("jax", "jaxlib", "jaxbench", "numpy", "quart", "hypercorn", "flax")
+    code = f"import sys, pyworker.worker; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    for path in ["worker.py", *sorted(ROOT.glob("pyworker/*.py")), "service/__init__.py", "service/config.py",
+                 "service/signals.py"]:
+        ast.parse((ROOT / path).read_text(), str(path), feature_version=(3, 10))
+
+
+# Dockerfile and build context ---------------------------------------------------------------------
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    out = []
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            instruction, _, args = line.strip().partition(" ")
+            out.append((instruction.upper(), args.strip()))
+    return out
+
+
+def dockerignored(path: str) -> bool:
+    """Docker's rule: the last pattern that matches the path or one of its parents decides."""
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        body = pattern.lstrip("!").strip("/")
+        regex = re.escape(body).replace(r"\*\*", ".*").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        if any(re.fullmatch(regex, p) for p in prefixes):
+            ignored = not negated
+    return ignored
+
+
+def test_image_copies_the_code_and_the_pinned_requirements():
+    steps = dockerfile()
+    assert steps[0][0] == "FROM" and steps[0][1].startswith("python:3.13")
+    installs = [args for op, args in steps if op == "RUN" and "pip install" in args]
+    assert len(installs) == 1 and "-r requirements.txt" in installs[0] and "-c constraints.txt" in installs[0]
+    sources = [src for op, args in steps if op == "COPY" for src in args.split()[:-1]]
+    assert {"jaxbench/", "service/", "start_server.sh", "requirements.txt", "docker/constraints.txt"} <= set(sources)
+    for src in sources:
+        files = [src] if (ROOT / src).is_file() else [
+            str(p.relative_to(ROOT)) for p in (ROOT / src).rglob("*.py") if "__pycache__" not in p.parts
+        ]
+        assert files, src
+        for f in files:
+            assert not dockerignored(f), f"{f} is copied but .dockerignore leaves it out"
+    for local in (".venv/bin/python", ".git/HEAD", "tests/test_packaging.py", "notebooks/profiling.ipynb",
+                  "jaxbench/__pycache__/engine.cpython-313.pyc"):
+        assert dockerignored(local), local
+    assert steps[-1] == ("CMD", '["/app/start_server.sh"]')
+
+
+def test_image_environment_matches_the_model_server_defaults():
+    from service.config import Settings
+
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(args for op, args in dockerfile() if op == "ENV")))
+    assert env["MODEL_LOG"] == Settings().log_path
+    assert int(env["MODEL_SERVER_PORT"]) == Settings().port
+    assert ("EXPOSE", env["MODEL_SERVER_PORT"]) in dockerfile()
+    assert {"JAXBENCH_CACHE_DIR", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"} <= set(env)
+
+
+@pytest.mark.parametrize("status", [200, 503, None])
+def test_healthcheck_probes_the_model_server_with_python(status):
+    (healthcheck,) = [args for op, args in dockerfile() if op == "HEALTHCHECK"]
+    command = json.loads(healthcheck[healthcheck.index("CMD") + 3:])
+    assert command[0] == "python3"  # the image has no curl for the healthcheck to rely on
+
+    def probe(port: int) -> int:
+        env = {**os.environ, "MODEL_SERVER_PORT": str(port)}
+        return subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=30).returncode
+
+    if status is None:  # nothing listening
+        returncode = probe(free_port())
+    else:
+        with FakeHTTPServer(lambda method, path, query, body: (status if path == "/health" else 404, {})) as server:
+            returncode = probe(int(server.url.rsplit(":", 1)[1]))
+    assert (returncode == 0) == (status == 200)
+
+
+# start_server.sh ----------------------------------------------------------------------------------
+
+
+def start_script(log: Path, port: int, tmp: Path) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MODEL_SERVER_HOST": "127.0.0.1", "MODEL_SERVER_PORT": str(port), "MODEL_LOG": str(log),
+           "JAXBENCH_CACHE_DIR": str(tmp / "xla-cache")}
+    return subprocess.Popen([str(ROOT / "start_server.sh")], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_start_script_logs_only_this_runs_lines_and_stops_on_sigterm(tmp_path):
+    log = tmp_path / "model" / "server.log"
+    log.parent.mkdir()
+    log.write_text(f"a line of the last run: {READY_LINE}\n")
+    port = free_port()
+    proc = start_script(log, port, tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while READY_LINE not in log.read_text() or "the last run" in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert log.read_text().count(READY_LINE) == 1
+        assert "the last run" in (tmp_path / "model" / "server.log.old").read_text()
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert FATAL_MARKER not in log.read_text()
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def test_start_script_logs_the_fatal_marker_when_the_server_exits(tmp_path):
+    log = tmp_path / "server.log"
+    proc = start_script(log, 0, tmp_path)  # port 0: a configuration the server refuses
+    try:
+        status = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert status != 0
+    last = log.read_text().splitlines()[-1]
+    assert FATAL_MARKER in last and f"exited unexpectedly (status {status})" in last
