@@ -1,6 +1,6 @@
 # The model server image: Python 3.13, jax[cuda12] and the rest of requirements.txt at the exact
 # versions of docker/constraints.txt, the code, and start_server.sh as the command.
-# docs/deploy.md describes the Vast.ai setup and every environment variable.
+# README.md ("Deploying on Vast.ai Serverless") describes the Vast.ai setup and every environment variable.
 FROM python:3.13-slim-bookworm
 
 # Vast.ai's PyWorker bootstrap, which the template's on-start script runs in this container, needs
