@@ -177,7 +177,12 @@ class Engine:
                 return m
             self._model = None  # free the old weights before building new ones
             t0 = time.perf_counter()
-            pool = draws.draw_pool(block_hash, params.pool_size)
+            if self.draws_mode == "device":
+                from . import device_draws
+
+                pool = device_draws.draw_pool_on_device(block_hash, params.pool_size)
+            else:
+                pool = draws.draw_pool(block_hash, params.pool_size)
             pool = jax.device_put(pool, self.replicated).astype(weights_mod.JNP_DTYPES[dtype])
             built = weights_mod.build_weights(pool, params, block_hash)
             del pool

@@ -30,3 +30,12 @@ def engine():
     e = Engine(devices=1, draws_mode="host", compile_cache_dir=None)
     yield e
     e.close()
+
+
+@pytest.fixture(scope="session")
+def device_draws_engine():
+    from jaxbench.engine import Engine
+
+    e = Engine(devices=1, draws_mode="device", compile_cache_dir=None)
+    yield e
+    e.close()

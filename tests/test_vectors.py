@@ -75,8 +75,11 @@ def test_last_position_logits_in_float32(case):
         assert abs(np.linalg.norm(row) - expected["norm"]) <= 1e-4 * expected["norm"]
 
 
+@pytest.mark.parametrize("draws", ["host", "device"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_distances_meet_the_fidelity_rule(case, dtype, engine):
+def test_distances_meet_the_fidelity_rule(case, dtype, draws, request):
+    engine = request.getfixturevalue("engine" if draws == "host" else "device_draws_engine")
+    assert engine.draws_mode == draws
     dist = engine.distances(case["p"], case["block_hash"], case["public_key"], case["nonces"], dtype)
     ref32 = np.array(case["dist_f32"])
     gap = np.max(np.abs(dist.astype(np.float64) - ref32))
