@@ -36,7 +36,8 @@ def main() -> int:
 
     log = Path(tempfile.mkdtemp()) / "server.log"
     env = {**os.environ, "MODEL_SERVER_HOST": "127.0.0.1", "MODEL_SERVER_PORT": str(args.port),
-           "MODEL_LOG": str(log), "PYTHONPATH": str(ROOT)}
+           "MODEL_LOG": str(log),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     server = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:

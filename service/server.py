@@ -153,10 +153,13 @@ def main() -> int:
         return 1
     log.info("engine: %d device(s) %s, %s draws", engine.n_groups,
              ", ".join(sorted({d["kind"] for d in engine.describe()})), engine.draws_mode)
-    from .app import create_app
-
-    app = create_app(engine, settings)
     try:
-        return asyncio.run(serve(app, settings))
+        from .app import create_app
+
+        return asyncio.run(serve(create_app(engine, settings), settings))
+    except Exception as e:  # noqa: BLE001 — whatever stops the server must reach the PyWorker's log watch
+        log.exception("the server failed")
+        log_fatal("the server failed: %s: %s", type(e).__name__, e)
+        return 1
     finally:
         engine.close()
