@@ -823,9 +823,14 @@ def _write_pool_chunk(pool: jax.Array, words: jax.Array, start: jax.Array, *, si
 
 def draw_pool_on_device(block_hash: str, pool_size: int, chunk: int = POOL_CHUNK) -> jax.Array:
     """The weight pool as float32 on the default device, equal to jaxbench.draws.draw_pool
-    (seeded like rng(block_hash, 4))."""
+    (seeded like rng(block_hash, 4)).
+
+    Every chunk has the same size, so one compiled drawer serves the whole pool (the values drawn
+    past its end are cut off: nothing follows them in the stream)."""
     words = jnp.asarray(_state_words([_pcg64_state(block_hash, 4)])[0])
-    pool = jnp.zeros(pool_size, jnp.float32)
-    for start in range(0, pool_size, chunk):
-        pool, words = _write_pool_chunk(pool, words, jnp.int32(start), size=min(chunk, pool_size - start))
-    return pool
+    chunk = min(chunk, pool_size)
+    n_chunks = -(-pool_size // chunk)
+    pool = jnp.zeros(n_chunks * chunk, jnp.float32)
+    for start in range(0, n_chunks * chunk, chunk):
+        pool, words = _write_pool_chunk(pool, words, jnp.int32(start), size=chunk)
+    return pool[:pool_size]
