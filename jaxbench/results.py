@@ -5,7 +5,30 @@ from __future__ import annotations
 
 import time
 
-from .engine import SearchJob, StepResult
+from .engine import GroupResult, SearchJob, StepResult
+
+
+def batch_result(
+    job: SearchJob, block_height: int, group: GroupResult, nonces: list[int], dist: list[float],
+    batch_number: int, total_computed: int, total_valid: int, elapsed_seconds: float,
+) -> dict:
+    """One worker batch's result object: the fields /generate lines and /pooled results share
+    (seed-service spec §1.4, §3.7); `nonces` and `dist` are its valid ones."""
+    return {
+        "worker_id": group.group,
+        "public_key": job.public_key,
+        "block_hash": job.block_hash,
+        "block_height": block_height,
+        "nonces": nonces,
+        "dist": dist,
+        "node_id": group.group,
+        "batch_number": batch_number,
+        "batch_computed": len(group.nonces),
+        "batch_valid": len(nonces),
+        "total_computed": total_computed,
+        "total_valid": total_valid,
+        "elapsed_seconds": int(elapsed_seconds),
+    }
 
 
 class SearchTally:
@@ -50,19 +73,8 @@ class SearchTally:
             self.lines_emitted += 1
             following = self.job.schedule.take(step.flat_start + step.batch * self.n_workers + w, 1)
             lines.append({
-                "worker_id": w,
-                "public_key": self.job.public_key,
-                "block_hash": self.job.block_hash,
-                "block_height": self.block_height,
-                "nonces": nonces,
-                "dist": dist,
-                "node_id": w,
-                "batch_number": self.worker_batches[w],
-                "batch_computed": len(g.nonces),
-                "batch_valid": len(nonces),
-                "total_computed": self.worker_computed[w],
-                "total_valid": self.worker_valid[w],
-                "elapsed_seconds": int(self.elapsed()),
+                **batch_result(self.job, self.block_height, g, nonces, dist, self.worker_batches[w],
+                               self.worker_computed[w], self.worker_valid[w], self.elapsed()),
                 "next_nonce": following[0] if following else None,
                 "aggregated_batch_number": self.lines_emitted,
                 "aggregated_total_computed": self.total_computed,

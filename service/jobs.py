@@ -341,7 +341,8 @@ class JobManager:
         """The devices for a new job. A job that is already stopping (its client left, say) is
         waited for a little, since the PyWorker sends the next queued request at once."""
         deadline = time.monotonic() + self.settings.stopping_job_wait_s
-        while self.job is not None and self.job.stop_reason is not None and time.monotonic() < deadline:
+        while (self.job is not None and self.job.stop_reason is not None and not self.draining
+               and time.monotonic() < deadline):
             await asyncio.sleep(0.02)
         self.check_available()
         self.job = Job(self, kind)

@@ -49,7 +49,7 @@ from jaxbench import fields
 from jaxbench.engine import SearchJob, StepResult
 from jaxbench.nonces import NonceSchedule
 from jaxbench.params import Params
-from jaxbench.results import SearchTally
+from jaxbench.results import SearchTally, batch_result
 
 from .jobs import Job, LineChannel, SearchRun, error_line
 from .requests import PooledRequest
@@ -550,21 +550,8 @@ class PooledSession:
             cnt.valid[w] += len(nonces)
             if not nonces and not self.req.send_empty_results:
                 continue
-            result = {
-                "worker_id": w,
-                "public_key": sjob.public_key,
-                "block_hash": sjob.block_hash,
-                "block_height": self.cfg["block_height"],
-                "nonces": nonces,
-                "dist": dist,
-                "node_id": w,
-                "batch_number": cnt.batches[w],
-                "batch_computed": len(g.nonces),
-                "batch_valid": len(nonces),
-                "total_computed": cnt.computed[w],
-                "total_valid": cnt.valid[w],
-                "elapsed_seconds": int(time.monotonic() - cnt.started),
-            }
+            result = batch_result(sjob, self.cfg["block_height"], g, nonces, dist, cnt.batches[w],
+                                  cnt.computed[w], cnt.valid[w], time.monotonic() - cnt.started)
             self.results_produced += 1
             self.sender.add(result)
             await self.chan.emit(result)

@@ -39,3 +39,18 @@ def device_draws_engine():
     e = Engine(devices=1, draws_mode="device", compile_cache_dir=None)
     yield e
     e.close()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """An XLA compile cache shared by a test module's server processes."""
+    return tmp_path_factory.mktemp("xla")
+
+
+@pytest.fixture
+def client(server):
+    """An HTTP client of the test module's `server` fixture."""
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c

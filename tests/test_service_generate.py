@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 
-import httpx
 import pytest
 
 from service_helpers import JAX_PLATFORMS, TINY_BODY, ServiceProcess, cli_distances, read_stream, wait_until
@@ -21,11 +20,6 @@ SUMMARY_FIELDS = {"status", "reason", "total_computed", "total_valid", "elapsed_
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla-cache")
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory, cache_dir):
     proc = ServiceProcess(tmp_path_factory.mktemp("generate"), cache_dir).start()
     yield proc
@@ -33,12 +27,6 @@ def server(tmp_path_factory, cache_dir):
     log = proc.log()
     assert log.count(signals.READY_LINE) == 1
     assert signals.FATAL_MARKER not in log
-
-
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        yield c
 
 
 def body(**changes):

@@ -17,7 +17,6 @@ import time
 import httpx
 import jax
 import numpy as np
-import pytest
 
 from service_helpers import REPO, TINY_BODY, FakeHTTPServer, ServiceProcess, wait_until
 from jaxbench.engine import GroupResult, StepResult
@@ -25,11 +24,6 @@ from service import signals
 from service.app import create_app
 from service.config import Settings
 from service.logsetup import SignalSafeFormatter
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla")
 
 
 def test_sigterm_mid_stream_ends_with_the_summary_and_exits_0(tmp_path, cache_dir):

@@ -6,7 +6,6 @@ import collections
 import threading
 import time
 
-import httpx
 import pytest
 
 from service_helpers import FakeHTTPServer, ServiceProcess, cli_distances, read_stream, wait_until
@@ -75,22 +74,11 @@ class FakeOrchestrator:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla")
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory, cache_dir):
     proc = ServiceProcess(tmp_path_factory.mktemp("pooled"), cache_dir).start()
     yield proc
     assert proc.stop() == 0
     assert signals.FATAL_MARKER not in proc.log()
-
-
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        yield c
 
 
 def pooled_body(url: str, **extra) -> dict:

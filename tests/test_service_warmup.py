@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 
-import httpx
 import pytest
 
 from service_helpers import TINY_BODY, FakeHTTPServer, ServiceProcess, read_stream, wait_until
@@ -34,17 +33,11 @@ class FakeMLNode:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc = ServiceProcess(tmp_path_factory.mktemp("warmup"), tmp_path_factory.mktemp("xla")).start()
+def server(tmp_path_factory, cache_dir):
+    proc = ServiceProcess(tmp_path_factory.mktemp("warmup"), cache_dir).start()
     yield proc
     assert proc.stop() == 0
     assert signals.FATAL_MARKER not in proc.log()
-
-
-@pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=30) as c:
-        yield c
 
 
 @pytest.fixture
