@@ -50,9 +50,10 @@ def parse_claim(data: Any) -> Claim:
     )
 
 
-def validate_claim(engine, claim: Claim) -> dict:
+def validate_claim(engine, claim: Claim, on_step=None) -> dict:
     """Recompute every distance and report invalid nonces, the binomial p-value and the verdict."""
-    recomputed = engine.distances(claim.params, claim.block_hash, claim.public_key, claim.nonces, claim.dtype)
+    recomputed = engine.distances(claim.params, claim.block_hash, claim.public_key, claim.nonces, claim.dtype,
+                                  on_step=on_step)
     report = fraud_report(np.array(claim.dist), recomputed, claim.r_target, claim.fraud_threshold)
     report["invalid_nonces"] = [claim.nonces[i] for i in report.pop("invalid_indices")]
     report["dtype"] = claim.dtype

@@ -102,19 +102,31 @@ def _checked(args) -> dict:
     return values
 
 
+def _progress(total: int | None, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="nonce", file=sys.stderr, dynamic_ncols=True, desc=desc)
+
+
+def _ready_message(engine, model, batch: int, compile_seconds: float) -> str:
+    return (f"weights built in {model.build_seconds:.1f} s, step compiled in {compile_seconds:.1f} s: "
+            f"{batch} nonces a step on each of {engine.n_groups} {engine.platform} device(s), "
+            f"{engine.draws_mode} draws")
+
+
 def cmd_distances(args) -> int:
     v = _checked(args)
     nonces = fields.parse_nonce_ranges(args.nonces)
     engine = _engine(args)
-    dist = engine.distances(v["params"], v["block_hash"], v["public_key"], nonces, v["dtype"], batch=args.batch)
+    with _progress(len(nonces), "distances") as bar:
+        dist = engine.distances(v["params"], v["block_hash"], v["public_key"], nonces, v["dtype"], batch=args.batch,
+                                on_step=bar.update)
     print(json.dumps({"nonces": nonces, "dist": [float(d) for d in dist], "dtype": v["dtype"],
                       "draws": engine.draws_mode}))
     return 0
 
 
 def cmd_search(args) -> int:
-    from tqdm import tqdm
-
     from .engine import SearchJob
     from .nonces import NonceSchedule
     from .results import SearchTally
@@ -135,8 +147,9 @@ def cmd_search(args) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: (stop.set(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
     tally = SearchTally(job, engine.n_groups)
-    with tqdm(total=limit, unit="nonce", file=sys.stderr, dynamic_ncols=True, desc="search") as bar:
-        for step in engine.search(job, stop, batch=args.batch):
+    with _progress(limit, "search") as bar:
+        on_ready = lambda *ready: bar.write(_ready_message(engine, *ready), file=sys.stderr)
+        for step in engine.search(job, stop, batch=args.batch, on_ready=on_ready):
             for line in tally.add(step):
                 print(json.dumps(line), flush=True)
             bar.update(step.computed)
@@ -164,7 +177,8 @@ def cmd_validate(args) -> int:
     if isinstance(data, dict) and "dtype" not in data:
         data = {**data, "dtype": fields.dtype({"dtype": args.dtype})}
     claim = parse_claim(data)
-    report = validate_claim(_engine(args), claim)
+    with _progress(len(claim.nonces), "validate") as bar:
+        report = validate_claim(_engine(args), claim, on_step=bar.update)
     print(json.dumps(report))
     verdict = "FRAUD" if report["fraud"] else "not fraud"
     print(f"{report['n_invalid']} of {report['n']} invalid, p-value {report['p_value']:.3g}: {verdict} "

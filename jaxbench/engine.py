@@ -295,7 +295,7 @@ class Engine:
 
     def search(
         self, job: SearchJob, stop: threading.Event | None = None, batch: int | None = None,
-        on_compiled: Callable[[float], None] | None = None,
+        on_ready: Callable[[LoadedModel, int, float], None] | None = None,
     ) -> Iterator[StepResult]:
         """Run the schedule step by step, yielding each step's distances as soon as it finishes.
 
@@ -312,9 +312,9 @@ class Engine:
         while True:
             try:
                 step_fn = self.compiled_step(job.params, job.dtype, batch)
-                if on_compiled:
-                    on_compiled(self.compile_seconds(job.params, job.dtype, batch))
-                    on_compiled = None
+                if on_ready:  # weights built, step compiled: (model, batch, compile seconds)
+                    on_ready(model, batch, self.compile_seconds(job.params, job.dtype, batch))
+                    on_ready = None
                 for result, flat_done in self._pipeline(job, model, step_fn, batch, flat_next, step_no, stop, deadline):
                     flat_next = flat_done
                     step_no = result.step + 1
@@ -384,9 +384,9 @@ class Engine:
 
     def distances(
         self, params: Params, block_hash: str, public_key: str, nonces: Sequence[int], dtype: str = "float16",
-        batch: int | None = None,
+        batch: int | None = None, on_step: Callable[[int], None] | None = None,
     ) -> np.ndarray:
-        """Distances of the given nonces, in the order given."""
+        """Distances of the given nonces, in the order given; `on_step(n)` after each step of n."""
         job = SearchJob(params, block_hash, public_key, r_target=0.0, schedule=NonceSchedule.of(nonces), dtype=dtype)
         if batch is None:
             batch = min(self.default_batch(params, dtype), -(-len(nonces) // self.n_groups))
@@ -398,6 +398,8 @@ class Engine:
             for g in result.groups:
                 out[offset + g.group : offset + n : self.n_groups] = g.dist
             offset += n
+            if on_step:
+                on_step(n)
         return out
 
     def close(self):
