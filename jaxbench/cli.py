@@ -81,8 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _engine(args):
+    import jax
+
     from .engine import DEFAULT_CACHE_DIR, Engine
 
+    if args.devices is not None and args.devices > len(jax.devices()):
+        raise fields.FieldError("devices", f"only {len(jax.devices())} device(s) here, asked for {args.devices}")
     cache = DEFAULT_CACHE_DIR if args.cache_dir is None else args.cache_dir
     return Engine(devices=args.devices, draws_mode=args.draws, compile_cache_dir=cache or None)
 

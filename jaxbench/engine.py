@@ -145,7 +145,8 @@ class Engine:
         self._steps: dict[tuple, Callable] = {}
         self._compile_seconds: dict[tuple, float] = {}
         self._lock = threading.Lock()
-        self._compile_lock = threading.Lock()
+        self._compile_lock = threading.Lock()  # one compilation at a time
+        self._steps_lock = threading.Lock()  # held only to read or change the dict of steps
         self.steps_completed = 0  # grows with every collected step; lets callers see the engine move
 
     @property
@@ -160,7 +161,7 @@ class Engine:
         return [{"id": d.id, "kind": d.device_kind, "platform": d.platform} for d in self.devices]
 
     def compiled_keys(self) -> list[dict]:
-        with self._compile_lock:
+        with self._steps_lock:
             keys = list(self._steps)
         return [
             {"params": k[0].to_dict(), "dtype": k[1], "batch": k[2], "devices": k[3], "draws": k[4], "attention": k[5]}
@@ -244,14 +245,16 @@ class Engine:
         """The step for (params, dtype, batch) on these devices, compiled once and kept."""
         key = self._step_key(params, dtype, batch)
         with self._compile_lock:
-            if key in self._steps:
-                return self._steps[key]
+            with self._steps_lock:
+                if key in self._steps:
+                    return self._steps[key]
             t0 = time.perf_counter()
             compiled = self._build_step(params, dtype).lower(*self._abstract_arguments(params, dtype, batch)).compile()
             self._compile_seconds[key] = time.perf_counter() - t0
             log.info("compiled step (batch %d × %d devices, %s, %s draws, %s attention) in %.2f s", batch,
                      self.n_groups, dtype, self.draws_mode, self.attention_for(dtype), self._compile_seconds[key])
-            self._steps[key] = compiled
+            with self._steps_lock:
+                self._steps[key] = compiled
             return compiled
 
     def compile_seconds(self, params: Params, dtype: str, batch: int) -> float:
@@ -324,7 +327,7 @@ class Engine:
                 if not is_out_of_memory(e) or batch == 1:
                     raise
                 log.warning("out of memory at batch %d; retrying at %d", batch, batch // 2)
-                with self._compile_lock:
+                with self._steps_lock:
                     self._steps.pop(self._step_key(job.params, job.dtype, batch), None)
                 batch //= 2
 

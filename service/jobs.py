@@ -448,12 +448,7 @@ class JobManager:
     # Reporting -------------------------------------------------------------------------------
 
     def compiled(self) -> list[dict]:
-        for _ in range(5):  # a worker thread may be adding an entry right now
-            try:
-                return self.engine.compiled_keys()
-            except RuntimeError:
-                time.sleep(0.001)
-        return []
+        return self.engine.compiled_keys()
 
     def health(self) -> tuple[int, dict]:
         body = {

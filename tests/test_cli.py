@@ -88,6 +88,7 @@ def test_validate_honest_and_fraudulent_claims(engine, tmp_path):
         (["search", *TINY, "--start-nonce", "ten"], "--start-nonce"),
         (["search", *TINY, "--node-id", "3", "--n-nodes", "2"], "node_id"),
         (["search", *TINY, "--batch", "0"], "batch"),
+        (["distances", *TINY, "--nonces", "1", "--devices", "64"], "devices"),
         (["validate", "/nonexistent/claim.json"], "file"),
         (["frobnicate"], "frobnicate"),
     ],
