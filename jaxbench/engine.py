@@ -336,22 +336,25 @@ class Engine:
         producer_stop = threading.Event()
         per_step = batch * self.n_groups
 
+        def offer(item) -> None:
+            while not producer_stop.is_set():
+                try:
+                    prepared.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
         def produce():
             flat, k = flat_start, step_no
             try:
                 while not producer_stop.is_set():
                     item = self.prepare_step(job, k, flat, batch)
-                    while not producer_stop.is_set():
-                        try:
-                            prepared.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                    offer(item)
                     if item is None:
                         return
                     flat, k = flat + per_step, k + 1
             except BaseException as e:  # noqa: BLE001 — handed to the consumer
-                prepared.put(e)
+                offer(e)
 
         producer = threading.Thread(target=produce, name="jaxbench-draw", daemon=True)
         producer.start()

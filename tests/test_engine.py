@@ -73,3 +73,25 @@ def test_compiled_steps_persist_across_processes(tmp_path):
     engine = Engine(devices=1, draws_mode="host", compile_cache_dir=cache)
     engine.compiled_step(TINY, "float16", 3)  # from shapes alone: no weights needed
     assert any(cache.iterdir()), "the compilation cache directory stayed empty"
+
+
+def test_a_failing_draw_reaches_the_caller(monkeypatch):
+    engine = Engine(devices=1, draws_mode="host", compile_cache_dir=None)
+    job = SearchJob(TINY, "fail", "pk", 1.41, NonceSchedule.for_node(0), "float16")
+    real = engine.prepare_step
+
+    def prepare_step(job, step, flat_start, batch):
+        if step == 2:
+            raise OSError("disk on fire")
+        return real(job, step, flat_start, batch)
+
+    monkeypatch.setattr(engine, "prepare_step", prepare_step)
+    seen = []
+    try:
+        for step in engine.search(job, batch=4):
+            seen.append(step.step)
+    except OSError as e:
+        assert "disk on fire" in str(e)
+    else:
+        raise AssertionError("the draw failure was swallowed")
+    assert seen == [0, 1]  # what was computed before the failure still arrived
