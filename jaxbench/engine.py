@@ -359,14 +359,16 @@ class Engine:
         producer = threading.Thread(target=produce, name="jaxbench-draw", daemon=True)
         producer.start()
         in_flight: list[tuple[_Prepared, jax.Array, float, float]] = []
+        failure: BaseException | None = None  # a draw failure: raised once the steps in flight are out
         try:
             while True:
-                finished = stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
+                finished = failure is not None or stop.is_set() or (
+                    deadline is not None and time.monotonic() >= deadline)
                 waited = time.perf_counter()
                 item = None if finished else prepared.get()
                 waited = time.perf_counter() - waited
                 if isinstance(item, BaseException):
-                    raise item
+                    failure, item = item, None
                 if item is not None:
                     t0 = time.perf_counter()
                     dist = step_fn(model.weights, item.inputs, item.permutations, model.target)
@@ -383,6 +385,8 @@ class Engine:
                                         time.perf_counter() - t0)
                     yield result, done.flat_start + result.computed
                 if item is None and not in_flight:
+                    if failure is not None:
+                        raise failure
                     return
         finally:
             producer_stop.set()
