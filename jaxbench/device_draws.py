@@ -125,21 +125,29 @@ def _words_from_limbs(limbs) -> jax.Array:
     return jnp.stack([limbs[2 * w] | (limbs[2 * w + 1] << 16) for w in range(4)], axis=-1)
 
 
-def _mul_add_128(a, b, c):
-    """(a * b + c) mod 2**128 on limb tuples (limb products and column sums fit in uint32)."""
-    columns = list(c)
-    for i in range(_LIMBS):
-        for j in range(_LIMBS - i):
+def _schoolbook(a, b, columns: list) -> list:
+    """Limbs (16 bits each, little-endian) of a * b + columns, truncated to len(columns) limbs.
+
+    Every limb product fits in 32 bits; its halves go to two columns, and the carries are
+    propagated at the end (column sums stay below 2**32 for these sizes)."""
+    n = len(columns)
+    for i in range(len(a)):
+        for j in range(min(len(b), n - i)):
             product = a[i] * b[j]
             columns[i + j] = columns[i + j] + (product & _LIMB_MASK)
-            if i + j + 1 < _LIMBS:
+            if i + j + 1 < n:
                 columns[i + j + 1] = columns[i + j + 1] + (product >> 16)
     out, carry = [], 0
     for column in columns:
         total = column + carry
         out.append(total & _LIMB_MASK)
         carry = total >> 16
-    return tuple(out)
+    return out
+
+
+def _mul_add_128(a, b, c):
+    """(a * b + c) mod 2**128 on limb tuples."""
+    return tuple(_schoolbook(a, b, list(c)))
 
 
 def _xsl_rr(state) -> tuple[jax.Array, jax.Array]:
@@ -238,18 +246,7 @@ class _Double(NamedTuple):
 
 def _mul_wide(a, b) -> list[jax.Array]:
     """The exact product of two 4-limb numbers, as 4 little-endian uint32 words."""
-    columns = [jnp.zeros_like(a[0] * b[0]) for _ in range(8)]
-    for i in range(4):
-        for j in range(4):
-            product = a[i] * b[j]
-            columns[i + j] = columns[i + j] + (product & _LIMB_MASK)
-            if i + j + 1 < 8:
-                columns[i + j + 1] = columns[i + j + 1] + (product >> 16)
-    limbs, carry = [], 0
-    for column in columns:
-        total = column + carry
-        limbs.append(total & _LIMB_MASK)
-        carry = total >> 16
+    limbs = _schoolbook(a, b, [jnp.zeros_like(a[0] * b[0]) for _ in range(8)])
     return [limbs[2 * w] | (limbs[2 * w + 1] << 16) for w in range(4)]
 
 
