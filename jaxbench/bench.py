@@ -59,6 +59,8 @@ def run_bench(
     jax.block_until_ready((prepared.inputs, prepared.permutations))
     draw_rate = batch * groups / (time.perf_counter() - t0)
 
+    device_draw_rate = _device_draw_rate(engine, params, dtype, prepared.inputs) if engine.draws_mode == "device" else None
+
     # Device only: the same prepared step run back to back.
     jax.block_until_ready(step_fn(model.weights, prepared.inputs, prepared.permutations, model.target))
     reps = 0
@@ -110,7 +112,9 @@ def run_bench(
         "device_only_tflops_per_device": round(device_rate / groups * flops / 1e12, 1),
         "floor_nonces_per_s_per_device": round(peak / flops, 1) if peak else None,
         "percent_of_floor": round(100 * e2e_rate / groups * flops / peak, 1) if peak else None,
+        # Host side of a step: inputs and permutations (host draws), or states and permutations.
         "draw_nonces_per_s": round(draw_rate, 1),
+        "device_draw_nonces_per_s_alone": None if device_draw_rate is None else round(device_draw_rate, 1),
         "mean_draw_seconds_per_step": round(draw_s / max(steps, 1), 4),
         "mean_step_seconds": round(step_s / max(steps, 1), 4),
         # Draws of step k+1 overlap step k: the devices idle only for the part the host waited.
@@ -124,6 +128,20 @@ def run_bench(
     }
     _print_table(report)
     return report
+
+
+def _device_draw_rate(engine: Engine, params: Params, dtype: str, states: jax.Array) -> float:
+    """Nonces/s of the device input draw alone, on the first device, for one step's states."""
+    from . import device_draws
+
+    local = states.addressable_shards[0].data
+    draw = jax.jit(device_draws.make_input_drawer(params.seq_len, params.dim, dtype))
+    draw(local).block_until_ready()
+    reps, t0 = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - t0 < 2.0:
+        draw(local).block_until_ready()
+        reps += 1
+    return reps * local.shape[0] / (time.perf_counter() - t0)
 
 
 def _print_table(report: dict) -> None:

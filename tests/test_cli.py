@@ -117,3 +117,17 @@ def test_validate_rejects_malformed_claims(tmp_path, claim, named):
     out = run_cli("validate", str(path))
     assert out.returncode == 2
     assert named in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_bench_reports_every_figure():
+    out = run_cli("bench", "--params", "tiny", "--seconds", "1", "--draws", "device", "--batch", "4")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    for key in ("end_to_end_nonces_per_s", "device_only_nonces_per_s", "draw_nonces_per_s",
+                "device_draw_nonces_per_s_alone", "weight_build_seconds", "compile_seconds",
+                "mean_draw_seconds_per_step", "mean_step_seconds", "mean_host_wait_seconds_per_step"):
+        assert report[key] > 0, key
+    assert report["batch_per_device"] == 4 and report["devices"] == 1 and report["draws"] == "device"
+    assert report["nonces_computed"] >= 4
+    assert report["achieved_tflops_per_device"] >= 0 and report["percent_of_floor"] is None  # no floor on a CPU
+    assert "end_to_end_nonces_per_s" in out.stderr  # the table
