@@ -47,6 +47,21 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("xla")
 
 
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory, cache_dir):
+    """A live `python -m service` on 127.0.0.1 for a test module; it must stop cleanly, having
+    logged its ready line once and no fatal marker."""
+    from service import signals
+    from service_helpers import ServiceProcess
+
+    proc = ServiceProcess(tmp_path_factory.mktemp(request.module.__name__), cache_dir).start()
+    yield proc
+    assert proc.stop() == 0
+    log = proc.log()
+    assert log.count(signals.READY_LINE) == 1
+    assert signals.FATAL_MARKER not in log
+
+
 @pytest.fixture
 def client(server):
     """An HTTP client of the test module's `server` fixture."""

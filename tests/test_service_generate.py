@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service_helpers import JAX_PLATFORMS, TINY_BODY, ServiceProcess, cli_distances, read_stream, wait_until
+from service_helpers import JAX_PLATFORMS, TINY_BODY, cli_distances, read_stream, wait_until
 from service import signals
 
 RESULT_FIELDS = {
@@ -17,16 +17,6 @@ RESULT_FIELDS = {
     "aggregated_total_computed": int, "aggregated_total_valid": int, "n_workers": int,
 }
 SUMMARY_FIELDS = {"status", "reason", "total_computed", "total_valid", "elapsed_seconds", "nonces_per_second"}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, cache_dir):
-    proc = ServiceProcess(tmp_path_factory.mktemp("generate"), cache_dir).start()
-    yield proc
-    assert proc.stop() == 0
-    log = proc.log()
-    assert log.count(signals.READY_LINE) == 1
-    assert signals.FATAL_MARKER not in log
 
 
 def body(**changes):

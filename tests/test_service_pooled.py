@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from service_helpers import FakeHTTPServer, ServiceProcess, cli_distances, read_stream, wait_until
-from service import signals
+from service_helpers import FakeHTTPServer, cli_distances, read_stream, wait_until
 
 WORKER = "worker-under-test"
 
@@ -71,14 +70,6 @@ class FakeOrchestrator:
                 self.results.extend(batch)
             return 200, {"status": "ok"}
         return 404, {"error": "unknown"}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, cache_dir):
-    proc = ServiceProcess(tmp_path_factory.mktemp("pooled"), cache_dir).start()
-    yield proc
-    assert proc.stop() == 0
-    assert signals.FATAL_MARKER not in proc.log()
 
 
 def pooled_body(url: str, **extra) -> dict:

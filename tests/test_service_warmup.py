@@ -6,8 +6,7 @@ import threading
 
 import pytest
 
-from service_helpers import TINY_BODY, FakeHTTPServer, ServiceProcess, read_stream, wait_until
-from service import signals
+from service_helpers import TINY_BODY, FakeHTTPServer, read_stream, wait_until
 
 
 class FakeMLNode:
@@ -30,14 +29,6 @@ class FakeMLNode:
         if method == "POST" and path == "/warmup/complete":
             return 200, {"status": "ok"}
         return 404, {"error": f"no route {method} {path}"}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, cache_dir):
-    proc = ServiceProcess(tmp_path_factory.mktemp("warmup"), cache_dir).start()
-    yield proc
-    assert proc.stop() == 0
-    assert signals.FATAL_MARKER not in proc.log()
 
 
 @pytest.fixture
