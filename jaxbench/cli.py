@@ -72,11 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(p)
 
     p = sub.add_parser("bench", help="measure end-to-end and device-only throughput")
-    p.add_argument("--params", required=True, help=f"a preset ({', '.join(PRESETS)}), a JSON object, or @file.json")
+    _add_common(p, with_hash=False)
     p.add_argument("--seconds", type=float, default=20.0, help="length of the end-to-end run")
     p.add_argument("--block-hash", default="bench-" + "0" * 58)
     p.add_argument("--public-key", default="bench-public-key")
-    _add_runtime(p)
     return parser
 
 
