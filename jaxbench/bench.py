@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 
+from . import device_draws
 from .engine import Engine, SearchJob
 from .nonces import NonceSchedule
 from .params import Params
@@ -132,8 +133,6 @@ def run_bench(
 
 def _device_draw_rate(engine: Engine, params: Params, dtype: str, states: jax.Array) -> float:
     """Nonces/s of the device input draw alone, on the first device, for one step's states."""
-    from . import device_draws
-
     local = states.addressable_shards[0].data
     draw = jax.jit(device_draws.make_input_drawer(params.seq_len, params.dim, dtype))
     draw(local).block_until_ready()

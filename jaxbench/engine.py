@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import draws, weights as weights_mod
+from . import device_draws, draws, weights as weights_mod
 from .distance import distances as distances_on_device, split_target
 from .model import forward_fn
 from .nonces import NonceSchedule, device_major
@@ -178,13 +178,8 @@ class Engine:
                 return m
             self._model = None  # free the old weights before building new ones
             t0 = time.perf_counter()
-            if self.draws_mode == "device":
-                from . import device_draws
-
-                pool = device_draws.draw_pool_on_device(block_hash, params.pool_size)
-            else:
-                pool = draws.draw_pool(block_hash, params.pool_size)
-            pool = jax.device_put(pool, self.replicated).astype(weights_mod.JNP_DTYPES[dtype])
+            pool = weights_mod.pool_on_device(block_hash, params, dtype, self.replicated,
+                                              drawn_on_device=self.draws_mode == "device")
             built = weights_mod.build_weights(pool, params, block_hash)
             del pool
             built = jax.block_until_ready(built)
@@ -202,8 +197,6 @@ class Engine:
     def _build_step(self, params: Params, dtype: str) -> Callable:
         forward = forward_fn(params, dtype, self.attention_for(dtype))
         if self.draws_mode == "device":
-            from . import device_draws
-
             make_inputs = device_draws.make_input_drawer(params.seq_len, params.dim, dtype)
         else:
             make_inputs = lambda x: x
@@ -230,8 +223,6 @@ class Engine:
             jax.eval_shape(lambda p: weights_mod.build_weights(p, params, "shape"), pool),
         )
         if self.draws_mode == "device":
-            from . import device_draws
-
             inputs = jax.ShapeDtypeStruct((g * batch, *device_draws.STATE_SHAPE), jnp.uint32, sharding=self.split)
         else:
             inputs = jax.ShapeDtypeStruct(
@@ -286,8 +277,6 @@ class Engine:
         t0 = time.perf_counter()
         rows, per_group = device_major(nonces, self.n_groups, batch)
         if self.draws_mode == "device":
-            from . import device_draws
-
             host_inputs = device_draws.initial_states(job.block_hash, job.public_key, rows)
         else:
             host_inputs = self.drawer.inputs(job.block_hash, job.public_key, rows, job.params, job.dtype)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import draws
+from .device_draws import draw_pool_on_device
 from .params import Params
 
 JNP_DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
@@ -110,10 +111,15 @@ def build_weights(pool: jax.Array, params: Params, block_hash: str) -> dict:
     return _build(pool, rotations, params)
 
 
-def pool_on_device(block_hash: str, params: Params, dtype: str, device=None) -> jax.Array:
-    """The pool drawn on the host (float32), sent to the device and cast there to the model dtype."""
-    pool = draws.draw_pool(block_hash, params.pool_size)
-    return jax.device_put(pool, device).astype(JNP_DTYPES[dtype])
+def pool_on_device(block_hash: str, params: Params, dtype: str, placement=None, drawn_on_device: bool = False
+                   ) -> jax.Array:
+    """The pool in float32, drawn on the host (numpy) or on the device (device_draws, the same
+    values), placed on `placement` (a device or sharding) and cast there to the model dtype."""
+    if drawn_on_device:
+        pool = draw_pool_on_device(block_hash, params.pool_size)
+    else:
+        pool = draws.draw_pool(block_hash, params.pool_size)
+    return jax.device_put(pool, placement).astype(JNP_DTYPES[dtype])
 
 
 def build_parameter(pool: jax.Array, params: Params, block_hash: str, name: str) -> jax.Array:
