@@ -26,6 +26,8 @@ from jax.sharding import PartitionSpec as P
 
 from . import device_draws, draws, weights as weights_mod
 from .distance import distances as distances_on_device, split_target
+from .fields import FieldError
+from .memory import GiB, MemoryNeed, device_free_bytes
 from .model import forward_fn
 from .nonces import NonceSchedule, device_major
 from .params import Params
@@ -35,6 +37,7 @@ log = logging.getLogger("jaxbench.engine")
 AXIS = "d"
 DEFAULT_CACHE_DIR = Path(os.environ.get("JAXBENCH_CACHE_DIR", Path.home() / ".cache" / "jaxbench" / "xla"))
 MAX_BATCH = 256
+CPU_BATCH = 8  # the CPU backend gains nothing from larger steps
 
 
 def enable_compile_cache(directory: str | os.PathLike | None = DEFAULT_CACHE_DIR) -> None:
@@ -176,6 +179,7 @@ class Engine:
             m = self._model
             if m and (m.params, m.block_hash, m.dtype) == (params, block_hash, dtype):
                 return m
+            self.check_fits(params, dtype)
             self._model = None  # free the old weights before building new ones
             t0 = time.perf_counter()
             pool = weights_mod.pool_on_device(block_hash, params, dtype, self.replicated,
@@ -239,6 +243,7 @@ class Engine:
             with self._steps_lock:
                 if key in self._steps:
                     return self._steps[key]
+            self.check_fits(params, dtype, batch)
             t0 = time.perf_counter()
             compiled = self._build_step(params, dtype).lower(*self._abstract_arguments(params, dtype, batch)).compile()
             self._compile_seconds[key] = time.perf_counter() - t0
@@ -251,22 +256,58 @@ class Engine:
     def compile_seconds(self, params: Params, dtype: str, batch: int) -> float:
         return self._compile_seconds.get(self._step_key(params, dtype, batch), 0.0)
 
-    # Batch size ------------------------------------------------------------------------------
+    # Memory and batch size -------------------------------------------------------------------
+
+    def available_bytes(self) -> int | None:
+        """What each device could give a parameter set: its free memory plus the weights now loaded,
+        which go before any other set's are built. None where the device does not say."""
+        free = [device_free_bytes(d) for d in self.devices]
+        if any(f is None for f in free):
+            return None
+        m = self._model
+        held = MemoryNeed.of(m.params, m.dtype).weights if m is not None else 0
+        return min(free) + held
+
+    def check_fits(self, params: Params, dtype: str, batch: int = 1) -> None:
+        """Refuse (FieldError on `params`) a set whose weights and `batch` nonces of one step cannot fit."""
+        need = MemoryNeed.of(params, dtype)
+        available = self.available_bytes()
+        if available is not None and need.total(batch) > available:
+            raise FieldError("params", f"needs {need.describe(batch)}; each {self.platform} device has "
+                                       f"{available / GiB:.2f} GiB available")
+
+    def max_batch(self, params: Params, dtype: str) -> int | None:
+        """The largest per-device batch whose activations fit beside the weights (None: unknown)."""
+        available = self.available_bytes()
+        if available is None:
+            return None
+        need = MemoryNeed.of(params, dtype)
+        return max(1, int((available - need.weights) // need.per_nonce))
 
     def default_batch(self, params: Params, dtype: str) -> int:
-        """Per-device batch from the device's free memory and a per-nonce activation estimate."""
-        stats = self.devices[0].memory_stats() or {}
-        limit = stats.get("bytes_limit")
-        if not limit:
-            return 8 if self.platform == "cpu" else 32
-        free = limit - stats.get("bytes_in_use", 0)
-        if self._model is None or self._model.params != params:
-            free -= params.weight_bytes(jnp.dtype(weights_mod.JNP_DTYPES[dtype]).itemsize)
-        per_nonce = activation_bytes(params, dtype)
-        batch = int(0.8 * free // per_nonce)
+        """Per-device batch: 80 % of what fits in memory, at most MAX_BATCH (CPU_BATCH on the CPU)."""
+        fits = self.max_batch(params, dtype)
+        if self.platform == "cpu":
+            return min(CPU_BATCH, fits or CPU_BATCH)
+        if fits is None:
+            return 32
+        batch = int(0.8 * fits)
         if batch >= 16:
             batch -= batch % 8
         return int(max(1, min(MAX_BATCH, batch)))
+
+    def fit_batch(self, job: SearchJob, batch: int) -> int:
+        """`batch` bounded by the work the job asks for and by memory, saying so when it shrinks."""
+        bounded = batch
+        if job.schedule.count is not None:
+            bounded = min(bounded, max(1, -(-job.schedule.count // self.n_groups)))
+        fits = self.max_batch(job.params, job.dtype)
+        if fits is not None:
+            bounded = min(bounded, fits)
+        if bounded < batch:
+            log.info("batch %d lowered to %d (the job's %s nonces, memory for %s a device)", batch, bounded,
+                     job.schedule.count, fits)
+        return bounded
 
     # Work ------------------------------------------------------------------------------------
 
@@ -297,7 +338,7 @@ class Engine:
         """
         stop = stop or threading.Event()
         model = self.load(job.params, job.block_hash, job.dtype)
-        batch = batch or self.default_batch(job.params, job.dtype)
+        batch = self.fit_batch(job, batch or self.default_batch(job.params, job.dtype))
         deadline = None if job.duration_s is None else time.monotonic() + job.duration_s
         flat_next = 0  # first flat index not yet yielded
         step_no = 0
@@ -387,8 +428,6 @@ class Engine:
     ) -> np.ndarray:
         """Distances of the given nonces, in the order given; `on_step(n)` after each step of n."""
         job = SearchJob(params, block_hash, public_key, r_target=0.0, schedule=NonceSchedule.of(nonces), dtype=dtype)
-        if batch is None:
-            batch = min(self.default_batch(params, dtype), -(-len(nonces) // self.n_groups))
         out = np.empty(len(nonces), dtype=np.float32)
         offset = 0
         for result in self.search(job, batch=batch):
@@ -403,18 +442,6 @@ class Engine:
 
     def close(self):
         self.drawer.close()
-
-
-def activation_bytes(params: Params, dtype: str) -> int:
-    """A generous estimate of one nonce's live device memory inside a layer of the step."""
-    item = jnp.dtype(weights_mod.JNP_DTYPES[dtype]).itemsize
-    s, d, h = params.seq_len, params.dim, params.hidden_dim
-    qkv = s * (params.n_heads + 2 * params.n_kv_heads) * params.head_dim
-    scores = params.n_heads * s * s * (4 + 4 + item)  # float32 scores, float32 softmax, rounded probs
-    ffn = 3 * s * h * item
-    residual = 6 * s * d * 4
-    io = s * d * item + params.vocab_size * (4 + 4 + 4)
-    return int(1.5 * (qkv * 4 + scores + ffn + residual + io))
 
 
 def _short(params: Params) -> str:

@@ -9,6 +9,23 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+# Hard upper bounds, far above every preset: a request beyond them is refused before any size is derived.
+FIELD_LIMITS: dict[str, float] = {
+    "dim": 65536,
+    "n_layers": 1024,
+    "n_heads": 1024,
+    "n_kv_heads": 1024,
+    "vocab_size": 1 << 21,
+    "ffn_dim_multiplier": 64.0,
+    "multiple_of": 1 << 20,
+    "norm_eps": 1.0,
+    "rope_theta": 1e12,
+    "seq_len": 1 << 16,
+}
+# Weight tensors are gathered with 32-bit indices.
+MAX_TENSOR_ELEMENTS = 2**31 - 1
+
+
 class ParamsError(ValueError):
     """A parameter set is malformed; `field` names the offending field."""
 
@@ -49,6 +66,10 @@ class Params:
                 if not math.isfinite(value) or value <= 0:
                     raise ParamsError(f.name, f"must be a positive finite number, got {value}")
                 object.__setattr__(self, f.name, float(value))
+            limit = FIELD_LIMITS.get(f.name)
+            if limit is not None and getattr(self, f.name) > limit:
+                shown = f"{limit:g}" if isinstance(limit, float) else str(limit)
+                raise ParamsError(f.name, f"must be at most {shown}, got {value}")
         if self.dim % self.n_heads:
             raise ParamsError("dim", f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -57,6 +78,10 @@ class Params:
             )
         if self.head_dim % 2:
             raise ParamsError("n_heads", f"head_dim = dim // n_heads = {self.head_dim} must be even")
+        for rows, field in ((self.hidden_dim, "ffn_dim_multiplier"), (self.vocab_size, "vocab_size")):
+            if rows * self.dim > MAX_TENSOR_ELEMENTS:
+                raise ParamsError(field, f"a {rows} × {self.dim} weight would have more than "
+                                         f"{MAX_TENSOR_ELEMENTS} elements")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Params":

@@ -95,3 +95,40 @@ def test_a_failing_draw_reaches_the_caller(monkeypatch):
     else:
         raise AssertionError("the draw failure was swallowed")
     assert seen == [0, 1]  # what was computed before the failure still arrived
+
+
+def test_a_set_that_cannot_fit_is_refused_before_anything_is_built(monkeypatch):
+    import jaxbench.engine as engine_mod
+    from jaxbench.fields import FieldError
+    from jaxbench.memory import GiB
+
+    engine = Engine(devices=1, draws_mode="host", compile_cache_dir=None)
+    monkeypatch.setattr(engine_mod, "device_free_bytes", lambda device: 8 * GiB)
+    built = []
+    monkeypatch.setattr(engine_mod.weights_mod, "pool_on_device", lambda *a, **k: built.append(a))
+    mainnet = PRESETS["mainnet"]
+    for attempt in (lambda: engine.load(mainnet, "h", "float16"),
+                    lambda: engine.compiled_step(mainnet, "float16", 1)):
+        try:
+            attempt()
+        except FieldError as e:
+            assert e.field == "params"
+            assert "33.06 GiB" in e.message and "8.00 GiB available" in e.message
+        else:
+            raise AssertionError("mainnet was accepted on an 8 GiB device")
+    assert built == [] and engine.compiled_keys() == []
+    engine.check_fits(PRESETS["bench"], "float16")  # 2.6 GiB fits
+
+
+def test_the_batch_is_bounded_by_the_work_and_by_memory(monkeypatch):
+    import jaxbench.engine as engine_mod
+    from jaxbench.memory import MemoryNeed
+
+    engine = Engine(devices=1, draws_mode="host", compile_cache_dir=None)
+    small = SearchJob(TINY, "b", "pk", 1.41, NonceSchedule.for_node(0, limit=16), "float16")
+    assert engine.fit_batch(small, 2_000_000) == 16
+    need = MemoryNeed.of(TINY, "float16")
+    monkeypatch.setattr(engine_mod, "device_free_bytes", lambda device: need.weights + 5 * need.per_nonce)
+    unbounded = SearchJob(TINY, "b", "pk", 1.41, NonceSchedule.for_node(0), "float16")
+    assert engine.fit_batch(unbounded, 2_000_000) == 5
+    assert engine.default_batch(TINY, "float16") == 5

@@ -44,6 +44,13 @@ def test_weight_bytes_exclude_the_unused_embedding_table():
         ({"dim": 65, "n_heads": 4}, "dim"),
         ({"dim": 64, "n_heads": 4, "n_kv_heads": 3}, "n_kv_heads"),
         ({"dim": 60, "n_heads": 4, "n_kv_heads": 4}, "n_heads"),  # head_dim 15 is odd
+        ({"n_layers": 1_000_000}, "n_layers"),
+        ({"seq_len": 1_000_000_000}, "seq_len"),
+        ({"dim": 10**9}, "dim"),
+        ({"vocab_size": 2**40}, "vocab_size"),
+        ({"ffn_dim_multiplier": 1e300}, "ffn_dim_multiplier"),
+        ({"dim": 65536, "n_heads": 64, "ffn_dim_multiplier": 2.0}, "ffn_dim_multiplier"),  # w1 over 2**31
+        ({"dim": 4096, "n_heads": 64, "vocab_size": 1 << 20}, "vocab_size"),  # the head over 2**31
     ],
 )
 def test_bad_fields_are_named(fields, bad_field):
