@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from . import fields
-from .params import DEFAULT_R_TARGET, PRESETS, ParamsError
+from .params import DEFAULT_R_TARGET, PRESETS, ParamsError, params_from_text
 
 EXIT_BAD_INPUT = 2
 
@@ -94,7 +94,10 @@ def _checked(args) -> dict:
     """The arguments every command shares, validated with the service's field rules."""
     values = {"dtype": fields.dtype({"dtype": args.dtype})}
     if getattr(args, "params", None) is not None:
-        values["params"] = fields.params({"params": args.params})
+        try:
+            values["params"] = params_from_text(args.params)
+        except ParamsError as e:
+            raise fields.FieldError("params" if e.field == "params" else f"params.{e.field}", e.message) from None
     for name in ("block_hash", "public_key"):
         if getattr(args, name, None) is not None:
             values[name] = fields.seed_text({name: getattr(args, name)}, name)

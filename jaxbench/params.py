@@ -182,25 +182,31 @@ DEFAULT_R_TARGET = 1.4013564660458173
 
 
 def resolve_params(spec: str | Mapping[str, Any] | Params) -> Params:
-    """A preset name, a JSON object (as text or mapping), `@file.json`, or a Params."""
+    """A preset name, a mapping of parameter fields, or a Params: what may arrive over the network.
+    JSON text and files are the command line's (`params_from_text`)."""
     if isinstance(spec, Params):
         return spec
     if isinstance(spec, Mapping):
         return Params.from_dict(spec)
     if not isinstance(spec, str):
         raise ParamsError("params", f"must be a preset name or an object, got {type(spec).__name__}")
-    text = spec.strip()
-    if text in PRESETS:
-        return PRESETS[text]
+    if spec.strip() in PRESETS:
+        return PRESETS[spec.strip()]
+    raise ParamsError("params", f"unknown preset {spec!r:.60} (presets: {', '.join(PRESETS)})")
+
+
+def params_from_text(text: str) -> Params:
+    """The command line's form: a preset name, a JSON object, or `@file.json` holding one."""
+    text = text.strip()
     if text.startswith("@"):
         try:
             text = Path(text[1:]).read_text()
-        except OSError as e:
-            raise ParamsError("params", f"cannot read {text[1:]!r}: {e.strerror}") from None
-    if text.lstrip().startswith("{"):
+        except (OSError, UnicodeDecodeError) as e:
+            raise ParamsError("params", f"cannot read {text[1:]!r}: {getattr(e, 'strerror', None) or e}") from None
+    if text.startswith("{"):
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise ParamsError("params", f"invalid JSON: {e}") from None
         return Params.from_dict(data)
-    raise ParamsError("params", f"unknown preset {spec!r} (presets: {', '.join(PRESETS)})")
+    return resolve_params(text)

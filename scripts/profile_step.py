@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxbench.engine import Engine, SearchJob  # noqa: E402
 from jaxbench.nonces import NonceSchedule  # noqa: E402
-from jaxbench.params import resolve_params  # noqa: E402
+from jaxbench.params import params_from_text  # noqa: E402
 
 
 def device_time_by_kernel(trace_dir: Path) -> tuple[collections.Counter, float]:
@@ -48,7 +48,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
 
-    params = resolve_params(args.params)
+    params = params_from_text(args.params)
     engine = Engine(draws_mode=args.draws)
     model = engine.load(params, "profile", args.dtype)
     batch = args.batch or engine.default_batch(params, args.dtype)

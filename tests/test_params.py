@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from jaxbench.params import PRESETS, Params, ParamsError, resolve_params
+from jaxbench.params import PRESETS, Params, ParamsError, params_from_text, resolve_params
 
 
 def test_presets_have_the_spec_shapes():
@@ -60,15 +60,27 @@ def test_bad_fields_are_named(fields, bad_field):
     assert bad_field in str(err.value)
 
 
-def test_resolve_params_accepts_presets_json_and_files(tmp_path):
-    assert resolve_params("tiny") is PRESETS["tiny"]
-    assert resolve_params('{"dim": 64, "n_heads": 4, "n_kv_heads": 4}').dim == 64
+def test_the_command_line_form_takes_presets_json_and_files(tmp_path):
+    assert params_from_text("tiny") is PRESETS["tiny"]
+    assert params_from_text('{"dim": 64, "n_heads": 4, "n_kv_heads": 4}').dim == 64
     f = tmp_path / "p.json"
     f.write_text(json.dumps(PRESETS["tiny"].to_dict()))
-    assert resolve_params(f"@{f}") == PRESETS["tiny"]
+    assert params_from_text(f"@{f}") == PRESETS["tiny"]
     with pytest.raises(ParamsError, match="unknown preset"):
-        resolve_params("huge")
+        params_from_text("huge")
     with pytest.raises(ParamsError, match="invalid JSON"):
-        resolve_params("{nope")
+        params_from_text("{nope")
+    with pytest.raises(ParamsError, match="invalid JSON"):
+        params_from_text("{" + "[" * 100_000)
     with pytest.raises(ParamsError, match="cannot read"):
-        resolve_params(f"@{tmp_path / 'missing.json'}")
+        params_from_text(f"@{tmp_path / 'missing.json'}")
+
+
+def test_what_arrives_over_the_network_never_names_a_file_or_json_text(tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(PRESETS["tiny"].to_dict()))
+    assert resolve_params("tiny") is PRESETS["tiny"]
+    assert resolve_params(PRESETS["tiny"].to_dict()) == PRESETS["tiny"]
+    for text in (f"@{f}", "@/dev/zero", json.dumps(PRESETS["tiny"].to_dict())):
+        with pytest.raises(ParamsError, match="unknown preset"):
+            resolve_params(text)
