@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import gated_ffn
 from .params import Params
-from .weights import JNP_DTYPES
+from .weights import JNP_DTYPES, REFERENCE_LAYOUT, WeightLayout
 
 
 def matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -94,19 +95,39 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: st
 
 
 class Attention(nnx.Module):
-    def __init__(self, wq, wk, wv, wo, params: Params, implementation: str = "xla"):
-        self.wq, self.wk, self.wv, self.wo = nnx.Param(wq), nnx.Param(wk), nnx.Param(wv), nnx.Param(wo)
+    def __init__(self, w: dict, params: Params, implementation: str = "xla"):
+        """`w` holds wq, wk, wv and wo, or wqkv (the three side by side) and wo."""
         self.n_heads, self.n_kv_heads, self.head_dim = params.n_heads, params.n_kv_heads, params.head_dim
+        self.wqkv = nnx.Param(w["wqkv"]) if "wqkv" in w else None
+        if self.wqkv is None:
+            self.wq, self.wk, self.wv = nnx.Param(w["wq"]), nnx.Param(w["wk"]), nnx.Param(w["wv"])
+        self.wo = nnx.Param(w["wo"])
         self.implementation = implementation
+
+    def projections(self, x: jax.Array, last_only: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q (of the last position only, with `last_only`), k and v, each (B, S, columns)."""
+        x_q = x[:, -1:] if last_only else x
+        if self.wqkv is None:
+            return (matmul("bsd,de->bse", x_q, self.wq[...]), matmul("bsd,de->bse", x, self.wk[...]),
+                    matmul("bsd,de->bse", x, self.wv[...]))
+        q_cols, kv_cols = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        w = self.wqkv[...]
+        if last_only:
+            q, kv = matmul("bsd,de->bse", x_q, w[:, :q_cols]), matmul("bsd,de->bse", x, w[:, q_cols:])
+        else:
+            qkv = matmul("bsd,de->bse", x, w)
+            q, kv = qkv[..., :q_cols], qkv[..., q_cols:]
+        return q, kv[..., :kv_cols], kv[..., kv_cols:]
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, last_only: bool) -> jax.Array:
         """x: (B, S, dim) -> (B, S or 1, dim). With `last_only`, only the last position queries."""
         b, s, _ = x.shape
         kv, group, hd = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
-        x_q, cos_q, sin_q = (x[:, -1:], cos[-1:], sin[-1:]) if last_only else (x, cos, sin)
-        q = apply_rope(matmul("bsd,de->bse", x_q, self.wq[...]).reshape(b, -1, self.n_heads, hd), cos_q, sin_q)
-        k = apply_rope(matmul("bsd,de->bse", x, self.wk[...]).reshape(b, s, kv, hd), cos, sin)
-        v = matmul("bsd,de->bse", x, self.wv[...]).reshape(b, s, kv, hd)
+        cos_q, sin_q = (cos[-1:], sin[-1:]) if last_only else (cos, sin)
+        q, k, v = self.projections(x, last_only)
+        q = apply_rope(q.reshape(b, -1, self.n_heads, hd), cos_q, sin_q)
+        k = apply_rope(k.reshape(b, s, kv, hd), cos, sin)
+        v = v.reshape(b, s, kv, hd)
         if self.implementation == "cudnn" and not last_only:
             return matmul("bse,ed->bsd", flash_attention(q, k, v).reshape(b, s, -1), self.wo[...])
 
@@ -122,20 +143,46 @@ class Attention(nnx.Module):
         return matmul("bse,ed->bsd", out, self.wo[...])
 
 
+FFN_IMPLEMENTATIONS = ("xla", "pallas")
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) ⊙ up: silu in float32 on the rounded gate, rounded, times the rounded up product."""
+    return jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype) * up
+
+
 class FeedForward(nnx.Module):
-    def __init__(self, w1, w2, w3):
-        self.w1, self.w2, self.w3 = nnx.Param(w1), nnx.Param(w2), nnx.Param(w3)
+    def __init__(self, w: dict, gate_up_block: int | None = None, implementation: str = "xla"):
+        """`w` holds w1, w2 and w3, or w13 (w1 and w3 interleaved in blocks of `gate_up_block`) and w2.
+        With w13, `implementation` "pallas" runs the gated half as one kernel where it applies."""
+        if implementation not in FFN_IMPLEMENTATIONS:
+            raise ValueError(f"ffn must be one of {FFN_IMPLEMENTATIONS}, got {implementation!r}")
+        self.w13 = nnx.Param(w["w13"]) if "w13" in w else None
+        if self.w13 is None:
+            self.w1, self.w3 = nnx.Param(w["w1"]), nnx.Param(w["w3"])
+        self.w2 = nnx.Param(w["w2"])
+        self.block, self.implementation = gate_up_block, implementation
+
+    def gated(self, x: jax.Array) -> jax.Array:
+        if self.w13 is None:
+            return swiglu(matmul("bsd,dh->bsh", x, self.w1[...]), matmul("bsd,dh->bsh", x, self.w3[...]))
+        b, s, d = x.shape
+        w13 = self.w13[...]
+        hidden = w13.shape[-1] // 2
+        if self.implementation == "pallas" and gated_ffn.applies(b * s, d, hidden, x.dtype):
+            return gated_ffn.gated_ffn(x.reshape(b * s, d), w13).reshape(b, s, hidden)
+        both = matmul("bsd,dh->bsh", x, w13).reshape(b, s, hidden // self.block, 2, self.block)
+        return swiglu(both[..., 0, :].reshape(b, s, hidden), both[..., 1, :].reshape(b, s, hidden))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = matmul("bsd,dh->bsh", x, self.w1[...])
-        gate = jax.nn.silu(gate.astype(jnp.float32)).astype(x.dtype)
-        return matmul("bsh,hd->bsd", gate * matmul("bsd,dh->bsh", x, self.w3[...]), self.w2[...])
+        return matmul("bsh,hd->bsd", self.gated(x), self.w2[...])
 
 
 class Block(nnx.Module):
-    def __init__(self, w: dict, params: Params, attention: str = "xla"):
-        self.attention = Attention(w["wq"], w["wk"], w["wv"], w["wo"], params, attention)
-        self.feed_forward = FeedForward(w["w1"], w["w2"], w["w3"])
+    def __init__(self, w: dict, params: Params, attention: str = "xla", layout: WeightLayout = REFERENCE_LAYOUT,
+                 ffn: str = "xla"):
+        self.attention = Attention(w, params, attention)
+        self.feed_forward = FeedForward(w, layout.gate_up_block, ffn)
         self.attention_norm = nnx.Param(w["attention_norm"])
         self.ffn_norm = nnx.Param(w["ffn_norm"])
         self.eps = params.norm_eps
@@ -149,12 +196,13 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     """Built from the weight pytree of weights.build_weights; `layers` holds every block stacked."""
 
-    def __init__(self, weights: dict, params: Params, dtype: str, attention: str = "xla"):
+    def __init__(self, weights: dict, params: Params, dtype: str, attention: str = "xla",
+                 layout: WeightLayout = REFERENCE_LAYOUT, ffn: str = "xla"):
         if attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
         self.params = params
         self.dtype = JNP_DTYPES[dtype]
-        self.layers = Block(weights["layers"], params, attention)
+        self.layers = Block(weights["layers"], params, attention, layout, ffn)
         self.norm = nnx.Param(weights["norm"])
         self.output = nnx.Param(weights["output"])
 
@@ -174,14 +222,17 @@ class Transformer(nnx.Module):
         return matmul("bd,dv->bv", h, self.output[...]).astype(jnp.float32)
 
 
-def forward_fn(params: Params, dtype: str, attention: str = "xla"):
+def forward_fn(params: Params, dtype: str, attention: str = "xla", layout: WeightLayout = REFERENCE_LAYOUT,
+               ffn: str = "xla"):
     """A pure function (weights, x) -> logits, for jit: the NNX module rebuilt around traced weights.
 
     `attention`: "xla" follows the reference's rounding step by step; "cudnn" is the fused kernel
-    (GPUs, float16/bfloat16) for the full-sequence layers.
+    (GPUs, float16/bfloat16) for the full-sequence layers. `layout`: how the weights are arranged
+    (weights.WeightLayout). `ffn`: "pallas" runs the gated half of the FFN as one Hopper kernel
+    (gated_ffn.py; needs the interleaved w13), "xla" as XLA's products.
     """
 
     def forward(weights: dict, x: jax.Array) -> jax.Array:
-        return Transformer(weights, params, dtype, attention)(x)
+        return Transformer(weights, params, dtype, attention, layout, ffn)(x)
 
     return forward

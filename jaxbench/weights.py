@@ -38,6 +38,35 @@ TOP_TENSORS = {"norm": "norm.weight", "output": "output.weight"}
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightLayout:
+    """How the per-layer projections are stored: as the reference has them, or side by side so that
+    one product does the work of several. The values are the same; only their arrangement differs."""
+
+    gate_up_block: int | None = None  # w1 and w3 as one "w13", interleaved in blocks of this many columns
+    fused_qkv: bool = False  # wq, wk and wv as one "wqkv", side by side
+
+
+REFERENCE_LAYOUT = WeightLayout()
+
+
+def interleave_columns(w1: jax.Array, w3: jax.Array, block: int) -> jax.Array:
+    """(…, K, H) twice → (…, K, 2H) whose column block j of 2·block is w1's block j, then w3's."""
+    *lead, k, h = w1.shape
+    pair = jnp.stack([w1.reshape(*lead, k, h // block, block), w3.reshape(*lead, k, h // block, block)], axis=-2)
+    return pair.reshape(*lead, k, 2 * h)
+
+
+def arrange(layers: dict, layout: WeightLayout) -> dict:
+    """The per-layer tensors of the reference layout rearranged into `layout`."""
+    layers = dict(layers)
+    if layout.gate_up_block:
+        layers["w13"] = interleave_columns(layers.pop("w1"), layers.pop("w3"), layout.gate_up_block)
+    if layout.fused_qkv:
+        layers["wqkv"] = jnp.concatenate([layers.pop("wq"), layers.pop("wk"), layers.pop("wv")], axis=-1)
+    return layers
+
+
+@dataclasses.dataclass(frozen=True)
 class PoolPlacement:
     """Where one parameter's values sit in the pool: `pool[(i + rotation) % n % P]` for element i,
     which covers both the slice case (rotation = start, no wrap) and the tile-and-rotate case."""
@@ -68,8 +97,8 @@ def _to_model_layout(flat: jax.Array, torch_shape: tuple[int, ...]) -> jax.Array
     return t.T if t.ndim == 2 else t  # (out, in) -> (in, out)
 
 
-@partial(jax.jit, static_argnames=("params",))
-def _build(pool: jax.Array, rotations: dict, params: Params) -> dict:
+@partial(jax.jit, static_argnames=("params", "layout"))
+def _build(pool: jax.Array, rotations: dict, params: Params, layout: WeightLayout) -> dict:
     shapes = params.parameter_shapes()
     layers = {}
     for key, ref in LAYER_TENSORS.items():
@@ -80,7 +109,7 @@ def _build(pool: jax.Array, rotations: dict, params: Params) -> dict:
     for key, ref in TOP_TENSORS.items():
         shape = shapes[ref]
         top[key] = _to_model_layout(_gather(pool, math.prod(shape), rotations[key]), shape)
-    return {"layers": layers, **top}
+    return {"layers": arrange(layers, layout), **top}
 
 
 def placements(params: Params, block_hash: str) -> dict[str, PoolPlacement]:
@@ -91,11 +120,13 @@ def placements(params: Params, block_hash: str) -> dict[str, PoolPlacement]:
     }
 
 
-def build_weights(pool: jax.Array, params: Params, block_hash: str) -> dict:
+def build_weights(pool: jax.Array, params: Params, block_hash: str, layout: WeightLayout = REFERENCE_LAYOUT
+                  ) -> dict:
     """The model's weight pytree from a pool already on the device in the model dtype.
 
     Output: {"layers": {wq, wk, wv, wo, w1, w2, w3 (L, in, out); attention_norm, ffn_norm (L, dim)},
-             "norm": (dim,), "output": (dim, vocab)}; the unused embedding table is not built.
+             "norm": (dim,), "output": (dim, vocab)}, with w1/w3 and wq/wk/wv fused as `layout` says;
+    the unused embedding table is not built.
     """
     where = placements(params, block_hash)
     for name, p in where.items():
@@ -108,7 +139,7 @@ def build_weights(pool: jax.Array, params: Params, block_hash: str) -> dict:
         },
         **{key: np.int32(where[ref].rotation) for key, ref in TOP_TENSORS.items()},
     }
-    return _build(pool, rotations, params)
+    return _build(pool, rotations, params, layout)
 
 
 def pool_on_device(block_hash: str, params: Params, dtype: str, placement=None, drawn_on_device: bool = False
@@ -130,7 +161,7 @@ def build_parameter(pool: jax.Array, params: Params, block_hash: str, name: str)
 
 
 def reference_layout(weights: dict, params: Params) -> dict[str, np.ndarray]:
-    """The built weights back in the reference's names and PyTorch layout (for tests)."""
+    """Weights built in the reference layout, back in the reference's names and PyTorch layout (for tests)."""
     out = {}
     for key, ref in LAYER_TENSORS.items():
         stacked = np.asarray(weights["layers"][key])

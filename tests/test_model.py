@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbench.model import Attention, flash_attention
+from jaxbench import weights
+from jaxbench.model import Attention, flash_attention, forward_fn
 from jaxbench.params import Params
+from jaxbench.weights import WeightLayout
 
 
 @pytest.mark.parametrize("head_dim, n_heads, n_kv_heads", [(28, 4, 4), (16, 4, 2), (12, 6, 2)])
@@ -19,10 +21,41 @@ def test_padded_fused_attention_equals_the_step_by_step_path(head_dim, n_heads, 
     w = [jax.random.normal(k, s, jnp.float32) * 0.2 for k, s in zip(keys, [(d, d), (d, kv), (d, kv), (d, d)])]
     x = jax.random.normal(keys[4], (2, p.seq_len, d), jnp.float32)
     cos, sin = jnp.ones((p.seq_len, head_dim // 2)), jnp.zeros((p.seq_len, head_dim // 2))
-    reference = Attention(*w, p, "xla")(x, cos, sin, last_only=False)
+    reference = Attention(dict(zip(("wq", "wk", "wv", "wo"), w)), p, "xla")(x, cos, sin, last_only=False)
 
     q = (x @ w[0]).reshape(2, p.seq_len, n_heads, head_dim)
     k = (x @ w[1]).reshape(2, p.seq_len, n_kv_heads, head_dim)
     v = (x @ w[2]).reshape(2, p.seq_len, n_kv_heads, head_dim)
     fused = flash_attention(q, k, v, implementation="xla").reshape(2, p.seq_len, d) @ w[3]
     np.testing.assert_allclose(np.asarray(fused), np.asarray(reference), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [WeightLayout(gate_up_block=64), WeightLayout(fused_qkv=True),
+                                    WeightLayout(gate_up_block=128, fused_qkv=True)])
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_fused_weight_layouts_compute_the_reference_layouts_logits(layout, n_kv_heads):
+    p = Params(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=96, multiple_of=128, seq_len=6)
+    pool = weights.pool_on_device("layouts", p, "float32")
+    reference = weights.build_weights(pool, p, "layouts")
+    fused = weights.build_weights(pool, p, "layouts", layout)
+    x = jax.random.normal(jax.random.key(1), (3, p.seq_len, p.dim), jnp.float32)
+    expected = jax.jit(forward_fn(p, "float32"))(reference, x)
+    got = jax.jit(forward_fn(p, "float32", layout=layout))(fused, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6)
+    layers = fused["layers"]
+    if layout.gate_up_block:
+        b, h = layout.gate_up_block, p.hidden_dim
+        pairs = np.asarray(layers["w13"]).reshape(p.n_layers, p.dim, h // b, 2, b)
+        np.testing.assert_array_equal(pairs[:, :, :, 0].reshape(p.n_layers, p.dim, h), reference["layers"]["w1"])
+        np.testing.assert_array_equal(pairs[:, :, :, 1].reshape(p.n_layers, p.dim, h), reference["layers"]["w3"])
+        assert "w1" not in layers and "w3" not in layers
+    if layout.fused_qkv:
+        expected_qkv = np.concatenate([reference["layers"][k] for k in ("wq", "wk", "wv")], axis=-1)
+        np.testing.assert_array_equal(layers["wqkv"], expected_qkv)
+
+
+def test_the_pallas_kernel_is_refused_off_hopper():
+    from jaxbench.engine import Engine
+
+    with pytest.raises(ValueError, match="Hopper"):
+        Engine(devices=1, draws_mode="host", compile_cache_dir=None, ffn="pallas")

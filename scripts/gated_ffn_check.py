@@ -1,0 +1,126 @@
+"""The gated-FFN kernel against XLA on the FFN shapes of the presets: agreement and speed (GPU only).
+
+For each (preset, rows) it times, on random data of the model's scale:
+  xla        two products (x·W1, x·W3) and the SwiGLU, as the reference layout runs;
+  xla-w13    one product against the interleaved weights, then the SwiGLU;
+  pallas/…   the kernel (gated_ffn.py) in each configuration asked for,
+and reports TFLOP/s of the gated half (4·rows·dim·hidden FLOPs) and how many output elements differ
+from the xla path, by how many units in the last place at most.
+
+    python scripts/gated_ffn_check.py [--presets mainnet,bench] [--rows 16384,32768] [--dtype float16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxbench import gated_ffn  # noqa: E402
+from jaxbench.model import matmul, swiglu  # noqa: E402
+from jaxbench.params import PRESETS  # noqa: E402
+from jaxbench.weights import JNP_DTYPES, interleave_columns  # noqa: E402
+
+CONFIGS = {
+    "r64b128s3": gated_ffn.GatedConfig(rows=64, block=128, stages=3),
+    "r64b128s4": gated_ffn.GatedConfig(rows=64, block=128, stages=4),
+    "r128b64s4": gated_ffn.GatedConfig(rows=128, block=64, stages=4),
+    "r64b128s3w16": gated_ffn.GatedConfig(rows=64, block=128, stages=3, grid_tile_width=16),
+}
+
+
+def timed(fn, *args, reps: int = 10) -> float:
+    """Median seconds of one call over `reps` calls, after a warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def ulp_gap(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
+    """(elements that differ, largest difference in units in the last place) of two 16-bit arrays."""
+    ia = a.view(np.int16).astype(np.int32)
+    ib = b.view(np.int16).astype(np.int32)
+    # Map sign-magnitude bit patterns to a monotonic integer line.
+    ia = np.where(ia < 0, -32768 - ia, ia)
+    ib = np.where(ib < 0, -32768 - ib, ib)
+    diff = np.abs(ia - ib)
+    return int(np.count_nonzero(diff)), int(diff.max())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--presets", default="mainnet,bench")
+    ap.add_argument("--rows", default="16384,32768,65536")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--json", default=None, help="also write the rows of the table to this file")
+    args = ap.parse_args()
+    dtype = JNP_DTYPES[args.dtype]
+    results = []
+    for name in args.presets.split(","):
+        p = PRESETS[name]
+        d, h = p.dim, p.hidden_dim
+        k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+        w1 = (0.02 * jax.random.normal(k1, (d, h), jnp.float32)).astype(dtype)
+        w3 = (0.02 * jax.random.normal(k2, (d, h), jnp.float32)).astype(dtype)
+        for rows in (int(r) for r in args.rows.split(",")):
+            x = jax.random.normal(k3, (rows, d), jnp.float32).astype(dtype)
+            flops = 4 * rows * d * h
+            two = jax.jit(lambda x, a, b: swiglu(matmul("sd,dh->sh", x, a), matmul("sd,dh->sh", x, b)))
+            reference = np.asarray(two(x, w1, w3))
+            seconds = timed(two, x, w1, w3)
+            results.append({"preset": name, "rows": rows, "variant": "xla", "ms": seconds * 1e3,
+                            "tflops": flops / seconds / 1e12, "differ": 0, "max_ulp": 0})
+            variants = {}
+            block = CONFIGS[args.configs.split(",")[0]].block
+
+            def one_product(x, w, block=block):
+                both = matmul("sd,dh->sh", x, w).reshape(rows, h // block, 2, block)
+                return swiglu(both[:, :, 0].reshape(rows, h), both[:, :, 1].reshape(rows, h))
+
+            variants["xla-w13"] = (jax.jit(one_product), block)
+            for cname in args.configs.split(","):
+                config = CONFIGS[cname]
+                if gated_ffn.applies(rows, d, h, dtype, config):
+                    variants["pallas/" + cname] = (jax.jit(lambda x, w, c=config: gated_ffn.gated_ffn(x, w, c)),
+                                                   config.block)
+            for vname, (fn, block) in variants.items():
+                w13 = interleave_columns(w1, w3, block)
+                try:
+                    out = np.asarray(fn(x, w13))
+                    seconds = timed(fn, x, w13)
+                except Exception as e:  # noqa: BLE001 — a configuration that does not build is a result
+                    results.append({"preset": name, "rows": rows, "variant": vname, "error": str(e)[:300]})
+                    continue
+                differ, max_ulp = ulp_gap(out, reference)
+                results.append({"preset": name, "rows": rows, "variant": vname, "ms": seconds * 1e3,
+                                "tflops": flops / seconds / 1e12, "differ": differ, "max_ulp": max_ulp,
+                                "finite": bool(np.isfinite(out.astype(np.float32)).all())})
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+                del w13
+    if args.json:
+        Path(args.json).write_text("\n".join(json.dumps(r) for r in results) + "\n")
+    print(f"{'preset':8} {'rows':>7} {'variant':22} {'ms':>8} {'TFLOP/s':>8} {'differ':>9} {'ulp':>4}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['preset']:8} {r['rows']:>7} {r['variant']:22} ERROR {r['error'][:150]}")
+        else:
+            print(f"{r['preset']:8} {r['rows']:>7} {r['variant']:22} {r['ms']:8.3f} {r['tflops']:8.1f} "
+                  f"{r['differ']:>9} {r['max_ulp']:>4}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
