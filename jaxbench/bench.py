@@ -46,10 +46,18 @@ def run_bench(
     t0 = time.perf_counter()
     model = engine.load(params, block_hash, dtype)
     build_seconds = time.perf_counter() - t0
-    batch = batch or engine.default_batch(params, dtype)
+    if batch is None:
+        source = "record" if engine.batch_choice(params, dtype) else "sweep"
+        t0 = time.perf_counter()
+        batch = engine.default_batch(params, dtype)
+        choice = {"source": source, "seconds": round(time.perf_counter() - t0, 2),
+                  "block_nonces_per_s": (engine.batch_choice(params, dtype) or {}).get("block_nonces_per_s")}
+    else:
+        choice = {"source": "given", "seconds": 0.0, "block_nonces_per_s": None}
     step_fn = engine.compiled_step(params, dtype, batch)
     compile_seconds = engine.compile_seconds(params, dtype, batch)
-    log(f"weights {build_seconds:.2f} s, compile {compile_seconds:.2f} s, batch {batch} × {groups} devices")
+    log(f"weights {build_seconds:.2f} s, batch {batch} ({choice['source']}, {choice['seconds']:.2f} s), "
+        f"compile {compile_seconds:.2f} s, {groups} device(s)")
 
     # Draws alone: one step's inputs and permutations prepared on the host (and sent).
     job = SearchJob(params, block_hash, public_key, 0.0, NonceSchedule.for_node(0), dtype)
@@ -103,6 +111,8 @@ def run_bench(
         "dtype": dtype,
         "draws": engine.draws_mode,
         "attention": engine.attention_for(dtype),
+        "ffn": engine.ffn,
+        "fused_qkv": engine.layout.fused_qkv,
         "device_kind": kind,
         "devices": groups,
         "batch_per_device": batch,
@@ -123,6 +133,9 @@ def run_bench(
         "host_cpu_cores_busy": round(cpu_cores, 2),
         "weight_build_seconds": round(build_seconds, 2),
         "compile_seconds": round(compile_seconds, 2),
+        "batch_choice": choice,
+        # Before the first nonce: weights, the batch (recorded or swept) and the compiled step.
+        "cold_start_seconds": round(build_seconds + choice["seconds"] + compile_seconds, 2),
         "peak_device_memory_gib": None if (m := _peak_memory(engine)) is None else round(m / 2**30, 2),
         "end_to_end_seconds": round(wall, 2),
         "nonces_computed": computed,

@@ -24,13 +24,14 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import device_draws, draws, weights as weights_mod
+from . import batch_choice, device_draws, draws, gated_ffn, weights as weights_mod
 from .distance import distances as distances_on_device, split_target
 from .fields import FieldError
 from .memory import GiB, MemoryNeed, device_free_bytes
-from .model import forward_fn
+from .model import Block, forward_fn, rope_tables
 from .nonces import NonceSchedule, device_major
 from .params import Params
+from .weights import WeightLayout
 
 log = logging.getLogger("jaxbench.engine")
 
@@ -38,6 +39,9 @@ AXIS = "d"
 DEFAULT_CACHE_DIR = Path(os.environ.get("JAXBENCH_CACHE_DIR", Path.home() / ".cache" / "jaxbench" / "xla"))
 MAX_BATCH = 256
 CPU_BATCH = 8  # the CPU backend gains nothing from larger steps
+# "xla": the reference layout, two products and the SwiGLU; "xla-w13": w1|w3 interleaved, one product;
+# "pallas": w1|w3 interleaved, gate, up and SwiGLU in one kernel (gated_ffn.py) where it applies.
+FFN_CHOICES = ("xla", "xla-w13", "pallas")
 
 
 def enable_compile_cache(directory: str | os.PathLike | None = DEFAULT_CACHE_DIR) -> None:
@@ -122,6 +126,7 @@ class Engine:
         compile_cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
         host_threads: int | None = None,
         attention: str | None = None,
+        ffn: str | None = None,
     ):
         all_devices = jax.devices()
         if devices is None:
@@ -142,7 +147,21 @@ class Engine:
         # The fused cuDNN attention on GPUs; the reference's step-by-step rounding elsewhere.
         self.attention = attention or os.environ.get("JAXBENCH_ATTENTION") or (
             "cudnn" if self.platform == "gpu" else "xla")
+        # The gated FFN as one Pallas kernel on Hopper (its weights interleaved); XLA's products elsewhere.
+        ffn = ffn or os.environ.get("JAXBENCH_FFN") or ("pallas" if gated_ffn.on_hopper(self.devices[0]) else "xla")
+        if ffn not in FFN_CHOICES:
+            raise ValueError(f"ffn must be one of {', '.join(FFN_CHOICES)}, got {ffn!r}")
+        if ffn == "pallas" and not gated_ffn.on_hopper(self.devices[0]):
+            raise ValueError(f"the pallas FFN kernel needs a Hopper GPU, not {self.devices[0].device_kind}")
+        self.ffn = ffn
+        self.layout = WeightLayout(
+            gate_up_block=gated_ffn.DEFAULT_CONFIG.block if ffn in ("pallas", "xla-w13") else None,
+            fused_qkv=os.environ.get("JAXBENCH_FUSED_QKV", "0") == "1",
+        )
         enable_compile_cache(compile_cache_dir)
+        self.batch_record = batch_choice.BatchRecord(
+            Path(compile_cache_dir).parent / batch_choice.RECORD_NAME if compile_cache_dir else None)
+        self._sweep_lock = threading.Lock()
         self.drawer = draws.HostDrawer(host_threads)
         self._model: LoadedModel | None = None
         self._steps: dict[tuple, Callable] = {}
@@ -167,7 +186,8 @@ class Engine:
         with self._steps_lock:
             keys = list(self._steps)
         return [
-            {"params": k[0].to_dict(), "dtype": k[1], "batch": k[2], "devices": k[3], "draws": k[4], "attention": k[5]}
+            {"params": k[0].to_dict(), "dtype": k[1], "batch": k[2], "devices": k[3], "draws": k[4], "attention": k[5],
+             "ffn": k[6]}
             for k in keys
         ]
 
@@ -184,7 +204,7 @@ class Engine:
             t0 = time.perf_counter()
             pool = weights_mod.pool_on_device(block_hash, params, dtype, self.replicated,
                                               drawn_on_device=self.draws_mode == "device")
-            built = weights_mod.build_weights(pool, params, block_hash)
+            built = weights_mod.build_weights(pool, params, block_hash, self.layout)
             del pool
             built = jax.block_until_ready(built)
             target = jax.device_put(split_target(draws.draw_target(block_hash, params.vocab_size)), self.replicated)
@@ -199,7 +219,8 @@ class Engine:
         return "xla" if dtype == "float32" else self.attention
 
     def _build_step(self, params: Params, dtype: str) -> Callable:
-        forward = forward_fn(params, dtype, self.attention_for(dtype))
+        forward = forward_fn(params, dtype, self.attention_for(dtype), self.layout,
+                             "pallas" if self.ffn == "pallas" else "xla")
         if self.draws_mode == "device":
             make_inputs = device_draws.make_input_drawer(params.seq_len, params.dim, dtype)
         else:
@@ -216,7 +237,8 @@ class Engine:
         )
 
     def _step_key(self, params: Params, dtype: str, batch: int) -> tuple:
-        return (params, dtype, batch, len(self.devices), self.draws_mode, self.attention_for(dtype))
+        return (params, dtype, batch, len(self.devices), self.draws_mode, self.attention_for(dtype), self.ffn,
+                self.layout)
 
     def _abstract_arguments(self, params: Params, dtype: str, batch: int) -> tuple:
         """Shapes, dtypes and shardings of a step's arguments: enough to compile before any weights exist."""
@@ -224,7 +246,7 @@ class Engine:
         pool = jax.ShapeDtypeStruct((params.pool_size,), weights_mod.JNP_DTYPES[dtype])
         weights = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated),
-            jax.eval_shape(lambda p: weights_mod.build_weights(p, params, "shape"), pool),
+            jax.eval_shape(lambda p: weights_mod.build_weights(p, params, "shape", self.layout), pool),
         )
         if self.draws_mode == "device":
             inputs = jax.ShapeDtypeStruct((g * batch, *device_draws.STATE_SHAPE), jnp.uint32, sharding=self.split)
@@ -247,8 +269,9 @@ class Engine:
             t0 = time.perf_counter()
             compiled = self._build_step(params, dtype).lower(*self._abstract_arguments(params, dtype, batch)).compile()
             self._compile_seconds[key] = time.perf_counter() - t0
-            log.info("compiled step (batch %d × %d devices, %s, %s draws, %s attention) in %.2f s", batch,
-                     self.n_groups, dtype, self.draws_mode, self.attention_for(dtype), self._compile_seconds[key])
+            log.info("compiled step (batch %d × %d devices, %s, %s draws, %s attention, %s ffn) in %.2f s", batch,
+                     self.n_groups, dtype, self.draws_mode, self.attention_for(dtype), self.ffn,
+                     self._compile_seconds[key])
             with self._steps_lock:
                 self._steps[key] = compiled
             return compiled
@@ -284,8 +307,9 @@ class Engine:
         need = MemoryNeed.of(params, dtype)
         return max(1, int((available - need.weights) // need.per_nonce))
 
-    def default_batch(self, params: Params, dtype: str) -> int:
-        """Per-device batch: 80 % of what fits in memory, at most MAX_BATCH (CPU_BATCH on the CPU)."""
+    def memory_batch(self, params: Params, dtype: str) -> int:
+        """The largest batch worth considering: 80 % of what fits in memory, at most MAX_BATCH
+        (CPU_BATCH on the CPU)."""
         fits = self.max_batch(params, dtype)
         if self.platform == "cpu":
             return min(CPU_BATCH, fits or CPU_BATCH)
@@ -295,6 +319,51 @@ class Engine:
         if batch >= 16:
             batch -= batch % 8
         return int(max(1, min(MAX_BATCH, batch)))
+
+    def default_batch(self, params: Params, dtype: str) -> int:
+        """The per-device batch: on GPUs the fastest measured (batch_choice.py: a short sweep the first
+        time this configuration is seen, then the record on disk); on the CPU `memory_batch`."""
+        limit = self.memory_batch(params, dtype)
+        if self.platform == "cpu":
+            return limit
+        entry = self.batch_choice(params, dtype, sweep=True)
+        return min(entry["batch"], limit) if entry else limit
+
+    def batch_choice(self, params: Params, dtype: str, sweep: bool = False) -> dict | None:
+        """The recorded choice for this configuration, swept first if asked and none is recorded."""
+        key = self._batch_key(params, dtype)
+        entry = self.batch_record.get(key)
+        if entry is not None or not sweep:
+            return entry
+        with self._sweep_lock:
+            entry = self.batch_record.get(key)
+            if entry is None:
+                entry = self.sweep_batch(params, dtype)
+                self.batch_record.put(key, entry)
+        return entry
+
+    def _batch_key(self, params: Params, dtype: str) -> str:
+        return batch_choice.configuration_key(
+            params, dtype, self.devices[0].device_kind, self.n_groups, draws=self.draws_mode,
+            attention=self.attention_for(dtype), ffn=self.ffn, layout=self.layout)
+
+    def sweep_batch(self, params: Params, dtype: str, candidates: Sequence[int] | None = None) -> dict:
+        """Time one block at each candidate batch up to `memory_batch`; the entry batch_choice records."""
+        limit = self.memory_batch(params, dtype)
+        candidates = [b for b in (candidates or batch_choice.CANDIDATES) if b <= limit] or [limit]
+        abstract_weights = self._abstract_arguments(params, dtype, 1)[0]
+        cos, sin = rope_tables(params, weights_mod.JNP_DTYPES[dtype])
+        attention, ffn = self.attention_for(dtype), "pallas" if self.ffn == "pallas" else "xla"
+
+        def one_block(w, x):
+            return Block(w, params, attention, self.layout, ffn)(x, cos, sin)
+
+        timer = batch_choice.block_timer(one_block, abstract_weights["layers"], params,
+                                         weights_mod.JNP_DTYPES[dtype], self.devices[0])
+        entry = batch_choice.sweep(timer, candidates)
+        log.info("batch %d chosen for %s (%s) by a %.1f s sweep: %s", entry["batch"], _short(params), dtype,
+                 entry["sweep_seconds"], entry["block_nonces_per_s"])
+        return entry
 
     def fit_batch(self, job: SearchJob, batch: int) -> int:
         """`batch` bounded by the work the job asks for and by memory, saying so when it shrinks."""

@@ -132,3 +132,32 @@ def test_the_batch_is_bounded_by_the_work_and_by_memory(monkeypatch):
     unbounded = SearchJob(TINY, "b", "pk", 1.41, NonceSchedule.for_node(0), "float16")
     assert engine.fit_batch(unbounded, 2_000_000) == 5
     assert engine.default_batch(TINY, "float16") == 5
+
+
+def test_the_batch_choice_is_swept_once_and_remembered_beside_the_compile_cache(tmp_path, monkeypatch):
+    import json
+
+    from jaxbench import batch_choice
+
+    monkeypatch.setattr(batch_choice, "CANDIDATES", (2, 4))
+    first = Engine(devices=1, draws_mode="host", compile_cache_dir=tmp_path / "xla")
+    assert first.batch_choice(TINY, "float16") is None
+    entry = first.batch_choice(TINY, "float16", sweep=True)
+    assert entry["batch"] in (2, 4) and set(entry["block_nonces_per_s"]) == {"2", "4"}
+    record = json.loads((tmp_path / batch_choice.RECORD_NAME).read_text())
+    assert list(record.values()) == [entry]
+
+    second = Engine(devices=1, draws_mode="host", compile_cache_dir=tmp_path / "xla")
+    monkeypatch.setattr(second, "sweep_batch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("swept again")))
+    assert second.batch_choice(TINY, "float16", sweep=True) == entry
+    assert second.batch_choice(TINY, "bfloat16") is None  # another configuration, another choice
+
+
+def test_the_sweep_keeps_the_smallest_batch_within_one_percent_of_the_fastest():
+    from jaxbench.batch_choice import sweep
+
+    rates = {32: 60.0, 64: 65.0, 128: 65.5, 256: 63.0}
+    entry = sweep(lambda b: 1.0 / rates[b], list(rates))
+    assert entry["batch"] == 64
+    assert entry["block_nonces_per_s"] == {str(b): r for b, r in rates.items()}
+    assert sweep(lambda b: 1.0 / {32: 10.0, 64: 20.0}[b], [32, 64])["batch"] == 64
