@@ -112,7 +112,6 @@ def run_bench(
         "draws": engine.draws_mode,
         "attention": engine.attention_for(dtype),
         "ffn": engine.ffn,
-        "fused_qkv": engine.layout.fused_qkv,
         "device_kind": kind,
         "devices": groups,
         "batch_per_device": batch,

@@ -39,9 +39,9 @@ AXIS = "d"
 DEFAULT_CACHE_DIR = Path(os.environ.get("JAXBENCH_CACHE_DIR", Path.home() / ".cache" / "jaxbench" / "xla"))
 MAX_BATCH = 256
 CPU_BATCH = 8  # the CPU backend gains nothing from larger steps
-# "xla": the reference layout, two products and the SwiGLU; "xla-w13": w1|w3 interleaved, one product;
-# "pallas": w1|w3 interleaved, gate, up and SwiGLU in one kernel (gated_ffn.py) where it applies.
-FFN_CHOICES = ("xla", "xla-w13", "pallas")
+# "xla": the reference layout, two products and the SwiGLU; "pallas": w1|w3 interleaved, gate, up and
+# SwiGLU in one kernel (gated_ffn.py) where the shape allows, one XLA product over w13 elsewhere.
+FFN_CHOICES = ("xla", "pallas")
 
 
 def enable_compile_cache(directory: str | os.PathLike | None = DEFAULT_CACHE_DIR) -> None:
@@ -154,10 +154,7 @@ class Engine:
         if ffn == "pallas" and not gated_ffn.on_hopper(self.devices[0]):
             raise ValueError(f"the pallas FFN kernel needs a Hopper GPU, not {self.devices[0].device_kind}")
         self.ffn = ffn
-        self.layout = WeightLayout(
-            gate_up_block=gated_ffn.DEFAULT_CONFIG.block if ffn in ("pallas", "xla-w13") else None,
-            fused_qkv=os.environ.get("JAXBENCH_FUSED_QKV", "0") == "1",
-        )
+        self.layout = WeightLayout(gate_up_block=gated_ffn.DEFAULT_CONFIG.block if ffn == "pallas" else None)
         enable_compile_cache(compile_cache_dir)
         self.batch_record = batch_choice.BatchRecord(
             Path(compile_cache_dir).parent / batch_choice.RECORD_NAME if compile_cache_dir else None)
@@ -219,8 +216,7 @@ class Engine:
         return "xla" if dtype == "float32" else self.attention
 
     def _build_step(self, params: Params, dtype: str) -> Callable:
-        forward = forward_fn(params, dtype, self.attention_for(dtype), self.layout,
-                             "pallas" if self.ffn == "pallas" else "xla")
+        forward = forward_fn(params, dtype, self.attention_for(dtype), self.layout, self.ffn)
         if self.draws_mode == "device":
             make_inputs = device_draws.make_input_drawer(params.seq_len, params.dim, dtype)
         else:
@@ -353,10 +349,10 @@ class Engine:
         candidates = [b for b in (candidates or batch_choice.CANDIDATES) if b <= limit] or [limit]
         abstract_weights = self._abstract_arguments(params, dtype, 1)[0]
         cos, sin = rope_tables(params, weights_mod.JNP_DTYPES[dtype])
-        attention, ffn = self.attention_for(dtype), "pallas" if self.ffn == "pallas" else "xla"
+        attention = self.attention_for(dtype)
 
         def one_block(w, x):
-            return Block(w, params, attention, self.layout, ffn)(x, cos, sin)
+            return Block(w, params, attention, self.layout, self.ffn)(x, cos, sin)
 
         timer = batch_choice.block_timer(one_block, abstract_weights["layers"], params,
                                          weights_mod.JNP_DTYPES[dtype], self.devices[0])

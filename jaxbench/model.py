@@ -96,38 +96,19 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: st
 
 class Attention(nnx.Module):
     def __init__(self, w: dict, params: Params, implementation: str = "xla"):
-        """`w` holds wq, wk, wv and wo, or wqkv (the three side by side) and wo."""
+        """`w` holds wq, wk, wv and wo (and may hold other layers' tensors)."""
+        self.wq, self.wk, self.wv, self.wo = (nnx.Param(w[k]) for k in ("wq", "wk", "wv", "wo"))
         self.n_heads, self.n_kv_heads, self.head_dim = params.n_heads, params.n_kv_heads, params.head_dim
-        self.wqkv = nnx.Param(w["wqkv"]) if "wqkv" in w else None
-        if self.wqkv is None:
-            self.wq, self.wk, self.wv = nnx.Param(w["wq"]), nnx.Param(w["wk"]), nnx.Param(w["wv"])
-        self.wo = nnx.Param(w["wo"])
         self.implementation = implementation
-
-    def projections(self, x: jax.Array, last_only: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """q (of the last position only, with `last_only`), k and v, each (B, S, columns)."""
-        x_q = x[:, -1:] if last_only else x
-        if self.wqkv is None:
-            return (matmul("bsd,de->bse", x_q, self.wq[...]), matmul("bsd,de->bse", x, self.wk[...]),
-                    matmul("bsd,de->bse", x, self.wv[...]))
-        q_cols, kv_cols = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        w = self.wqkv[...]
-        if last_only:
-            q, kv = matmul("bsd,de->bse", x_q, w[:, :q_cols]), matmul("bsd,de->bse", x, w[:, q_cols:])
-        else:
-            qkv = matmul("bsd,de->bse", x, w)
-            q, kv = qkv[..., :q_cols], qkv[..., q_cols:]
-        return q, kv[..., :kv_cols], kv[..., kv_cols:]
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, last_only: bool) -> jax.Array:
         """x: (B, S, dim) -> (B, S or 1, dim). With `last_only`, only the last position queries."""
         b, s, _ = x.shape
         kv, group, hd = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
-        cos_q, sin_q = (cos[-1:], sin[-1:]) if last_only else (cos, sin)
-        q, k, v = self.projections(x, last_only)
-        q = apply_rope(q.reshape(b, -1, self.n_heads, hd), cos_q, sin_q)
-        k = apply_rope(k.reshape(b, s, kv, hd), cos, sin)
-        v = v.reshape(b, s, kv, hd)
+        x_q, cos_q, sin_q = (x[:, -1:], cos[-1:], sin[-1:]) if last_only else (x, cos, sin)
+        q = apply_rope(matmul("bsd,de->bse", x_q, self.wq[...]).reshape(b, -1, self.n_heads, hd), cos_q, sin_q)
+        k = apply_rope(matmul("bsd,de->bse", x, self.wk[...]).reshape(b, s, kv, hd), cos, sin)
+        v = matmul("bsd,de->bse", x, self.wv[...]).reshape(b, s, kv, hd)
         if self.implementation == "cudnn" and not last_only:
             return matmul("bse,ed->bsd", flash_attention(q, k, v).reshape(b, s, -1), self.wo[...])
 

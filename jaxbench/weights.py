@@ -39,11 +39,11 @@ TOP_TENSORS = {"norm": "norm.weight", "output": "output.weight"}
 
 @dataclasses.dataclass(frozen=True)
 class WeightLayout:
-    """How the per-layer projections are stored: as the reference has them, or side by side so that
-    one product does the work of several. The values are the same; only their arrangement differs."""
+    """How the per-layer FFN weights are stored: as the reference has them, or w1 and w3 interleaved
+    as one "w13" in blocks of `gate_up_block` columns for the gated-FFN kernel (gated_ffn.py).
+    The values are the same; only their arrangement differs."""
 
-    gate_up_block: int | None = None  # w1 and w3 as one "w13", interleaved in blocks of this many columns
-    fused_qkv: bool = False  # wq, wk and wv as one "wqkv", side by side
+    gate_up_block: int | None = None
 
 
 REFERENCE_LAYOUT = WeightLayout()
@@ -61,8 +61,6 @@ def arrange(layers: dict, layout: WeightLayout) -> dict:
     layers = dict(layers)
     if layout.gate_up_block:
         layers["w13"] = interleave_columns(layers.pop("w1"), layers.pop("w3"), layout.gate_up_block)
-    if layout.fused_qkv:
-        layers["wqkv"] = jnp.concatenate([layers.pop("wq"), layers.pop("wk"), layers.pop("wv")], axis=-1)
     return layers
 
 
@@ -125,7 +123,7 @@ def build_weights(pool: jax.Array, params: Params, block_hash: str, layout: Weig
     """The model's weight pytree from a pool already on the device in the model dtype.
 
     Output: {"layers": {wq, wk, wv, wo, w1, w2, w3 (L, in, out); attention_norm, ffn_norm (L, dim)},
-             "norm": (dim,), "output": (dim, vocab)}, with w1/w3 and wq/wk/wv fused as `layout` says;
+             "norm": (dim,), "output": (dim, vocab)}, with w1 and w3 as one w13 if `layout` says so;
     the unused embedding table is not built.
     """
     where = placements(params, block_hash)
