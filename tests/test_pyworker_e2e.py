@@ -7,14 +7,13 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from service_helpers import FakeHTTPServer, wait_until
-from vast_helpers import FakeVast, WorkerStack
+from vast_helpers import FakeVast, WorkerStack, kill_after_a_health_check
 
 from service.signals import FATAL_CAUSES, FATAL_MARKER, READY_LINE
 
@@ -130,6 +129,7 @@ def stack(tmp_path_factory):
     vast = FakeVast()
     stack = WorkerStack(tmp_path_factory.mktemp("e2e"), vast, env={
         "MODEL_BATCH": str(BATCH),
+        "MODEL_ACCESS_LOG": "1",
         "MODEL_BENCHMARK_NONCES": str(WARMUP_NONCES),
         "JAXBENCH_BENCHMARK_STEPS": str(BENCHMARK_STEPS),
         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}",
@@ -230,9 +230,8 @@ def test_only_requests_signed_by_the_autoscaler_pass(stack):
 def test_model_server_crash_is_reported_as_an_error(stack):
     """Runs last: kills the model server; start_server.sh logs a fatal line, and the PyWorker reports
     its cause (the pattern that matched), not just the marker."""
-    os.kill(stack.model_server_pid(), signal.SIGKILL)
+    kill_after_a_health_check(stack.log, stack.model_server_pid())
     cause = f"{FATAL_MARKER} model server exited unexpectedly"
     assert cause in FATAL_CAUSES
-    wait_until(lambda: any(s["error_msg"] == cause for s in stack.vast.statuses()), 30,
-               what="the PyWorker to report the cause")
+    assert stack.vast.reports_cause(stack.worker_url, cause)
     assert stack.server.wait(10) != 0

@@ -8,6 +8,7 @@ import base64
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -147,6 +148,29 @@ class FakeVast:
         message = json.dumps({"url": url}, indent=4, sort_keys=True).encode()
         return base64.b64encode(pkcs1_15.new(self.key).sign(SHA256.new(message))).decode()
 
+    def auth_data(self, url: str, request_idx: int, signature: str | None = None) -> dict:
+        return {"cost": "1", "endpoint": ENDPOINT_NAME, "reqnum": request_idx, "request_idx": request_idx,
+                "url": url, "signature": signature or self.sign(url)}
+
+    def reports_cause(self, worker_url: str, cause: str, timeout: float = 8.0) -> bool:
+        """Whether the PyWorker reports `cause` as its error within `timeout`.
+
+        The SDK sends a changed error only with its next status report (every 10 s unless something
+        else changed) and overwrites it with each failed health check (also every 10 s): a signed
+        request through the PyWorker every half second makes it report at once.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(s["error_msg"] == cause for s in self.statuses(worker_url)):
+                return True
+            body = {"auth_data": self.auth_data(worker_url, next(self._request_idx) + 10**6), "payload": {}}
+            try:
+                httpx.post(f"{worker_url}/health", json=body, timeout=5)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        return False
+
     def close(self):
         self.server.shutdown()
         self.server.server_close()
@@ -202,6 +226,26 @@ def pyworker_env(vast: FakeVast, worker_port: int, container_id: int) -> dict:
     }
 
 
+def model_server_pid(log: Path) -> int:
+    """The pid of `python -m service` (start_server.sh's child), from its start line in the log."""
+    return int(re.search(r"\(pid (\d+),", log.read_text()).group(1))
+
+
+def kill_after_a_health_check(log: Path, pid: int, timeout: float = 30):
+    """SIGKILL `pid` just after the PyWorker's periodic GET /health has reached the model server (its
+    access log, MODEL_ACCESS_LOG=1, shows it): the next one, which would replace the error that the
+    PyWorker reports, is then 10 s away."""
+    def health_checks() -> int:
+        return log.read_text().count('"GET /health ')
+
+    seen = health_checks()
+    deadline = time.monotonic() + timeout
+    while health_checks() == seen:
+        assert time.monotonic() < deadline, "no health check from the PyWorker"
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
 class WorkerStack:
     """One Vast worker: start_server.sh (the model server) and the PyWorker, each in its own session,
     outputs in `tmp`; the PyWorker runs in a scratch working directory (for .has_benchmark)."""
@@ -228,10 +272,8 @@ class WorkerStack:
     def request(self, payload: dict, signature: str | None = None) -> tuple[int, dict]:
         """A client's body for the PyWorker, signed by the autoscaler unless a signature is given."""
         self.requests_sent += 1
-        n = 1000 * self.worker_port + self.requests_sent  # unique across stacks
-        auth = {"cost": "1", "endpoint": ENDPOINT_NAME, "reqnum": n, "request_idx": n, "url": self.worker_url,
-                "signature": signature or self.vast.sign(self.worker_url)}
-        return n, {"auth_data": auth, "payload": payload}
+        n = self.requests_sent
+        return n, {"auth_data": self.vast.auth_data(self.worker_url, n, signature), "payload": payload}
 
     def model_health(self) -> dict:
         return httpx.get(f"{self.model_url}/health", timeout=5).json()
@@ -240,10 +282,7 @@ class WorkerStack:
         return next((s for s in self.vast.statuses(self.worker_url) if s["loadtime"] > 0), None)
 
     def model_server_pid(self) -> int:
-        """The pid of `python -m service` (start_server.sh's child), from its start line in the log."""
-        import re
-
-        return int(re.search(r"\(pid (\d+),", self.log.read_text()).group(1))
+        return model_server_pid(self.log)
 
     def kill(self):
         """The machine goes away: every process of the stack dies at once."""
