@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from . import fields
+from . import fields, remote
 from .params import DEFAULT_R_TARGET, PRESETS, ParamsError
 
 EXIT_BAD_INPUT = 2
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=20.0, help="length of the end-to-end run")
     p.add_argument("--block-hash", default="bench-" + "0" * 58)
     p.add_argument("--public-key", default="bench-public-key")
+
+    remote.add_parser(sub)
     return parser
 
 
@@ -200,7 +202,8 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"distances": cmd_distances, "search": cmd_search, "validate": cmd_validate, "bench": cmd_bench}
+COMMANDS = {"distances": cmd_distances, "search": cmd_search, "validate": cmd_validate, "bench": cmd_bench,
+            "remote": remote.run}
 
 
 def main(argv: list[str] | None = None) -> int:

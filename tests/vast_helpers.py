@@ -112,11 +112,9 @@ class FakeVast:
         with self.lock:
             idx = body.get("request_idx") or next(self._request_idx)
             polls = self._polls[idx] = self._polls.get(idx, 0) + 1
-        worker = self._pick_worker() if polls > self.unready_polls else None
+        worker = self._pick_worker(idx) if polls > self.unready_polls else None
         if worker is None:
             return 200, {"request_idx": idx}
-        with self.lock:
-            self.routed.append((idx, worker))
         return 200, {"url": worker, "signature": self.sign(worker), "reqnum": idx, "request_idx": idx,
                      "cost": body.get("cost"), "endpoint": ENDPOINT_NAME}
 
@@ -124,14 +122,17 @@ class FakeVast:
         with self.lock:
             return sorted({s["url"] for s in self.reports["/worker_status/"] if s["loadtime"] > 0})
 
-    def _pick_worker(self) -> str | None:
-        def open_requests(url: str) -> int:
-            with self.lock:
-                done = {r["request_idx"] for report in self.reports["/delete_requests/"] for r in report["requests"]}
-                return sum(1 for idx, routed_to in self.routed if routed_to == url and idx not in done)
-
+    def _pick_worker(self, request_idx: int) -> str | None:
+        """The reachable loaded worker with the fewest open requests, recorded as this one's."""
         candidates = [url for url in self.loaded_workers() if _reachable(url)]
-        return min(candidates, key=open_requests, default=None)
+        with self.lock:  # choosing and recording at once: two parallel requests go to two workers
+            done = {r["request_idx"] for report in self.reports["/delete_requests/"] for r in report["requests"]}
+            open_requests = {url: sum(1 for idx, to in self.routed if to == url and idx not in done)
+                             for url in candidates}
+            worker = min(candidates, key=open_requests.__getitem__, default=None)
+            if worker is not None:
+                self.routed.append((request_idx, worker))
+            return worker
 
     def statuses(self, url: str | None = None) -> list[dict]:
         with self.lock:
