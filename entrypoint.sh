@@ -22,12 +22,14 @@ if [ "${JAXBENCH_PYWORKER:-0}" = 1 ]; then
     # left running in the background. ROTATE_MODEL_LOG=false: start_server.sh has already begun a new
     # log, and moving it aside again while the server writes to it would hide the server's lines from
     # the PyWorker.
+    # shellcheck disable=SC2016  # $1 is the inner shell's
     ROTATE_MODEL_LOG=false setsid bash -c 'set -o pipefail; curl -fsSL "$1" | bash' pyworker-bootstrap \
         "$bootstrap_url" &
     pyworker=$!
 fi
 
 stopping=0
+# shellcheck disable=SC2329  # called by the trap
 stop() {
     stopping=1
     kill -TERM "$server" 2>/dev/null || true
