@@ -78,9 +78,6 @@ class Container:
         })
         self.pids: list[int] = []  # for the cleanup: the script's session and the PyWorker's
 
-    def loaded(self) -> dict | None:
-        return next((s for s in self.vast.statuses(self.worker_url) if s["loadtime"] > 0), None)
-
     def pyworker_pid(self) -> int:
         pid = int((self.workspace / "pyworker.pid").read_text())
         self.pids.append(pid)
@@ -123,7 +120,7 @@ def test_entrypoint_mode_runs_both_and_stops_both(container):
         script = subprocess.Popen([str(ROOT / "entrypoint.sh")], env=container.env, start_new_session=True,
                                   stdout=out, stderr=subprocess.STDOUT)
     container.pids.append(script.pid)
-    status = wait_until(container.loaded, START_TIMEOUT_S, interval=0.5, what="the PyWorker to report loaded")
+    status = container.vast.wait_loaded(container.worker_url, START_TIMEOUT_S)
     assert status["error_msg"] == "" and status["max_perf"] > 0
     bootstrap_env = (container.workspace / "bootstrap.env").read_text().splitlines()
     assert "ROTATE_MODEL_LOG=false" in bootstrap_env and f"PYWORKER_REPO={ROOT}" in bootstrap_env
@@ -148,7 +145,7 @@ def test_on_start_mode_keeps_the_pyworker_to_report_a_dead_model_server(containe
     assert shell.returncode == 0 and time.monotonic() - t0 < 5
     script = int(shell.stdout.strip())
     container.pids.append(script)
-    wait_until(container.loaded, START_TIMEOUT_S, interval=0.5, what="the PyWorker to report loaded")
+    container.vast.wait_loaded(container.worker_url, START_TIMEOUT_S)
     pyworker = container.pyworker_pid()
 
     kill_after_a_health_check(container.log, model_server_pid(container.log))

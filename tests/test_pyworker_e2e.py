@@ -135,7 +135,7 @@ def stack(tmp_path_factory):
         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}",
     })
     try:
-        wait_until(stack.loaded_status, START_TIMEOUT_S, interval=0.5, what="the PyWorker to report the model loaded")
+        stack.wait_loaded(START_TIMEOUT_S)
         yield stack
     except AssertionError:
         print(stack.outputs())

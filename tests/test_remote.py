@@ -136,7 +136,7 @@ def endpoint(tmp_path_factory, truth):
     stacks = [WorkerStack(tmp_path_factory.mktemp(f"worker{i}"), vast, container_id=i + 1, env=env) for i in range(2)]
     try:
         for stack in stacks:
-            wait_until(stack.loaded_status, START_TIMEOUT_S, interval=0.5, what="a worker to report loaded")
+            stack.wait_loaded(START_TIMEOUT_S)
         yield vast, stacks
     except AssertionError:
         for stack in stacks:
@@ -219,15 +219,19 @@ def test_duration_search_ends_at_the_deadline(endpoint, truth):
 
 def test_split_search_survives_a_worker_killed_mid_run(endpoint, truth):
     """Runs last: kills one of the two workers while it computes its part."""
-    vast, (doomed, survivor) = endpoint
+    vast, stacks = endpoint
     routes_before = len(vast.routes)
     client = Client(vast, "--workers", "2", "--max-nonces", "30000")
 
-    def midway():
-        job = doomed.model_health()["job"]
-        return job is not None and job.get("nonces_computed", 0) >= 4000
+    def midway() -> WorkerStack | None:  # the first worker to be part-way through a part
+        for stack in stacks:
+            job = stack.model_health()["job"]
+            if job is not None and job.get("nonces_computed", 0) >= 4000:
+                return stack
+        return None
 
-    wait_until(midway, 90, interval=0.05, what="the doomed worker to be part-way through its part")
+    doomed = wait_until(midway, 90, interval=0.05, what="a worker to be part-way through its part")
+    (survivor,) = [s for s in stacks if s is not doomed]
     doomed.kill()
     status, results, summary, stderr = client.finish(180)
 

@@ -153,24 +153,40 @@ class FakeVast:
         return {"cost": "1", "endpoint": ENDPOINT_NAME, "reqnum": request_idx, "request_idx": request_idx,
                 "url": url, "signature": signature or self.sign(url)}
 
-    def reports_cause(self, worker_url: str, cause: str, timeout: float = 8.0) -> bool:
-        """Whether the PyWorker reports `cause` as its error within `timeout`.
+    def nudge(self, worker_url: str) -> None:
+        """A signed request through the PyWorker: the SDK sends its next status report at once.
 
-        The SDK sends a changed error only with its next status report (every 10 s unless something
-        else changed) and overwrites it with each failed health check (also every 10 s): a signed
-        request through the PyWorker every half second makes it report at once.
+        Otherwise it sends one only every 10 s, unless a request changed something: a new error, or
+        the worker turning loaded, waits for that.
         """
+        body = {"auth_data": self.auth_data(worker_url, next(self._request_idx) + 10**6), "payload": {}}
+        try:
+            httpx.post(f"{worker_url}/health", json=body, timeout=5)
+        except httpx.HTTPError:
+            pass
+
+    def wait_reported(self, worker_url: str, predicate, timeout: float, what: str) -> dict:
+        """The first status report of the worker that satisfies `predicate`, nudging it meanwhile."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(s["error_msg"] == cause for s in self.statuses(worker_url)):
-                return True
-            body = {"auth_data": self.auth_data(worker_url, next(self._request_idx) + 10**6), "payload": {}}
-            try:
-                httpx.post(f"{worker_url}/health", json=body, timeout=5)
-            except httpx.HTTPError:
-                pass
+        while True:
+            status = next((s for s in self.statuses(worker_url) if predicate(s)), None)
+            if status is not None:
+                return status
+            assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+            self.nudge(worker_url)
             time.sleep(0.5)
-        return False
+
+    def wait_loaded(self, worker_url: str, timeout: float) -> dict:
+        return self.wait_reported(worker_url, lambda s: s["loadtime"] > 0, timeout, f"{worker_url} to load")
+
+    def reports_cause(self, worker_url: str, cause: str, timeout: float = 8.0) -> bool:
+        """Whether the PyWorker reports `cause` as its error within `timeout`; the next failed health
+        check (every 10 s) would replace it."""
+        try:
+            self.wait_reported(worker_url, lambda s: s["error_msg"] == cause, timeout, cause)
+            return True
+        except AssertionError:
+            return False
 
     def close(self):
         self.server.shutdown()
@@ -281,6 +297,9 @@ class WorkerStack:
 
     def loaded_status(self) -> dict | None:
         return next((s for s in self.vast.statuses(self.worker_url) if s["loadtime"] > 0), None)
+
+    def wait_loaded(self, timeout: float) -> dict:
+        return self.vast.wait_loaded(self.worker_url, timeout)
 
     def model_server_pid(self) -> int:
         return model_server_pid(self.log)
