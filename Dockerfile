@@ -11,10 +11,10 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-# The lines tagged pyworker-only (vastai and what it needs) are for the PyWorker, whose own venv
-# Vast's bootstrap builds from the whole file; the image runs only the model server.
+# The PyWorker's section of requirements.txt (vastai and what it needs) is for the venv that Vast's
+# bootstrap builds from the whole file; the image runs only the model server.
 COPY requirements.txt docker/constraints.txt ./
-RUN grep -v 'pyworker-only' requirements.txt > model-server-requirements.txt \
+RUN sed '/^# pyworker-only/,$d' requirements.txt > model-server-requirements.txt \
     && pip install --no-cache-dir -r model-server-requirements.txt -c constraints.txt \
     && pip check
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The image's command: the model server (start_server.sh) and, with JAXBENCH_PYWORKER=1, Vast.ai's
 # PyWorker bootstrap, fetched from PYWORKER_BOOTSTRAP_URL (it clones PYWORKER_REPO into a venv of its
-# own and runs its worker.py). Vast's two launch modes run it differently (README, "Launch modes"):
+# own and runs its worker.py). Vast's two launch modes run it differently (README, "3. The template"):
 # the entrypoint mode runs it as the container's command; the SSH and Jupyter modes run Vast's own
 # init instead, and the template's on-start script starts it in the background.
 #

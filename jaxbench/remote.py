@@ -147,7 +147,7 @@ class Part:
     resume: int = 0  # every k below it is computed and its lines received
     finished: bool = False
     error: str | None = None  # why the search gave the part up
-    requests: list[dict] = field(default_factory=list)  # one per request: worker, first k, how it ended
+    requests: list[dict] = field(default_factory=list)  # one per request: worker, first nonce, how it ended
     valid: int = 0  # nonces printed
     progress: int = 0  # k reached by the running request as far as its lines tell (the progress bar's)
     _base: int = 0  # the first k of the running request
@@ -200,12 +200,12 @@ class Part:
         self._step_reached = max([self._step_reached, *(k + 1 for k in indices)])
         self.progress = max(self.progress, self._base + line.get("aggregated_total_computed", 0))
 
-        kept = [(n, d) for n, d in zip(line["nonces"], line["dist"]) if self.index(n) not in self._sent]
-        self._sent.update(self.index(n) for n, _ in kept)
+        kept = [(n, d, k) for n, d, k in zip(line["nonces"], line["dist"], indices) if k not in self._sent]
+        self._sent.update(k for _, _, k in kept)
         self.valid += len(kept)
         if not kept:
             return None
-        return {**line, "nonces": [n for n, _ in kept], "dist": [d for _, d in kept], "batch_valid": len(kept)}
+        return {**line, "nonces": [n for n, _, _ in kept], "dist": [d for _, d, _ in kept], "batch_valid": len(kept)}
 
     def on_summary(self, summary: dict, until_deadline: bool) -> bool:
         """The running request's summary: everything it computed is in. True when the part is done."""

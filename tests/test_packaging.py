@@ -26,7 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def requirements(path: Path) -> dict[str, Requirement]:
-    reqs = [Requirement(line.split("#")[0]) for line in path.read_text().splitlines() if line.split("#")[0].strip()]
+    """The requirements of a file, each on a line of its own (comments only on lines of their own:
+    setuptools, which may read requirements.txt for the package, takes no inline ones)."""
+    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    reqs = [Requirement(line) for line in lines]
     return {canonicalize_name(r.name): r for r in reqs}
 
 
@@ -46,7 +49,7 @@ def image_requirements(tmp: Path) -> dict[str, Requirement]:
     requirements.txt, run on a copy, then the file read."""
     (install,) = [args for op, args in dockerfile() if op == "RUN" and "pip install" in args]
     derive, pip_install = [part.strip() for part in install.split("&&")][:2]
-    target = re.fullmatch(r"grep .* requirements\.txt > (\S+)", derive).group(1)
+    target = re.fullmatch(r".* requirements\.txt > (\S+)", derive).group(1)
     assert f"-r {target}" in pip_install and "-c constraints.txt" in pip_install, pip_install
     (tmp / "requirements.txt").write_text((ROOT / "requirements.txt").read_text())
     subprocess.run(["bash", "-c", derive], cwd=tmp, check=True)
