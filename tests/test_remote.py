@@ -94,6 +94,16 @@ def test_a_part_without_next_nonce_settles_on_its_highest_nonce():
     assert part.resume == 6  # everything up to the highest valid nonce of step 1 is certain
 
 
+def test_params_take_the_forms_of_the_other_commands(tmp_path):
+    from jaxbench.params import PRESETS
+    from jaxbench.remote import _cli_params
+
+    tiny = PRESETS["tiny"]
+    (tmp_path / "tiny.json").write_text(json.dumps(tiny.to_dict()))
+    for text in ("tiny", json.dumps(tiny.to_dict()), f"@{tmp_path / 'tiny.json'}"):
+        assert _cli_params(text) == tiny
+
+
 def test_bad_input_is_one_line_and_status_2():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VAST_API_KEY": "x"}
     for args, field in ((["--workers", "0", "--max-nonces", "10"], "workers"),
