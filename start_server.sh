@@ -1,23 +1,43 @@
 #!/usr/bin/env bash
 # Run the model server (python -m service) for the Vast.ai PyWorker, which tails $MODEL_LOG.
 #
-# The server writes each log line to $MODEL_LOG itself and to stdout (the container's log). This
-# script empties the log before the server starts, keeping the previous run's as $MODEL_LOG.old,
-# so the PyWorker never reads a line of an earlier run, not even while the server is importing.
-# If the server exits without being asked to, a line with the fatal marker goes to the log, so the
-# PyWorker reports the worker as errored even when the server died before it could log.
+# The server writes each log line to $MODEL_LOG itself and to stdout (the container's log). Before it
+# starts, this script moves the last run's log to $MODEL_LOG.old and starts a new, empty file: the
+# PyWorker notices a new log by its inode, so it never reads a line of an earlier run, and a reader
+# of the old file is not left past the end of a truncated one.
+# The server runs on $MODEL_SERVER_PYTHON (default: python3 on PATH; the image sets an absolute
+# path, so a venv activated around this script cannot swap it). When that Python lacks jax, or the
+# server exits without being asked to, a line with the fatal marker goes to the log, so the PyWorker
+# reports the worker as errored even when the server never got to log anything itself.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 export MODEL_LOG="${MODEL_LOG:-/var/log/model/server.log}"
 export PYTHONUNBUFFERED=1
+python="${MODEL_SERVER_PYTHON:-python3}"
+
 mkdir -p "$(dirname "$MODEL_LOG")"
-if [ -s "$MODEL_LOG" ]; then
-    cp "$MODEL_LOG" "$MODEL_LOG.old"
+if [ -e "$MODEL_LOG" ]; then
+    mv -f "$MODEL_LOG" "$MODEL_LOG.old"
 fi
 : > "$MODEL_LOG"
 
-python3 -m service &
+fatal() {
+    local marker
+    marker=$(sed -n 's/^FATAL_MARKER = "\(.*\)"$/\1/p' service/signals.py)
+    echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $marker $*" | tee -a "$MODEL_LOG"
+}
+
+if ! command -v "$python" >/dev/null; then
+    fatal "jax is not installed: there is no $python"
+    exit 1
+fi
+if ! "$python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("jax") is None)'; then
+    fatal "jax is not installed for $python ($(command -v "$python"))"
+    exit 1
+fi
+
+"$python" -m service &
 server=$!
 stopping=0
 trap 'stopping=1; kill -TERM "$server" 2>/dev/null' TERM INT
@@ -30,7 +50,6 @@ while :; do
 done
 
 if [ "$stopping" = 0 ]; then
-    marker=$(python3 -c 'from service.signals import FATAL_MARKER; print(FATAL_MARKER)')
-    echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $marker model server exited unexpectedly (status $status)" | tee -a "$MODEL_LOG"
+    fatal "model server exited unexpectedly (status $status)"
 fi
 exit "$status"

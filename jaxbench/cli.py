@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from . import fields
+from . import fields, remote
 from .params import DEFAULT_R_TARGET, PRESETS, ParamsError, params_from_text
 
 EXIT_BAD_INPUT = 2
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=20.0, help="length of the end-to-end run")
     p.add_argument("--block-hash", default="bench-" + "0" * 58)
     p.add_argument("--public-key", default="bench-public-key")
+
+    remote.add_parser(sub)
     return parser
 
 
@@ -94,10 +96,7 @@ def _checked(args) -> dict:
     """The arguments every command shares, validated with the service's field rules."""
     values = {"dtype": fields.dtype({"dtype": args.dtype})}
     if getattr(args, "params", None) is not None:
-        try:
-            values["params"] = params_from_text(args.params)
-        except ParamsError as e:
-            raise fields.FieldError("params" if e.field == "params" else f"params.{e.field}", e.message) from None
+        values["params"] = params_from_text(args.params)
     for name in ("block_hash", "public_key"):
         if getattr(args, name, None) is not None:
             values[name] = fields.seed_text({name: getattr(args, name)}, name)
@@ -203,7 +202,8 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"distances": cmd_distances, "search": cmd_search, "validate": cmd_validate, "bench": cmd_bench}
+COMMANDS = {"distances": cmd_distances, "search": cmd_search, "validate": cmd_validate, "bench": cmd_bench,
+            "remote": remote.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ class ParamsError(ValueError):
     """A parameter set is malformed; `field` names the offending field."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(f"params.{field}: {message}")
+        super().__init__(f"{field if field == 'params' else 'params.' + field}: {message}")
         self.field = field
         self.message = message
 

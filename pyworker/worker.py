@@ -6,9 +6,12 @@ The model server's port, log file and default job length come from the same envi
 variables, read by the same code (`service.config.Settings`), as the model server's own.
 
 Workload units are nonces of the benchmark's parameter set (`JAXBENCH_BENCHMARK_PARAMS`, default
-`bench`: set it to the parameters your clients send). The benchmark runs `MODEL_BENCHMARK_NONCES`
-nonces per request on the model server's non-streaming `/benchmark` route and counts exactly that
-many units per request, so the throughput the SDK measures (`max_perf`) is nonces per second.
+`bench`: set it to the parameters your clients send). The benchmark runs on the model server's
+non-streaming `/benchmark` route: its warm-up request (`MODEL_BENCHMARK_NONCES` nonces) builds the
+weights and compiles the step; each timed request then computes `JAXBENCH_BENCHMARK_STEPS` full
+steps, a step being the model server's devices × batch (read from its `/health` once compiled), so
+every worker is measured on whole steps however many GPUs it has. Each request counts exactly the
+nonces it asks for, so the throughput the SDK measures (`max_perf`) is nonces per second.
 A job counts the nonces it will compute: its time limit times the measured rate, or its
 `max_nonces` if that is smaller. The time limit is `duration_s` (default `MODEL_DURATION_S`) for
 `/generate`, `/benchmark` and `/warmup` (whose generation is a `/generate` job), and
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import urllib.request
 from pathlib import Path
 
 from aiohttp import ClientResponse, web
@@ -37,7 +41,7 @@ from vastai.serverless.server.worker import (
 )
 
 from service.config import Settings
-from service.signals import FATAL_MARKER, READY_LINE
+from service.signals import FATAL_CAUSES, FATAL_MARKER, READY_LINE
 
 MODEL_SETTINGS = Settings.from_env()
 MODEL_SERVER_URL = "http://127.0.0.1"
@@ -45,6 +49,8 @@ MODEL_SERVER_URL = "http://127.0.0.1"
 # Where the SDK writes the measured throughput; relative to its working directory, as the SDK reads it.
 BENCHMARK_RESULT_FILE = Path(".has_benchmark")
 BENCHMARK_RUNS = 3
+BENCHMARK_STEPS = int(os.environ.get("JAXBENCH_BENCHMARK_STEPS", "8"))
+BENCHMARK_DTYPE = "float16"
 # A job route rejects a request (429) when the work already running would hold it longer than this.
 MAX_QUEUE_SECONDS = 60.0
 
@@ -64,8 +70,42 @@ BENCHMARK_PAYLOAD = {
     "batch_size": 1,  # required by the model server, which picks the device batch itself
     "start_nonce": 0,
     "params": _benchmark_params(os.environ.get("JAXBENCH_BENCHMARK_PARAMS", "bench")),
+    "dtype": BENCHMARK_DTYPE,
     "max_nonces": MODEL_SETTINGS.benchmark_nonces,
 }
+
+
+def _is_benchmark_step(compiled: dict) -> bool:
+    """A compiled step (an entry of /health's `compiled`) of the benchmark's dtype and parameters.
+    Parameters given as a preset name cannot be compared here (the PyWorker does not load jaxbench);
+    when the benchmark runs, right after the model server started, its steps are the only ones."""
+    params = BENCHMARK_PAYLOAD["params"]
+    if compiled.get("dtype") != BENCHMARK_DTYPE:
+        return False
+    return not isinstance(params, dict) or all(compiled.get("params", {}).get(k) == v for k, v in params.items())
+
+
+def compiled_step_nonces() -> int | None:
+    """Nonces in one step of the benchmark's compiled step (devices × batch), None before it is compiled.
+
+    Asks the model server's /health on this machine; the SDK calls the benchmark generator inside its
+    event loop, where this blocks for the milliseconds of one local request.
+    """
+    url = f"{MODEL_SERVER_URL}:{MODEL_SETTINGS.port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            health = json.load(response)
+    except (OSError, ValueError):
+        return None
+    steps = [c["batch"] * c["devices"] for c in health.get("compiled") or [] if _is_benchmark_step(c)]
+    return max(steps, default=None)
+
+
+def benchmark_request() -> dict:
+    """The payload of each benchmark request: BENCHMARK_STEPS full steps once the benchmark's step is
+    compiled; before that (the SDK's warm-up request, which compiles it) MODEL_BENCHMARK_NONCES."""
+    step = compiled_step_nonces()
+    return {**BENCHMARK_PAYLOAD, "max_nonces": BENCHMARK_STEPS * step} if step else dict(BENCHMARK_PAYLOAD)
 
 
 def _positive(value) -> float | None:
@@ -161,11 +201,12 @@ worker_config = WorkerConfig(
             max_queue_time=MAX_QUEUE_SECONDS,
             workload_calculator=job_workload,
             benchmark_config=BenchmarkConfig(
-                dataset=[BENCHMARK_PAYLOAD], runs=BENCHMARK_RUNS, concurrency=1, do_warmup=True
+                generator=benchmark_request, runs=BENCHMARK_RUNS, concurrency=1, do_warmup=True
             ),
         ),
     ],
-    log_action_config=LogActionConfig(on_load=[READY_LINE], on_error=[FATAL_MARKER]),
+    # The SDK reports the first pattern that matches: the specific causes, then the bare marker.
+    log_action_config=LogActionConfig(on_load=[READY_LINE], on_error=[*FATAL_CAUSES, FATAL_MARKER]),
 )
 
 

@@ -20,19 +20,46 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from service_helpers import FakeHTTPServer, free_port
 
-from service.signals import FATAL_MARKER, READY_LINE
+from service.signals import FATAL_CAUSES, FATAL_MARKER, READY_LINE
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def requirements(path: Path) -> dict[str, Requirement]:
-    reqs = [Requirement(line.split("#")[0]) for line in path.read_text().splitlines() if line.split("#")[0].strip()]
+    """The requirements of a file, each on a line of its own (comments only on lines of their own:
+    setuptools, which may read requirements.txt for the package, takes no inline ones)."""
+    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    reqs = [Requirement(line) for line in lines]
     return {canonicalize_name(r.name): r for r in reqs}
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    out = []
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            instruction, _, args = line.strip().partition(" ")
+            out.append((instruction.upper(), args.strip()))
+    return out
+
+
+def image_requirements(tmp: Path) -> dict[str, Requirement]:
+    """What the image installs: the Dockerfile's own command that derives its requirement file from
+    requirements.txt, run on a copy, then the file read."""
+    (install,) = [args for op, args in dockerfile() if op == "RUN" and "pip install" in args]
+    derive, pip_install = [part.strip() for part in install.split("&&")][:2]
+    target = re.fullmatch(r".* requirements\.txt > (\S+)", derive).group(1)
+    assert f"-r {target}" in pip_install and "-c constraints.txt" in pip_install, pip_install
+    (tmp / "requirements.txt").write_text((ROOT / "requirements.txt").read_text())
+    subprocess.run(["bash", "-c", derive], cwd=tmp, check=True)
+    return requirements(tmp / target)
 
 
 RUNTIME = requirements(ROOT / "requirements.txt")
 DEV = requirements(ROOT / "requirements-dev.txt")
 PINS = requirements(ROOT / "docker" / "constraints.txt")
+PYWORKER_ONLY = {"vastai", "setuptools"}
 
 
 # Requirement sets and image pins ------------------------------------------------------------------
@@ -45,13 +72,20 @@ def test_dev_set_is_the_runtime_set_with_cpu_jax():
     assert RUNTIME["jax"].extras == {"cuda12"} and DEV["jax"].extras == set()
 
 
-def test_image_pins_are_exact_and_within_the_ranges():
+def test_image_installs_the_model_server_without_the_pyworker(tmp_path):
+    image = image_requirements(tmp_path)
+    assert set(image) == set(RUNTIME) - PYWORKER_ONLY
+    assert all(image[name] == RUNTIME[name] for name in image)
+    assert not PYWORKER_ONLY & set(PINS), "the image pins the PyWorker's packages"
+
+
+def test_image_pins_are_exact_and_within_the_ranges(tmp_path):
     versions = {}
     for name, pin in PINS.items():
         (spec,) = pin.specifier
         assert spec.operator == "==" and not pin.marker and not pin.extras, str(pin)
         versions[name] = spec.version
-    for name, req in RUNTIME.items():
+    for name, req in image_requirements(tmp_path).items():
         assert name in versions, f"{name} has no pin in docker/constraints.txt"
         assert req.specifier.contains(versions[name], prereleases=True), f"{name}=={versions[name]} vs {req}"
     jax_family = {name: versions[name] for name in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt")}
@@ -83,17 +117,6 @@ def test_pyworker_needs_only_its_own_packages():
 # Dockerfile and build context ---------------------------------------------------------------------
 
 
-def dockerfile() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
-    out = []
-    for line in text.splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            instruction, _, args = line.strip().partition(" ")
-            out.append((instruction.upper(), args.strip()))
-    return out
-
-
 def dockerignored(path: str) -> bool:
     """Docker's rule: the last pattern that matches the path or one of its parents decides."""
     patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
@@ -113,10 +136,9 @@ def dockerignored(path: str) -> bool:
 def test_image_copies_the_code_and_the_pinned_requirements():
     steps = dockerfile()
     assert steps[0][0] == "FROM" and steps[0][1].startswith("python:3.13")
-    installs = [args for op, args in steps if op == "RUN" and "pip install" in args]
-    assert len(installs) == 1 and "-r requirements.txt" in installs[0] and "-c constraints.txt" in installs[0]
     sources = [src for op, args in steps if op == "COPY" for src in args.split()[:-1]]
-    assert {"jaxbench/", "service/", "start_server.sh", "requirements.txt", "docker/constraints.txt"} <= set(sources)
+    assert {"jaxbench/", "service/", "start_server.sh", "entrypoint.sh", "requirements.txt",
+            "docker/constraints.txt"} <= set(sources)
     for src in sources:
         files = [src] if (ROOT / src).is_file() else [
             str(p.relative_to(ROOT)) for p in (ROOT / src).rglob("*.py") if "__pycache__" not in p.parts
@@ -127,16 +149,30 @@ def test_image_copies_the_code_and_the_pinned_requirements():
     for local in (".venv/bin/python", ".git/HEAD", "tests/test_packaging.py", "notebooks/profiling.ipynb",
                   "jaxbench/__pycache__/engine.cpython-313.pyc"):
         assert dockerignored(local), local
-    assert steps[-1] == ("CMD", '["/app/start_server.sh"]')
+    assert steps[-1] == ("CMD", '["/app/entrypoint.sh"]')
+    assert not any(op == "ENTRYPOINT" for op, _ in steps)  # arguments replace the command (`docker run … bash`)
+
+
+def image_environment() -> dict[str, str]:
+    return dict(re.findall(r"(\w+)=(\S+)", " ".join(args for op, args in dockerfile() if op == "ENV")))
+
+
+def test_image_keeps_the_unauthenticated_model_server_off_the_network():
+    """Vast publishes every EXPOSEd port: the model server (no signature check, no queue) must listen on
+    loopback only, behind the PyWorker, and its port must not be exposed."""
+    env = image_environment()
+    assert env["MODEL_SERVER_HOST"] == "127.0.0.1"
+    exposed = [port for op, args in dockerfile() if op == "EXPOSE" for port in args.split()]
+    assert not [p for p in exposed if p.split("/")[0] == env["MODEL_SERVER_PORT"]], exposed
 
 
 def test_image_environment_matches_the_model_server_defaults():
     from service.config import Settings
 
-    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(args for op, args in dockerfile() if op == "ENV")))
+    env = image_environment()
     assert env["MODEL_LOG"] == Settings().log_path
     assert int(env["MODEL_SERVER_PORT"]) == Settings().port
-    assert ("EXPOSE", env["MODEL_SERVER_PORT"]) in dockerfile()
+    assert env["MODEL_SERVER_PYTHON"] == "/usr/local/bin/python3"  # the python:3.13 image's, where pip installed
     assert {"JAXBENCH_CACHE_DIR", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"} <= set(env)
 
 
@@ -144,7 +180,7 @@ def test_image_environment_matches_the_model_server_defaults():
 def test_healthcheck_probes_the_model_server_with_python(status):
     (healthcheck,) = [args for op, args in dockerfile() if op == "HEALTHCHECK"]
     command = json.loads(healthcheck[healthcheck.index("CMD") + 3:])
-    assert command[0] == "python3"  # the image has no curl for the healthcheck to rely on
+    assert command[0] == "python3"
 
     def probe(port: int) -> int:
         env = {**os.environ, "MODEL_SERVER_PORT": str(port)}
@@ -161,18 +197,34 @@ def test_healthcheck_probes_the_model_server_with_python(status):
 # start_server.sh ----------------------------------------------------------------------------------
 
 
-def start_script(log: Path, port: int, tmp: Path) -> subprocess.Popen:
+def start_script(log: Path, port: int, tmp: Path, env: dict | None = None) -> subprocess.Popen:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "MODEL_SERVER_HOST": "127.0.0.1", "MODEL_SERVER_PORT": str(port), "MODEL_LOG": str(log),
-           "JAXBENCH_CACHE_DIR": str(tmp / "xla-cache")}
+           "JAXBENCH_CACHE_DIR": str(tmp / "xla-cache"), **(env or {})}
     return subprocess.Popen([str(ROOT / "start_server.sh")], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def finished(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def fatal_cause(line: str) -> str | None:
+    """The listed cause a log line starts with (after its timestamp), if any."""
+    text = line.split(" ", 1)[1] if " " in line else line
+    return next((cause for cause in FATAL_CAUSES if text.startswith(cause)), None)
 
 
 def test_start_script_logs_only_this_runs_lines_and_stops_on_sigterm(tmp_path):
     log = tmp_path / "model" / "server.log"
     log.parent.mkdir()
     log.write_text(f"a line of the last run: {READY_LINE}\n")
+    last_run = log.stat().st_ino
     port = free_port()
     proc = start_script(log, port, tmp_path)
     try:
@@ -181,7 +233,10 @@ def test_start_script_logs_only_this_runs_lines_and_stops_on_sigterm(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         assert log.read_text().count(READY_LINE) == 1
-        assert "the last run" in (tmp_path / "model" / "server.log.old").read_text()
+        # The last run's log was moved aside, not emptied in place: the PyWorker sees a new inode.
+        old = tmp_path / "model" / "server.log.old"
+        assert "the last run" in old.read_text()
+        assert old.stat().st_ino == last_run != log.stat().st_ino
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
@@ -189,19 +244,37 @@ def test_start_script_logs_only_this_runs_lines_and_stops_on_sigterm(tmp_path):
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        finished(proc, 0)
 
 
 def test_start_script_logs_the_fatal_marker_when_the_server_exits(tmp_path):
     log = tmp_path / "server.log"
-    proc = start_script(log, 0, tmp_path)  # port 0: a configuration the server refuses
-    try:
-        status = proc.wait(120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    status = finished(start_script(log, 0, tmp_path), 120)  # port 0: a configuration the server refuses
     assert status != 0
     last = log.read_text().splitlines()[-1]
-    assert FATAL_MARKER in last and f"exited unexpectedly (status {status})" in last
+    assert fatal_cause(last) == f"{FATAL_MARKER} model server exited unexpectedly"
+    assert last.endswith(f"(status {status})")
+
+
+def test_start_script_reports_a_python_without_jax_as_such(tmp_path):
+    no_jax = tmp_path / "python-without-jax"  # this Python with its site-packages (jax among them) hidden
+    no_jax.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    no_jax.chmod(0o755)
+    for python, says in ((str(no_jax), f"jax is not installed for {no_jax} ({no_jax})"),
+                         ("python3.0-nowhere", "jax is not installed: there is no python3.0-nowhere")):
+        log = tmp_path / "server.log"
+        assert finished(start_script(log, free_port(), tmp_path, {"MODEL_SERVER_PYTHON": python}), 30) == 1
+        (line,) = log.read_text().splitlines()  # the server was never started
+        assert fatal_cause(line) == f"{FATAL_MARKER} jax is not installed"
+        assert line.endswith(f"{FATAL_MARKER} {says}")
+
+
+def test_every_fatal_line_starts_with_a_listed_cause():
+    """The PyWorker reports the pattern that matched; each fatal line must match a specific one."""
+    messages = [m for path in sorted((ROOT / "service").glob("*.py"))
+                for m in re.findall(r'log_fatal\(\s*"([^"]*)"', path.read_text())]
+    assert len(messages) >= 5, messages
+    script = (ROOT / "start_server.sh").read_text()
+    messages += re.findall(r'^\s*fatal "([^"]*)"', script, flags=re.M)
+    for message in messages:
+        assert fatal_cause(f"time {FATAL_MARKER} {message}"), f"no cause in service.signals.FATAL_CAUSES for {message!r}"

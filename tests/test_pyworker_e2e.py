@@ -7,26 +7,20 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
-from Crypto.Hash import SHA256
-from Crypto.PublicKey import RSA
-from Crypto.Signature import pkcs1_15
-from service_helpers import free_port, wait_until
+from service_helpers import FakeHTTPServer, wait_until
+from vast_helpers import FakeVast, WorkerStack, kill_after_a_health_check
 
-from service.signals import FATAL_MARKER, READY_LINE
+from service.signals import FATAL_CAUSES, FATAL_MARKER, READY_LINE
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCHMARK_NONCES = 2000  # about half a second per benchmark request on one CPU core
+DEVICES = 2
+BATCH = 64
+BENCHMARK_STEPS = 4
+WARMUP_NONCES = 200  # the SDK's warm-up request: compiles the step (one step and a partial one)
 START_TIMEOUT_S = 180
 
 
@@ -59,7 +53,10 @@ def test_routes_benchmark_and_log_signals(pyworker):
     assert (config.model_server_url, config.model_server_port) == ("http://127.0.0.1", settings.port)
     assert config.model_log_file == settings.log_path
     assert config.log_action_config.on_load == [READY_LINE]
-    assert config.log_action_config.on_error == [FATAL_MARKER]
+    # The SDK reports the first pattern that matches a line: each specific cause before the bare marker.
+    assert config.log_action_config.on_error == [*FATAL_CAUSES, FATAL_MARKER]
+    assert all(cause.startswith(FATAL_MARKER + " ") for cause in FATAL_CAUSES)
+    assert len(set(FATAL_CAUSES)) == len(FATAL_CAUSES)
 
 
 def test_benchmark_payload_is_a_valid_request(pyworker):
@@ -70,8 +67,38 @@ def test_benchmark_payload_is_a_valid_request(pyworker):
     payload = pyworker.BENCHMARK_PAYLOAD
     request = requests.generate_request(payload, Settings())
     assert request.max_nonces == Settings().benchmark_nonces
+    assert request.dtype == pyworker.BENCHMARK_DTYPE
     assert payload["r_target"] == DEFAULT_R_TARGET
     assert pyworker.job_workload(payload) == request.max_nonces
+
+
+def test_benchmark_is_whole_steps_of_the_model_servers_devices_and_batch(pyworker, monkeypatch):
+    import dataclasses
+
+    tiny = {"dim": 64, "n_layers": 2}
+    health = {"compiled": []}
+    with FakeHTTPServer(lambda method, path, query, body: (200, health) if path == "/health" else (404, {})) as fake:
+        port = int(fake.url.rsplit(":", 1)[1])
+        monkeypatch.setattr(pyworker, "MODEL_SETTINGS", dataclasses.replace(pyworker.MODEL_SETTINGS, port=port))
+        warmup = pyworker.benchmark_request()  # nothing compiled yet: the warm-up request, which compiles
+        assert warmup["max_nonces"] == pyworker.MODEL_SETTINGS.benchmark_nonces
+
+        health["compiled"] = [{"params": tiny, "dtype": "float16", "batch": 96, "devices": 8},
+                              {"params": tiny, "dtype": "float32", "batch": 500, "devices": 8}]
+        timed = pyworker.benchmark_request()
+        assert timed["max_nonces"] == pyworker.BENCHMARK_STEPS * 96 * 8
+        assert pyworker.job_workload(timed) == timed["max_nonces"]  # the SDK counts what is computed
+        assert {k: v for k, v in timed.items() if k != "max_nonces"} == \
+            {k: v for k, v in pyworker.BENCHMARK_PAYLOAD.items() if k != "max_nonces"}
+
+        # Parameters given as an object must match the compiled step's.
+        monkeypatch.setitem(pyworker.BENCHMARK_PAYLOAD, "params", {"dim": 128})
+        assert pyworker.benchmark_request()["max_nonces"] == pyworker.MODEL_SETTINGS.benchmark_nonces
+        monkeypatch.setitem(pyworker.BENCHMARK_PAYLOAD, "params", {"dim": 64})
+        assert pyworker.benchmark_request()["max_nonces"] == pyworker.BENCHMARK_STEPS * 96 * 8
+
+    # The model server not answering: the fixed size.
+    assert pyworker.benchmark_request()["max_nonces"] == pyworker.MODEL_SETTINGS.benchmark_nonces
 
 
 def test_workload_is_nonces(pyworker):
@@ -96,155 +123,32 @@ def test_workload_is_nonces(pyworker):
 # End to end -----------------------------------------------------------------------------------------
 
 
-class FakeAutoscaler:
-    """Serves GET /pubkey/ and records POST /worker_status/ and /delete_requests/."""
-
-    def __init__(self):
-        self.key = RSA.generate(2048)
-        self.reports: dict[str, list[dict]] = {"/worker_status/": [], "/delete_requests/": []}
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.path != "/pubkey/":
-                    return self._answer(404, b"")
-                self._answer(200, fake.key.publickey().export_key())
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if self.path not in fake.reports:
-                    return self._answer(404, b"")
-                with fake.lock:
-                    fake.reports[self.path].append(body)
-                self._answer(200, b"{}")
-
-            def _answer(self, status: int, body: bytes):
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def statuses(self) -> list[dict]:
-        with self.lock:
-            return list(self.reports["/worker_status/"])
-
-    def finished(self, request_idx: int) -> str | None:
-        """The status the PyWorker reported for a request once it ended ("Success", "Cancelled", …)."""
-        with self.lock:
-            done = [r for report in self.reports["/delete_requests/"] for r in report["requests"]]
-        return next((r["status"] for r in done if r["request_idx"] == request_idx), None)
-
-    def sign(self, url: str) -> str:
-        message = json.dumps({"url": url}, indent=4, sort_keys=True).encode()
-        return base64.b64encode(pkcs1_15.new(self.key).sign(SHA256.new(message))).decode()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def stop(proc: subprocess.Popen, timeout: float = 15):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the script's children go too
-            proc.wait(timeout)
-
-
-class Stack:
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.model_port, self.worker_port = free_port(), free_port()
-        self.model_url = f"http://127.0.0.1:{self.model_port}"
-        self.worker_url = f"http://127.0.0.1:{self.worker_port}"
-        self.log = tmp / "model" / "server.log"
-        self.scratch = tmp / "pyworker"  # the PyWorker's working directory, for .has_benchmark
-        self.scratch.mkdir()
-        self.autoscaler = FakeAutoscaler()
-        self.requests_sent = 0
-        env = {
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "PYTHONPATH": str(ROOT),
-            "MODEL_SERVER_HOST": "127.0.0.1",
-            "MODEL_SERVER_PORT": str(self.model_port),
-            "MODEL_LOG": str(self.log),
-            "MODEL_BENCHMARK_NONCES": str(BENCHMARK_NONCES),
-            "JAXBENCH_BENCHMARK_PARAMS": "tiny",
-            "JAXBENCH_CACHE_DIR": str(tmp / "xla-cache"),
-        }
-        with (tmp / "server.out").open("wb") as out:
-            self.server = subprocess.Popen([str(ROOT / "start_server.sh")], env=env, start_new_session=True,
-                                           stdout=out, stderr=subprocess.STDOUT)
-        worker_env = {
-            **env,
-            "CONTAINER_ID": "7",
-            "REPORT_ADDR": self.autoscaler.url,
-            "WORKER_PORT": str(self.worker_port),
-            "WORKER_HTTP_PORT": str(free_port()),
-            "PUBLIC_IPADDR": "127.0.0.1",
-            f"VAST_TCP_PORT_{self.worker_port}": str(self.worker_port),
-            "MASTER_TOKEN": "test-master-token",
-            "USE_SSL": "false",
-        }
-        with (tmp / "pyworker.out").open("wb") as out:
-            self.worker = subprocess.Popen([sys.executable, "-m", "worker"], cwd=self.scratch, env=worker_env,
-                                           start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
-
-    def request(self, payload: dict, signature: str | None = None) -> tuple[int, dict]:
-        """A client's body for the PyWorker, signed by the autoscaler unless a signature is given."""
-        self.requests_sent += 1
-        n = self.requests_sent
-        auth = {"cost": "1", "endpoint": "jaxbench-test", "reqnum": n, "request_idx": n, "url": self.worker_url,
-                "signature": signature or self.autoscaler.sign(self.worker_url)}
-        return n, {"auth_data": auth, "payload": payload}
-
-    def model_health(self) -> dict:
-        return httpx.get(f"{self.model_url}/health", timeout=5).json()
-
-    def loaded_status(self) -> dict | None:
-        for status in self.autoscaler.statuses():
-            if status["loadtime"] > 0:
-                return status
-        return None
-
-    def close(self):
-        for proc in (self.worker, self.server):
-            stop(proc)
-        self.autoscaler.close()
-
-    def outputs(self) -> str:
-        return "\n".join(f"--- {name}\n{(self.tmp / name).read_text(errors='replace')[-4000:]}"
-                         for name in ("server.out", "pyworker.out"))
-
-
-def search(duration_s: float) -> dict:
-    """A /generate payload whose every device batch yields a result line (all distances are below 2)."""
-    return {"block_hash": "e2e-block", "block_height": 1, "public_key": "e2e-key", "r_target": 2.0,
-            "batch_size": 1, "start_nonce": 0, "params": "tiny", "duration_s": duration_s}
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("e2e"))
+    """One worker whose model server has two (CPU) devices, reporting to a fake autoscaler."""
+    vast = FakeVast()
+    stack = WorkerStack(tmp_path_factory.mktemp("e2e"), vast, env={
+        "MODEL_BATCH": str(BATCH),
+        "MODEL_ACCESS_LOG": "1",
+        "MODEL_BENCHMARK_NONCES": str(WARMUP_NONCES),
+        "JAXBENCH_BENCHMARK_STEPS": str(BENCHMARK_STEPS),
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}",
+    })
     try:
-        wait_until(stack.loaded_status, START_TIMEOUT_S, interval=0.5, what="the PyWorker to report the model loaded")
+        stack.wait_loaded(START_TIMEOUT_S)
         yield stack
     except AssertionError:
         print(stack.outputs())
         raise
     finally:
         stack.close()
+        vast.close()
+
+
+def search(duration_s: float) -> dict:
+    """A /generate payload whose every device batch yields a result line (all distances are below 2)."""
+    return {"block_hash": "e2e-block", "block_height": 1, "public_key": "e2e-key", "r_target": 2.0,
+            "batch_size": 1, "start_nonce": 0, "params": "tiny", "duration_s": duration_s}
 
 
 def test_ready_line_starts_the_benchmark_and_its_throughput_is_real(stack):
@@ -254,16 +158,22 @@ def test_ready_line_starts_the_benchmark_and_its_throughput_is_real(stack):
     assert stack.log.read_text().count(READY_LINE) == 1
     assert float((stack.scratch / ".has_benchmark").read_text()) == pytest.approx(status["max_perf"])
 
-    # The PyWorker's benchmark request straight to the model server, timed here: the best of three.
+    # The timed benchmark requests were whole steps of both devices at the server's batch.
+    step = DEVICES * BATCH
+    last = stack.model_health()["last_job"]
+    assert last["kind"] == "benchmark" and last["max_nonces"] == BENCHMARK_STEPS * step
+    assert last["steps_completed"] == BENCHMARK_STEPS and last["nonces_computed"] == BENCHMARK_STEPS * step
+
+    # The same request straight to the model server, timed here: the best of three.
     from pyworker.worker import BENCHMARK_PAYLOAD
 
-    payload = {**BENCHMARK_PAYLOAD, "params": "tiny", "max_nonces": BENCHMARK_NONCES}
+    payload = {**BENCHMARK_PAYLOAD, "params": "tiny", "max_nonces": BENCHMARK_STEPS * step}
     rates = []
     for _ in range(3):
         t0 = time.perf_counter()
         answer = httpx.post(f"{stack.model_url}/benchmark", json=payload, timeout=60).json()
         rates.append(answer["workload"] / (time.perf_counter() - t0))
-        assert answer["workload"] == BENCHMARK_NONCES
+        assert answer["workload"] == BENCHMARK_STEPS * step
     measured = max(rates)
     assert measured / 3 < status["max_perf"] < measured * 3, (status["max_perf"], rates)
 
@@ -284,7 +194,7 @@ def test_generate_streams_line_by_line(stack):
     # Lines arrive while the job runs, not all at its end.
     assert end_time - results[0][0] > 2.0
     assert len({round(t, 1) for t, _ in results}) > 10
-    wait_until(lambda: stack.autoscaler.finished(n) == "Success", 15, what="the request reported done")
+    wait_until(lambda: stack.vast.finished(n) == "Success", 15, what="the request reported done")
 
 
 def test_client_disconnect_stops_the_job(stack):
@@ -303,7 +213,7 @@ def test_client_disconnect_stops_the_job(stack):
     assert health["last_job"]["stop_reason"] == "disconnected"
     time.sleep(1.0)
     assert stack.model_health()["steps_completed"] == health["steps_completed"]
-    wait_until(lambda: stack.autoscaler.finished(n) == "Cancelled", 15, what="the request reported cancelled")
+    wait_until(lambda: stack.vast.finished(n) == "Cancelled", 15, what="the request reported cancelled")
 
 
 def test_only_requests_signed_by_the_autoscaler_pass(stack):
@@ -311,16 +221,17 @@ def test_only_requests_signed_by_the_autoscaler_pass(stack):
     response = httpx.post(f"{stack.worker_url}/health", json=signed, timeout=10)
     assert response.status_code == 200 and response.json()["status"] == "healthy"
 
-    _, forged = stack.request({}, signature=stack.autoscaler.sign("http://somewhere.else:1"))
+    _, forged = stack.request({}, signature=stack.vast.sign("http://somewhere.else:1"))
     assert httpx.post(f"{stack.worker_url}/health", json=forged, timeout=10).status_code == 401
     _, garbage = stack.request({}, signature=base64.b64encode(b"not a signature").decode())
     assert httpx.post(f"{stack.worker_url}/health", json=garbage, timeout=10).status_code == 401
 
 
 def test_model_server_crash_is_reported_as_an_error(stack):
-    """Runs last: kills the model server; start_server.sh logs the fatal marker for the PyWorker."""
-    pid = int(re.search(r"\(pid (\d+),", stack.log.read_text()).group(1))
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: any(s["error_msg"] == FATAL_MARKER for s in stack.autoscaler.statuses()), 30,
-               what="the PyWorker to report the fatal marker")
+    """Runs last: kills the model server; start_server.sh logs a fatal line, and the PyWorker reports
+    its cause (the pattern that matched), not just the marker."""
+    kill_after_a_health_check(stack.log, stack.model_server_pid())
+    cause = f"{FATAL_MARKER} model server exited unexpectedly"
+    assert cause in FATAL_CAUSES
+    assert stack.vast.reports_cause(stack.worker_url, cause)
     assert stack.server.wait(10) != 0

@@ -1,0 +1,320 @@
+"""Vast.ai Serverless on 127.0.0.1 for the tests: a fake of Vast's side (the autoscaler and the
+console's endpoint list) and worker stacks of the real model server (start_server.sh) and the real
+vastai PyWorker (`python -m worker`), as Vast runs them on a worker."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+from Crypto.Hash import SHA256
+from Crypto.PublicKey import RSA
+from Crypto.Signature import pkcs1_15
+from service_helpers import PLATFORM_ENV, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+ENDPOINT_NAME = "jaxbench-test"
+ENDPOINT_ID = 4242
+ENDPOINT_API_KEY = "endpoint-api-key"  # the endpoint's own key, which /route/ takes
+ACCOUNT_API_KEY = "account-api-key"  # the user's key, which the console's endpoint list takes
+
+
+class FakeVast:
+    """Vast's side of Serverless, as the vastai SDK uses it:
+
+    * for the PyWorkers (the autoscaler): GET /pubkey/, POST /worker_status/ and /delete_requests/;
+    * for clients: GET /api/v0/endptjobs/ (the console's list of the account's endpoints) and
+      POST /route/, which answers a worker's signed address, or no `url` while none is ready.
+
+    /route/ sends a request to the reachable, loaded worker with the fewest requests routed to it
+    that it has not yet reported done; `unready_polls` first answers without a url that many times
+    per request, as the real one does while workers load.
+    """
+
+    def __init__(self, unready_polls: int = 0):
+        self.key = RSA.generate(2048)
+        self.unready_polls = unready_polls
+        self.reports: dict[str, list[dict]] = {"/worker_status/": [], "/delete_requests/": []}
+        self.routes: list[dict] = []  # every /route/ call: its body and auth header
+        self.routed: list[tuple[int, str]] = []  # (request_idx, worker url) of each answer with a url
+        self._polls: dict[int, int] = {}
+        self._request_idx = itertools.count(1)
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                path = urlsplit(self.path).path
+                if path == "/pubkey/":
+                    return self._answer(200, fake.key.publickey().export_key())
+                if path == "/api/v0/endptjobs/":
+                    return self._answer(*fake._endpoints(self.headers))
+                self._answer(404, b"")
+
+            def do_POST(self):
+                path = urlsplit(self.path).path
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"null")
+                if path in fake.reports:
+                    with fake.lock:
+                        fake.reports[path].append(body)
+                    return self._answer(200, {})
+                if path == "/route/":
+                    return self._answer(*fake._route(self.headers, body))
+                self._answer(404, b"")
+
+            def _answer(self, status: int, body):
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    # The console ------------------------------------------------------------------------------------
+
+    def _endpoints(self, headers) -> tuple[int, dict]:
+        if headers.get("Authorization") != f"Bearer {ACCOUNT_API_KEY}":
+            return 401, {"error": "bad api key"}
+        return 200, {"results": [{"id": ENDPOINT_ID, "endpoint_name": ENDPOINT_NAME, "api_key": ENDPOINT_API_KEY,
+                                  "user_id": 1, "created_at": time.time(), "endpoint_state": "active"}]}
+
+    # The autoscaler ---------------------------------------------------------------------------------
+
+    def _route(self, headers, body: dict) -> tuple[int, dict]:
+        with self.lock:
+            self.routes.append({"body": body, "authorization": headers.get("Authorization")})
+        if (headers.get("Authorization") != f"Bearer {ENDPOINT_API_KEY}" or body.get("api_key") != ENDPOINT_API_KEY
+                or body.get("endpoint") != ENDPOINT_NAME):
+            return 401, {"error": "unknown endpoint or key"}
+        with self.lock:
+            idx = body.get("request_idx") or next(self._request_idx)
+            polls = self._polls[idx] = self._polls.get(idx, 0) + 1
+        worker = self._pick_worker(idx) if polls > self.unready_polls else None
+        if worker is None:
+            return 200, {"request_idx": idx}
+        return 200, {"url": worker, "signature": self.sign(worker), "reqnum": idx, "request_idx": idx,
+                     "cost": body.get("cost"), "endpoint": ENDPOINT_NAME}
+
+    def loaded_workers(self) -> list[str]:
+        with self.lock:
+            return sorted({s["url"] for s in self.reports["/worker_status/"] if s["loadtime"] > 0})
+
+    def _pick_worker(self, request_idx: int) -> str | None:
+        """The reachable loaded worker with the fewest open requests, recorded as this one's."""
+        candidates = [url for url in self.loaded_workers() if _reachable(url)]
+        with self.lock:  # choosing and recording at once: two parallel requests go to two workers
+            done = {r["request_idx"] for report in self.reports["/delete_requests/"] for r in report["requests"]}
+            open_requests = {url: sum(1 for idx, to in self.routed if to == url and idx not in done)
+                             for url in candidates}
+            worker = min(candidates, key=open_requests.__getitem__, default=None)
+            if worker is not None:
+                self.routed.append((request_idx, worker))
+            return worker
+
+    def statuses(self, url: str | None = None) -> list[dict]:
+        with self.lock:
+            return [s for s in self.reports["/worker_status/"] if url is None or s["url"] == url]
+
+    def finished(self, request_idx: int) -> str | None:
+        """The status the PyWorker reported for a request once it ended ("Success", "Cancelled", …)."""
+        with self.lock:
+            done = [r for report in self.reports["/delete_requests/"] for r in report["requests"]]
+        return next((r["status"] for r in done if r["request_idx"] == request_idx), None)
+
+    def sign(self, url: str) -> str:
+        """What the autoscaler signs for a worker's request: the worker's URL."""
+        message = json.dumps({"url": url}, indent=4, sort_keys=True).encode()
+        return base64.b64encode(pkcs1_15.new(self.key).sign(SHA256.new(message))).decode()
+
+    def auth_data(self, url: str, request_idx: int, signature: str | None = None) -> dict:
+        return {"cost": "1", "endpoint": ENDPOINT_NAME, "reqnum": request_idx, "request_idx": request_idx,
+                "url": url, "signature": signature or self.sign(url)}
+
+    def nudge(self, worker_url: str) -> None:
+        """A signed request through the PyWorker: the SDK sends its next status report at once.
+
+        Otherwise it sends one only every 10 s, unless a request changed something: a new error, or
+        the worker turning loaded, waits for that.
+        """
+        body = {"auth_data": self.auth_data(worker_url, next(self._request_idx) + 10**6), "payload": {}}
+        try:
+            httpx.post(f"{worker_url}/health", json=body, timeout=5)
+        except httpx.HTTPError:
+            pass
+
+    def wait_reported(self, worker_url: str, predicate, timeout: float, what: str) -> dict:
+        """The first status report of the worker that satisfies `predicate`, nudging it meanwhile."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = next((s for s in self.statuses(worker_url) if predicate(s)), None)
+            if status is not None:
+                return status
+            assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+            self.nudge(worker_url)
+            time.sleep(0.5)
+
+    def wait_loaded(self, worker_url: str, timeout: float) -> dict:
+        return self.wait_reported(worker_url, lambda s: s["loadtime"] > 0, timeout, f"{worker_url} to load")
+
+    def reports_cause(self, worker_url: str, cause: str, timeout: float = 8.0) -> bool:
+        """Whether the PyWorker reports `cause` as its error within `timeout`; the next failed health
+        check (every 10 s) would replace it."""
+        try:
+            self.wait_reported(worker_url, lambda s: s["error_msg"] == cause, timeout, cause)
+            return True
+        except AssertionError:
+            return False
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _reachable(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def stop(proc: subprocess.Popen, timeout: float = 15):
+    """SIGTERM, then SIGKILL to the process's session (each stack process runs in its own)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout)
+
+
+def model_server_env(tmp: Path, model_port: int, extra: dict | None = None) -> dict:
+    """The environment of start_server.sh for a test: loopback, its own log and cache, the tiny benchmark."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        **PLATFORM_ENV,
+        "MODEL_SERVER_HOST": "127.0.0.1",
+        "MODEL_SERVER_PORT": str(model_port),
+        "MODEL_LOG": str(tmp / "model" / "server.log"),
+        "JAXBENCH_BENCHMARK_PARAMS": "tiny",
+        "JAXBENCH_CACHE_DIR": str(tmp / "xla-cache"),
+        **(extra or {}),
+    }
+
+
+def pyworker_env(vast: FakeVast, worker_port: int, container_id: int) -> dict:
+    """What Vast and its bootstrap give the PyWorker, with reports going to the fake."""
+    return {
+        "CONTAINER_ID": str(container_id),
+        "REPORT_ADDR": vast.url,
+        "WORKER_PORT": str(worker_port),
+        "WORKER_HTTP_PORT": str(free_port()),
+        "PUBLIC_IPADDR": "127.0.0.1",
+        f"VAST_TCP_PORT_{worker_port}": str(worker_port),
+        "MASTER_TOKEN": "test-master-token",
+        "USE_SSL": "false",
+    }
+
+
+def model_server_pid(log: Path) -> int:
+    """The pid of `python -m service` (start_server.sh's child), from its start line in the log."""
+    return int(re.search(r"\(pid (\d+),", log.read_text()).group(1))
+
+
+def kill_after_a_health_check(log: Path, pid: int, timeout: float = 30):
+    """SIGKILL `pid` just after the PyWorker's periodic GET /health has reached the model server (its
+    access log, MODEL_ACCESS_LOG=1, shows it): the next one, which would replace the error that the
+    PyWorker reports, is then 10 s away."""
+    def health_checks() -> int:
+        return log.read_text().count('"GET /health ')
+
+    seen = health_checks()
+    deadline = time.monotonic() + timeout
+    while health_checks() == seen:
+        assert time.monotonic() < deadline, "no health check from the PyWorker"
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+class WorkerStack:
+    """One Vast worker: start_server.sh (the model server) and the PyWorker, each in its own session,
+    outputs in `tmp`; the PyWorker runs in a scratch working directory (for .has_benchmark)."""
+
+    def __init__(self, tmp: Path, vast: FakeVast, container_id: int = 7, env: dict | None = None):
+        self.tmp = tmp
+        self.vast = vast
+        self.model_port, self.worker_port = free_port(), free_port()
+        self.model_url = f"http://127.0.0.1:{self.model_port}"
+        self.worker_url = f"http://127.0.0.1:{self.worker_port}"
+        self.log = tmp / "model" / "server.log"
+        self.scratch = tmp / "pyworker"
+        self.scratch.mkdir()
+        self.requests_sent = 0
+        server_env = model_server_env(tmp, self.model_port, env)
+        with (tmp / "server.out").open("wb") as out:
+            self.server = subprocess.Popen([str(ROOT / "start_server.sh")], env=server_env, start_new_session=True,
+                                           stdout=out, stderr=subprocess.STDOUT)
+        with (tmp / "pyworker.out").open("wb") as out:
+            self.worker = subprocess.Popen([sys.executable, "-m", "worker"], cwd=self.scratch,
+                                           env={**server_env, **pyworker_env(vast, self.worker_port, container_id)},
+                                           start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+
+    def request(self, payload: dict, signature: str | None = None) -> tuple[int, dict]:
+        """A client's body for the PyWorker, signed by the autoscaler unless a signature is given."""
+        self.requests_sent += 1
+        n = self.requests_sent
+        return n, {"auth_data": self.vast.auth_data(self.worker_url, n, signature), "payload": payload}
+
+    def model_health(self) -> dict:
+        return httpx.get(f"{self.model_url}/health", timeout=5).json()
+
+    def loaded_status(self) -> dict | None:
+        return next((s for s in self.vast.statuses(self.worker_url) if s["loadtime"] > 0), None)
+
+    def wait_loaded(self, timeout: float) -> dict:
+        return self.vast.wait_loaded(self.worker_url, timeout)
+
+    def model_server_pid(self) -> int:
+        return model_server_pid(self.log)
+
+    def kill(self):
+        """The machine goes away: every process of the stack dies at once."""
+        for proc in (self.worker, self.server):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+    def close(self):
+        for proc in (self.worker, self.server):
+            stop(proc)
+
+    def outputs(self) -> str:
+        return "\n".join(f"--- {self.tmp / name}\n{(self.tmp / name).read_text(errors='replace')[-4000:]}"
+                         for name in ("server.out", "pyworker.out"))
