@@ -92,7 +92,7 @@ async def call(http: httpx.AsyncClient, method: str, url: str, *, timeout: float
     try:
         return exchange.result()
     except asyncio.TimeoutError:
-        return Answer(problem=f"no complete answer within {timeout:g} s")
+        return Answer(problem=f"no complete answer within {timeout:.3g} s")
 
 
 class Budget:

@@ -688,7 +688,7 @@ class PooledSession:
                               "notified": notified})
         self.job.summary = self.tally.summary(self.reason)
         if self.error:
-            self.job.summary["error"] = self.error
+            self.job.summary["detail"] = self.error
         self.job.phase = "done"
         await self.chan.emit(self.job.summary)
 

@@ -312,3 +312,95 @@ def test_fuzz_every_route(server, peers):
         assert sign not in log, sign
     print(f"\n{total} hostile requests in {elapsed:.1f} s: {sorted(outcome.by_status.items())}, "
           f"{len(outcome.accepted)} accepted; RSS {rss_start >> 20} -> {rss_end >> 20} MiB")
+
+
+# The reproductions, one by one --------------------------------------------------------------
+
+
+def post(client: httpx.Client, path: str, body: dict) -> tuple[int, dict, float]:
+    t0 = time.monotonic()
+    r = client.post(path, json=body)
+    return r.status_code, r.json(), time.monotonic() - t0
+
+
+def route_bodies(peer_url: str, params) -> dict[str, dict]:
+    return {
+        "/generate": {**TINY_BODY, "params": params, "max_nonces": 8},
+        "/benchmark": {**TINY_BODY, "params": params, "max_nonces": 8},
+        "/warmup": {"callback_url": peer_url, "params": params, "timeout_s": 0.2},
+        "/validate": {"params": params, "block_hash": "b", "public_key": "p", "nonces": [1], "dist": [1.0],
+                      "r_target": 2.0},
+    }
+
+
+@pytest.mark.parametrize("path", ["@/dev/zero", "@/etc/passwd", "@/no/such/file"])
+def test_file_params_are_never_read(client, peers, path):
+    for route, body in route_bodies(peers.url, path).items():
+        status, answer, took = post(client, route, body)
+        assert status == 400 and answer["field"] == "params", (route, answer)
+        # The same answer whether the file exists or not, and nothing from it.
+        assert answer["error"].startswith(f"params: unknown preset {path!r} (presets: "), answer
+        assert "root:" not in answer["error"] and took < 2
+
+
+@pytest.mark.parametrize("params,field,text", [
+    ({**TINY, "n_layers": 1_000_000}, "params.n_layers", "at most 1024"),
+    ({**TINY, "seq_len": 1_000_000_000}, "params.seq_len", "at most 65536"),
+    ({**TINY, "dim": 1e9}, "params.dim", "integer"),
+    ({**TINY, "dim": 10**9}, "params.dim", "at most 65536"),
+    (TOO_BIG, "params", "GiB"),
+])
+def test_parameter_sets_are_bounded_before_any_work(server, client, peers, params, field, text):
+    before = server.health()
+    for route, body in route_bodies(peers.url, params).items():
+        status, answer, took = post(client, route, body)
+        assert status == 400 and answer["field"] == field and text in answer["error"], (route, answer)
+        assert took < 2
+    after = server.health()
+    assert after["compiled"] == before["compiled"] and after["steps_completed"] == before["steps_completed"]
+    assert after["last_job"] == before["last_job"]  # no job was even started
+
+
+@pytest.mark.parametrize("route,field,value", [
+    ("/warmup", "callback_url", "http://user:s3cret@127.0.0.1:9"),
+    ("/warmup", "callback_url", "http://:s3cret@127.0.0.1:9/x"),
+    ("/pooled", "orchestrator_url", "https://user:s3cret@example.com"),
+    ("/warmup", "callback_url", "http://127.0.0.1:9/\r\nHost: evil"),
+    ("/pooled", "orchestrator_url", "http://127.0.0.1:9\r\nX-Injected: 1"),
+    ("/warmup", "job_id", "x\r\nHost: evil"),
+    ("/pooled", "worker_id", "a?b=c#d"),
+    ("/pooled", "worker_id", "../../admin"),
+    ("/pooled", "worker_id", "x\r\nHost: evil"),
+])
+def test_injections_and_credentials_are_refused_and_not_echoed(client, peers, route, field, value):
+    body = {"callback_url": peers.url} if route == "/warmup" else {"orchestrator_url": peers.url}
+    status, answer, _ = post(client, route, {**body, field: value})
+    assert status == 400 and answer["field"] == field, answer
+    assert "s3cret" not in json.dumps(answer)
+
+
+def test_health_shows_only_the_origin_of_peer_urls(server, client, peers):
+    url = peers.url + "/t0ken-in-the-path"
+    seen = []
+
+    def look(line):
+        if line.get("status") == "warmup_waiting" and not seen:
+            seen.append(httpx.get(server.url + "/health", timeout=10).text)
+
+    from service_helpers import read_stream
+
+    lines = [line for _, line in read_stream(client, "/warmup", {"callback_url": url, "job_id": "origin",
+                                                                 "poll_interval_s": 0.05, "timeout_s": 0.5},
+                                             on_line=look)]
+    assert lines[-1]["callback"] == "sent"  # the path was used for the calls
+    health = server.health()
+    assert json.loads(seen[0])["job"]["callback_url"] == peers.url
+    assert health["last_job"]["callback_url"] == peers.url
+    assert "t0ken" not in seen[0] and "t0ken" not in json.dumps(health)
+
+
+def test_the_server_binds_loopback_by_default(monkeypatch):
+    from service.config import Settings
+
+    monkeypatch.delenv("MODEL_SERVER_HOST", raising=False)
+    assert Settings().host == "127.0.0.1" and Settings.from_env().host == "127.0.0.1"
