@@ -283,7 +283,7 @@ class Job:
         for run in self._runs:
             run.stop.set()
 
-    def check_stop(self, *_) -> None:
+    def check_stop(self) -> None:
         """For worker threads, between steps: raise JobStopped once the job is stopped."""
         if self.halt.is_set():
             raise JobStopped(self.stop_reason or "stopped")
