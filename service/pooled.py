@@ -41,8 +41,8 @@ Computation:
   `peer_grace_s`: computing stops (nothing it finds could be delivered), reason `orchestrator_lost`.
 
 The end: the running search is stopped and its steps in flight collected, buffered results are
-flushed (for `final_flush_s`), the shutdown notice is sent (retried), then the `shutdown` line and
-the summary. When the job was stopped (client gone, SIGTERM) or the orchestrator failed (lost, or
+flushed (for `final_flush_s`), the shutdown notice is sent (retried, within `http_timeout_s`), then
+the `shutdown` line and the summary. When the job was stopped (client gone, SIGTERM) or the orchestrator failed (lost, or
 register / ready failed), the flush and the notice share one budget of `http_timeout_s` (less
 while the server drains), the flush getting at most half.
 """
@@ -656,6 +656,8 @@ class PooledSession:
     async def _end(self) -> None:
         self.job.phase = "shutting_down"
         bounded = self.job.stop_reason is not None or self.reason in PEER_FAILED
+        # Stopped or failed peer: flush and notice share one budget. Otherwise the flush gets
+        # final_flush_s and the notice its own http_timeout_s (attempts included).
         budget = peers.Budget(self.job.goodbye_budget(self.req.http_timeout_s) if bounded else None)
         try:
             await self._finish_segment()
@@ -679,7 +681,7 @@ class PooledSession:
         }
         if self.error:
             stats["error"] = self.error
-        notified = await self.orch.shutdown(stats, budget)
+        notified = await self.orch.shutdown(stats, budget if bounded else peers.Budget(self.req.http_timeout_s))
         if not notified:
             log.warning("pooled %s: the shutdown notification could not be sent", self.job.id)
         await self.chan.emit({"status": "shutdown", "total_batches_sent": self.sender.sent,

@@ -282,6 +282,33 @@ def test_pooled_orchestrator_lost_mid_session_stops_computing(server, client, pe
     assert h["last_job"]["summary"]["reason"] == "orchestrator_lost"
 
 
+def test_pooled_normal_end_with_a_hung_orchestrator_is_bounded(client, peer_server):
+    """A shutdown command, then the orchestrator hangs: the flush gets final_flush_s, the notice one timeout."""
+    commands = []
+    orch = peer_server({
+        "/connect": (200, {"status": "ok", "block_hash": "bh-end", "params": "tiny"}),
+        "/ready": (200, {"status": "ok", "public_key": "pk", "nonce_range_start": 0, "nonce_range_end": 16,
+                         "r_target": 2.0}),
+        "/config": lambda body: (200, commands.pop() if commands else {}),
+        "/results": "hang", "/results/batch": "hang", "/shutdown": "hang",
+    })
+    flush = 0.5
+    asked = {}
+
+    def on_line(line):
+        if line.get("status") == "idle" and not asked:
+            asked["t"] = time.monotonic()
+            commands.append({"type": "shutdown"})
+
+    lines = [line for _, line in read_stream(client, "/pooled", pooled_body(orch.url, final_flush_s=flush),
+                                            on_line=on_line)]
+    took = time.monotonic() - asked["t"]
+    assert lines[-2]["status"] == "shutdown" and lines[-2]["reason"] == "shutdown_command"
+    assert lines[-2]["notified"] is False and lines[-2]["unsent_results"] == 2
+    assert took <= flush + TIMEOUT + SLACK
+    assert len(orch.calls("/shutdown")) == 1
+
+
 @pytest.mark.parametrize("connect,field", [
     ((200, {"status": "ok", "block_hash": "bh", "params": "@/etc/passwd"}), "params"),
     ((200, {"status": "ok", "block_hash": "bh", "params": "@/dev/zero"}), "params"),
