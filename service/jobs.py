@@ -150,7 +150,7 @@ class SearchRun:
                 return True
         return False  # stopping: hand the step over anyway, the reader drains or is gone
 
-    def _target(self) -> None:
+    def _target(self) -> Callable[[], None]:
         manager = self.job.manager
         end = _End(None)
         try:
@@ -165,7 +165,7 @@ class SearchRun:
         except BaseException as e:  # noqa: BLE001 — handed to the reader
             end = _End(e)
             manager.note_failure(e)
-        self.job.post(self.queue.put_nowait, end)
+        return lambda: self.queue.put_nowait(end)
 
     async def next(self) -> StepResult | None:
         if self._end is not None:
@@ -225,19 +225,27 @@ class Job:
         except RuntimeError:  # the loop is closed: the process is exiting
             pass
 
-    def _start_thread(self, target: Callable[[], None], name: str) -> None:
+    def _start_thread(self, target: Callable[[], Callable[[], None] | None], name: str) -> None:
+        """Run target() in a thread. What it returns is called on the loop once the thread counts as
+        done: whoever learns the outcome (and answers a client) finds the job releasable."""
+
         def body():
+            last = None
             try:
-                target()
+                last = target()
             finally:
-                self.post(self._thread_done)
+                self.post(self._thread_done, last)
 
         self._threads += 1
         threading.Thread(target=body, name=f"{self.id}-{name}", daemon=True).start()
 
-    def _thread_done(self) -> None:
+    def _thread_done(self, last: Callable[[], None] | None = None) -> None:
         self._threads -= 1
-        self._maybe_release()
+        try:
+            if last is not None:
+                last()
+        finally:
+            self._maybe_release()
 
     async def call(self, fn: Callable, *args) -> Any:
         """fn(*args) in a worker thread of this job (device work); its result or exception."""
@@ -256,9 +264,8 @@ class Job:
                 value = fn(*args)
             except BaseException as e:  # noqa: BLE001 — handed to the awaiting task
                 self.manager.note_failure(e)
-                self.post(settle, None, e)
-            else:
-                self.post(settle, value, None)
+                return lambda exc=e: settle(None, exc)
+            return lambda: settle(value, None)
 
         self._start_thread(target, getattr(fn, "__name__", "call"))
         return await fut

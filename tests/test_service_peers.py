@@ -83,6 +83,15 @@ def leave_after(client, path, body, predicate, timeout=30.0) -> tuple[list[dict]
     return lines, time.monotonic()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_unforeseen_exception(server):
+    """Whatever the peers did, the server logged no traceback (an exception nothing handled)."""
+    yield
+    log = server.log()
+    for sign in ("Traceback", "Exception in callback", "unhandled error", "driver failed"):
+        assert sign not in log, sign
+
+
 @pytest.fixture
 def peer_server():
     servers = []
