@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import httpx
 
@@ -52,28 +53,31 @@ async def compile_step(job: Job, chan: LineChannel, params: Params, block_hash: 
     return info
 
 
-async def fetch_params(http: httpx.AsyncClient, job: Job, req: rq.WarmupRequest, timeout: float) -> dict | None:
-    """The generation input if the MLNode has it ready, else None (also when the job stopped)."""
+_NOT_READY = object()
+
+
+async def fetch_params(http: httpx.AsyncClient, job: Job, req: rq.WarmupRequest, timeout: float) -> Any:
+    """The ready answer's `params` (the generation input, unchecked) if the MLNode has it ready,
+    else _NOT_READY (also when the job stopped)."""
     url = req.callback_url + "/warmup/params"
     answer = await peers.call(http, "GET", url, params={"job_id": req.job_id}, timeout=timeout,
                               max_bytes=job.manager.settings.max_body_bytes, stop=job.stopped)
     if answer.stopped:
-        return None
+        return _NOT_READY
     body = answer.json_object()
     if body is None:
         log.warning("warmup %s: polling the callback failed: %s", req.job_id, answer.describe())
-        return None
+        return _NOT_READY
     if body.get("status") != "ready":
-        return None
-    params = body.get("params")
-    if not isinstance(params, dict):
-        raise rq.FieldError("params", "the callback's ready answer must carry a `params` object")
-    return params
+        return _NOT_READY
+    return body.get("params")
 
 
-def generation_input(job: Job, data: dict) -> rq.GenerateRequest:
+def generation_input(job: Job, data: Any) -> rq.GenerateRequest:
     """The callback's generation input, checked like a /generate body, and its parameter set
     checked against the devices' memory."""
+    if not isinstance(data, dict):
+        raise rq.FieldError("params", "the callback's ready answer must carry a `params` object")
     gen = rq.generate_request(data, job.manager.settings)
     job.manager.engine.check_fits(gen.params, gen.dtype)
     return gen
@@ -124,7 +128,7 @@ async def warmup_driver(job: Job, chan: LineChannel, req: rq.WarmupRequest, http
             data = await fetch_params(http, job, req, min(req.http_timeout_s, left))
             if job.stop_reason:
                 continue
-            if data is not None:
+            if data is not _NOT_READY:
                 await chan.emit({"status": "warmup_params_received", "elapsed": int(time.monotonic() - start)})
                 try:
                     gen = generation_input(job, data)

@@ -173,6 +173,7 @@ def test_warmup_failing_callback_still_ends_bounded(client, peer_server):
     ({**TINY_BODY, "params": "@/etc/passwd"}, "params", "unknown preset"),
     ({**TINY_BODY, "params": {"n_layers": 1_000_000}}, "params.n_layers", "at most"),
     ({**TINY_BODY, "block_height": -1}, "block_height", "≥ 0"),
+    ("tiny", "params", "object"),
 ])
 def test_warmup_hostile_generation_input_is_an_error_line(client, peer_server, generation, field, text):
     mlnode = peer_server({"/warmup/params": (200, {"status": "ready", "params": generation})})
