@@ -7,13 +7,17 @@ Routes (bodies may be wrapped as `{"payload": {...}}`):
   POST /benchmark  one JSON object: the summary line's fields plus `workload` (nonces computed)
   POST /validate   one JSON object: jaxbench.claims' report
   GET|POST /health device, job and compile state; 503 and "unhealthy" once a device is broken
-Errors before a stream starts: 400 {"error", "field"} for a bad field, 409 {"error": "busy", "job"}
-while a job runs, 503 when the device is broken or the server is shutting down, 413 for a body over
-MAX_CONTENT_LENGTH.
+Errors before a stream starts: 400 {"error", "field"} for a bad field (a parameter set that cannot
+fit the devices is a bad `params`), 409 {"error": "busy", "job"} while a job runs, 503 when the
+device is broken or the server is shutting down, 413 {"error", "field": "body"} for a body over
+MAX_CONTENT_LENGTH; every other 4xx names what it is about too (`method`, `path`, `body`).
+An exception no check foresaw is logged with its traceback ("unhandled error in …") and answered
+400 {"error", "field": "body", "internal_error": true}: a last line of defence, never the plan.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -28,7 +32,7 @@ from jaxbench.engine import Engine
 from . import requests as rq
 from .config import Settings
 from .generate import generate_driver
-from .jobs import JobManager, LineChannel, Refused
+from .jobs import JobManager, JobStopped, LineChannel, Refused
 from .pooled import pooled_driver
 from .warmup import warmup_driver
 
@@ -67,6 +71,12 @@ def ndjson(chan: LineChannel) -> Response:
     return resp
 
 
+def peer_client() -> httpx.AsyncClient:
+    """The client of every call to a peer. No timeouts of its own: service/peers.py gives each call
+    one total deadline (httpx's are per read, which a trickling peer never trips)."""
+    return httpx.AsyncClient(timeout=None, follow_redirects=False, trust_env=False)
+
+
 def create_app(engine: Engine, settings: Settings) -> Quart:
     app = Quart("service")
     app.config["RESPONSE_TIMEOUT"] = None  # streams run for minutes; jobs enforce their own limits
@@ -78,7 +88,7 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
 
     @app.before_serving
     async def _start():
-        state["http"] = httpx.AsyncClient(timeout=settings.http_timeout_s, follow_redirects=False)
+        state["http"] = peer_client()
 
     @app.after_serving
     async def _stop():
@@ -89,7 +99,7 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
 
     def http() -> httpx.AsyncClient:
         if "http" not in state:  # used outside `serve` (tests with app.test_client())
-            state["http"] = httpx.AsyncClient(timeout=settings.http_timeout_s)
+            state["http"] = peer_client()
         return state["http"]
 
     async def body() -> dict:
@@ -105,15 +115,17 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
 
     @app.errorhandler(HTTPException)
     async def _http_error(e: HTTPException):
-        body = {"error": e.description or e.name}
+        body = {"error": e.name, "field": {404: "path", 405: "method"}.get(e.code, "body")}
         if e.code == 413:
-            body = {"error": f"body larger than {settings.max_body_bytes} bytes", "field": "body"}
-        return jsonify(body), e.code
+            body["error"] = f"body larger than {settings.max_body_bytes} bytes"
+        # The request's body may not have been read: this connection cannot carry another request.
+        return jsonify(body), e.code, {"Connection": "close"}
 
     @app.errorhandler(Exception)
     async def _internal(e: Exception):
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return jsonify({"error": str(e) or type(e).__name__, "error_type": type(e).__name__}), 500
+        return jsonify({"error": f"the request could not be handled ({type(e).__name__})", "field": "body",
+                        "internal_error": True}), 400
 
     @app.route("/health", methods=["GET", "POST"])
     async def health():
@@ -123,13 +135,13 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
     @app.post("/generate")
     async def generate():
         req = rq.generate_request(await body(), settings)
-        job = await manager.acquire("generate")
+        job = await manager.acquire("generate", ((req.params, req.dtype),))
         return ndjson(manager.start_session(job, lambda chan: generate_driver(job, chan, req)))
 
     @app.post("/benchmark")
     async def benchmark():
         req = rq.generate_request(await body(), settings, default_max_nonces=settings.benchmark_nonces)
-        job = await manager.acquire("benchmark")
+        job = await manager.acquire("benchmark", ((req.params, req.dtype),))
         chan = manager.start_session(job, lambda chan: generate_driver(job, chan, req, emit_results=False))
         errors, summary = [], None
         try:
@@ -145,12 +157,15 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
         out = {**summary, "workload": summary["total_computed"]}
         if errors:
             out["errors"] = errors
+            field = next((e["field"] for e in errors if "field" in e), None)
+            if field is not None:  # the request's fault, found once the job ran
+                return jsonify({**out, "error": errors[0]["error"], "field": field}), 400
         return jsonify(out), (500 if summary["reason"] == "error" else 200)
 
     @app.post("/warmup")
     async def warmup():
         req = rq.warmup_request(await body(), settings)
-        job = await manager.acquire("warmup")
+        job = await manager.acquire("warmup", ((req.params, req.dtype),) if req.params is not None else ())
         return ndjson(manager.start_session(job, lambda chan: warmup_driver(job, chan, req, http())))
 
     @app.post("/pooled")
@@ -162,12 +177,24 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
     @app.post("/validate")
     async def validate():
         claim = parse_claim(await body())
-        job = await manager.acquire("validate")
+        job = await manager.acquire("validate", ((claim.params, claim.dtype),))
         job.phase = "computing"
         job.detail.update({"block_hash": claim.block_hash[:16], "n": len(claim.nonces)})
+
+        def on_step(n: int) -> None:  # in the worker thread, after each step: progress, and the stop
+            job.computed += n
+            job.check_stop()
+
         try:
-            report = await job.call(validate_claim, manager.engine, claim)
+            report = await job.call(validate_claim, manager.engine, claim, on_step)
             job.summary = {"reason": "completed", "n": report["n"], "n_invalid": report["n_invalid"]}
+        except asyncio.CancelledError:  # the client left: the thread stops after its current step
+            job.stop("disconnected")
+            job.summary = {"reason": "disconnected"}
+            raise
+        except JobStopped:
+            job.summary = {"reason": job.stop_reason}
+            raise Refused(503, {"error": "shutting down" if manager.draining else f"stopped ({job.stop_reason})"})
         except BaseException:
             job.summary = {"reason": job.stop_reason or "error"}
             raise

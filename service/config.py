@@ -5,7 +5,7 @@ Every duration the protocol uses has a module-level default here, an environment
 
 | env | default | what |
 |---|---|---|
-| MODEL_SERVER_HOST | 0.0.0.0 | bind address |
+| MODEL_SERVER_HOST | 127.0.0.1 | bind address (the PyWorker on the same host is the only intended client) |
 | MODEL_SERVER_PORT | 18000 | bind port |
 | MODEL_LOG | /var/log/model/server.log | log file (truncated at start; every line also goes to stdout) |
 | LOG_LEVEL | INFO | root log level |
@@ -14,10 +14,10 @@ Every duration the protocol uses has a module-level default here, an environment
 | MODEL_DRAWS | auto | where inputs are drawn: auto, host or device (jaxbench.engine) |
 | MODEL_BATCH | from free memory | nonces per device per step |
 | JAXBENCH_CACHE_DIR | ~/.cache/jaxbench/xla | persistent XLA compile cache (read by jaxbench.engine) |
-| MODEL_MAX_BODY_BYTES | 1048576 | largest request body (413 above it) |
+| MODEL_MAX_BODY_BYTES | 1048576 | largest request body (413 above it) and largest answer read from a peer |
 | MODEL_DURATION_S | 420 | /generate `duration_s` default (the predecessor's window) |
 | MODEL_BENCHMARK_NONCES | 1024 | /benchmark `max_nonces` default |
-| MODEL_HTTP_TIMEOUT_S | 10 | timeout of each outgoing HTTP call (callback, orchestrator) |
+| MODEL_HTTP_TIMEOUT_S | 10 | total time of each outgoing HTTP call (connect, send, answer and its body), and the budget of a stopped job's goodbye calls |
 | MODEL_WARMUP_POLL_S | 5 | /warmup: pause between polls of the callback for params |
 | MODEL_WARMUP_TIMEOUT_S | 600 | /warmup: give up waiting for params after this |
 | MODEL_POOLED_POLL_S | 0.5 | /pooled: config poll interval while computing |
@@ -25,6 +25,7 @@ Every duration the protocol uses has a module-level default here, an environment
 | MODEL_POOLED_BLOCK_HASH_TIMEOUT_S | 600 | /pooled: give up waiting for a block hash after this |
 | MODEL_POOLED_SESSION_S | 600 | /pooled: longest computing phase of one session |
 | MODEL_POOLED_HEARTBEAT_S | 10 | /pooled: heartbeat interval |
+| MODEL_POOLED_PEER_GRACE_S | 60 | /pooled: the session ends (reason orchestrator_lost) once no call to the orchestrator, or no result post, has succeeded for this long |
 | MODEL_RETRY_ATTEMPTS | 5 | attempts of the retried orchestrator calls (register, ready, shutdown) |
 | MODEL_RETRY_BASE_S | 1.0 | retry/backoff base: sleeps base·2^k (1, 2, 4, 8 s), capped at MODEL_RETRY_MAX_S |
 | MODEL_RETRY_MAX_S | 30 | longest backoff sleep |
@@ -38,7 +39,11 @@ Every duration the protocol uses has a module-level default here, an environment
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+
+
+DRAIN_MARGIN_S = 1.0  # the drain: jobs end by deadline - 2 margins, the server stops waiting at deadline - 1, then exits
 
 
 class SettingsError(ValueError):
@@ -53,6 +58,8 @@ def _env(name: str, default, kind):
         value = kind(raw.strip())
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SettingsError(f"{name}={raw!r} must be a finite number")
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
         raise SettingsError(f"{name}={raw!r} must not be negative")
     return value
@@ -64,7 +71,7 @@ def _flag(raw: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 18000
     log_path: str = "/var/log/model/server.log"
     log_level: str = "INFO"
@@ -83,6 +90,7 @@ class Settings:
     pooled_block_hash_timeout_s: float = 600.0
     pooled_session_s: float = 600.0
     pooled_heartbeat_s: float = 10.0
+    pooled_peer_grace_s: float = 60.0
     retry_attempts: int = 5
     retry_base_s: float = 1.0
     retry_max_s: float = 30.0
@@ -115,6 +123,7 @@ class Settings:
             pooled_block_hash_timeout_s=_env("MODEL_POOLED_BLOCK_HASH_TIMEOUT_S", d.pooled_block_hash_timeout_s, float),
             pooled_session_s=_env("MODEL_POOLED_SESSION_S", d.pooled_session_s, float),
             pooled_heartbeat_s=_env("MODEL_POOLED_HEARTBEAT_S", d.pooled_heartbeat_s, float),
+            pooled_peer_grace_s=_env("MODEL_POOLED_PEER_GRACE_S", d.pooled_peer_grace_s, float),
             retry_attempts=_env("MODEL_RETRY_ATTEMPTS", d.retry_attempts, int),
             retry_base_s=_env("MODEL_RETRY_BASE_S", d.retry_base_s, float),
             retry_max_s=_env("MODEL_RETRY_MAX_S", d.retry_max_s, float),

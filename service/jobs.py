@@ -13,6 +13,9 @@
   anyone listening.
 * The job is released, and the next one can start, only when its driver has finished *and* every
   thread it started has returned, so two jobs never share the devices.
+* A stopped job still says goodbye to its peers (warmup completion callback, orchestrator flush and
+  shutdown notice), within `Job.goodbye_budget`: one call's timeout, and less when the server must
+  be gone by its drain deadline.
 * SIGTERM: `begin_drain()` refuses new jobs and stops the running one with reason "shutdown"; its
   stream ends with its summary line; `wait_idle()` tells the server when it may exit.
 * A device runtime error that is not an out-of-memory marks the device broken (FATAL marker in the
@@ -33,8 +36,9 @@ import jax
 
 from jaxbench.engine import Engine, SearchJob, StepResult, is_out_of_memory
 from jaxbench.params import Params
+from jaxbench.results import SearchTally
 
-from .config import Settings
+from .config import DRAIN_MARGIN_S, Settings
 from .logsetup import log_fatal
 
 log = logging.getLogger("service.jobs")
@@ -42,6 +46,10 @@ log = logging.getLogger("service.jobs")
 MAX_UNREAD_STEPS = 8  # steps a search thread may run ahead of the driver before it waits
 LINE_QUEUE = 512  # lines a driver may run ahead of the HTTP client before it waits
 _ids = itertools.count(1)
+
+
+class JobStopped(Exception):
+    """Raised in a job's worker thread, between steps, once the job has been stopped."""
 
 
 class Refused(Exception):
@@ -142,7 +150,7 @@ class SearchRun:
                 return True
         return False  # stopping: hand the step over anyway, the reader drains or is gone
 
-    def _target(self) -> None:
+    def _target(self) -> Callable[[], None]:
         manager = self.job.manager
         end = _End(None)
         try:
@@ -157,7 +165,7 @@ class SearchRun:
         except BaseException as e:  # noqa: BLE001 — handed to the reader
             end = _End(e)
             manager.note_failure(e)
-        self.job.post(self.queue.put_nowait, end)
+        return lambda: self.queue.put_nowait(end)
 
     async def next(self) -> StepResult | None:
         if self._end is not None:
@@ -197,6 +205,7 @@ class Job:
         self.loop = asyncio.get_running_loop()
         self.stop_reason: str | None = None
         self.stopped = asyncio.Event()
+        self.halt = threading.Event()  # `stopped`, for worker threads
         self.phase = "starting"
         self.detail: dict[str, Any] = {}
         self.summary: dict | None = None
@@ -216,19 +225,27 @@ class Job:
         except RuntimeError:  # the loop is closed: the process is exiting
             pass
 
-    def _start_thread(self, target: Callable[[], None], name: str) -> None:
+    def _start_thread(self, target: Callable[[], Callable[[], None] | None], name: str) -> None:
+        """Run target() in a thread. What it returns is called on the loop once the thread counts as
+        done: whoever learns the outcome (and answers a client) finds the job releasable."""
+
         def body():
+            last = None
             try:
-                target()
+                last = target()
             finally:
-                self.post(self._thread_done)
+                self.post(self._thread_done, last)
 
         self._threads += 1
         threading.Thread(target=body, name=f"{self.id}-{name}", daemon=True).start()
 
-    def _thread_done(self) -> None:
+    def _thread_done(self, last: Callable[[], None] | None = None) -> None:
         self._threads -= 1
-        self._maybe_release()
+        try:
+            if last is not None:
+                last()
+        finally:
+            self._maybe_release()
 
     async def call(self, fn: Callable, *args) -> Any:
         """fn(*args) in a worker thread of this job (device work); its result or exception."""
@@ -247,15 +264,14 @@ class Job:
                 value = fn(*args)
             except BaseException as e:  # noqa: BLE001 — handed to the awaiting task
                 self.manager.note_failure(e)
-                self.post(settle, None, e)
-            else:
-                self.post(settle, value, None)
+                return lambda exc=e: settle(None, exc)
+            return lambda: settle(value, None)
 
         self._start_thread(target, getattr(fn, "__name__", "call"))
         return await fut
 
     def search(self, sjob: SearchJob, batch: int | None = None) -> SearchRun:
-        run = SearchRun(self, sjob, batch or self.manager.settings.batch)
+        run = SearchRun(self, sjob, batch)
         self._runs = [r for r in self._runs if not r.ended] + [run]
         if self.stop_reason is not None:
             run.stop.set()
@@ -270,8 +286,22 @@ class Job:
             self.stop_reason = reason
             log.info("job %s: stopping (%s)", self.id, reason)
         self.stopped.set()
+        self.halt.set()
         for run in self._runs:
             run.stop.set()
+
+    def check_stop(self) -> None:
+        """For worker threads, between steps: raise JobStopped once the job is stopped."""
+        if self.halt.is_set():
+            raise JobStopped(self.stop_reason or "stopped")
+
+    def goodbye_budget(self, timeout: float) -> float:
+        """Seconds a stopped job may spend on its goodbye calls: one call's timeout, less while the
+        server drains (the job must end, last line written, before the drain deadline)."""
+        deadline = self.manager.drain_deadline
+        if deadline is not None:
+            timeout = min(timeout, deadline - 2 * DRAIN_MARGIN_S - time.monotonic())
+        return max(0.0, timeout)
 
     async def sleep(self, seconds: float) -> bool:
         """Sleep, waking early when the job is stopped; True if stopped."""
@@ -323,6 +353,7 @@ class JobManager:
         self.last_job: dict | None = None
         self.broken: str | None = None
         self.draining = False
+        self.drain_deadline: float | None = None  # monotonic time by which the server must be gone
         self._batch_lock = threading.Lock()
         self._batches: dict[tuple[Params, str], int] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -337,14 +368,18 @@ class JobManager:
         if self.job is not None:
             raise Refused(409, {"error": "busy", "job": self.job.info()})
 
-    async def acquire(self, kind: str) -> Job:
+    async def acquire(self, kind: str, needs: tuple[tuple[Params, str], ...] = ()) -> Job:
         """The devices for a new job. A job that is already stopping (its client left, say) is
-        waited for a little, since the PyWorker sends the next queued request at once."""
+        waited for a little, since the PyWorker sends the next queued request at once. `needs`:
+        the (params, dtype) the job will run, refused (FieldError on `params`, a 400) when they
+        cannot fit the devices, checked once the devices are free and before the job exists."""
         deadline = time.monotonic() + self.settings.stopping_job_wait_s
         while (self.job is not None and self.job.stop_reason is not None and not self.draining
                and time.monotonic() < deadline):
             await asyncio.sleep(0.02)
         self.check_available()
+        for params, dtype in needs:
+            self.engine.check_fits(params, dtype)
         self.job = Job(self, kind)
         log.info("job %s: started", self.job.id)
         return self.job
@@ -365,6 +400,9 @@ class JobManager:
             except Exception as e:  # noqa: BLE001 — drivers report their own errors; this is the backstop
                 log.exception("job %s: driver failed", job.id)
                 await chan.emit(error_line(e))
+                if job.summary is None:  # every stream ends with a summary line
+                    job.summary = SearchTally(None, self.engine.n_groups).summary("error")
+                    await chan.emit(job.summary)
             finally:
                 job.finish()
                 chan.end()
@@ -380,8 +418,9 @@ class JobManager:
 
     # Shutdown --------------------------------------------------------------------------------
 
-    def begin_drain(self) -> None:
+    def begin_drain(self, deadline: float) -> None:
         self.draining = True
+        self.drain_deadline = deadline
         if self.job is not None:
             self.job.stop("shutdown")
 
@@ -417,12 +456,13 @@ class JobManager:
     def batch_for(self, params: Params, dtype: str) -> int:
         """The per-device batch, chosen once per (params, dtype) so warmup and the searches that
         follow use the same compiled step."""
-        if self.settings.batch:
-            return self.settings.batch
         with self._batch_lock:
             key = (params, dtype)
             if key not in self._batches:
-                self._batches[key] = self.engine.default_batch(params, dtype)
+                if self.settings.batch:  # MODEL_BATCH, but never more than fits beside the weights
+                    self._batches[key] = min(self.settings.batch, self.engine.max_batch(params, dtype) or self.settings.batch)
+                else:
+                    self._batches[key] = self.engine.default_batch(params, dtype)
             return self._batches[key]
 
     def remember_batch(self, params: Params, dtype: str, batch: int) -> None:

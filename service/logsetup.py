@@ -3,12 +3,14 @@
 The Vast.ai PyWorker tails the log file and substring-matches `signals.READY_LINE` (→ "loaded") and
 `signals.FATAL_MARKER` (→ "errored"). Those two strings may appear only in the lines meant to carry
 them: the formatter defuses them in any other line (a block hash or an exception message from a
-request could contain them).
+request could contain them). Control characters in a message (a CR or LF from a request's field)
+are written escaped, so a message is one line and cannot forge another.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -16,12 +18,17 @@ from . import signals
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _SIGNAL = "jaxbench_signal"
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 log = logging.getLogger("service")
 
 
 class SignalSafeFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if _CONTROL.search(message):
+            escaped = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), message)
+            record = logging.makeLogRecord({**record.__dict__, "msg": escaped, "args": None})
         text = super().format(record)
         if getattr(record, _SIGNAL, False):
             return text
@@ -44,11 +51,13 @@ def setup_logging(log_path: str, level: str = "INFO") -> None:
         root.removeHandler(h)
         h.close()
     formatter = SignalSafeFormatter(FORMAT)
+    if hasattr(sys.stdout, "reconfigure"):  # text that cannot be encoded is escaped, never an error
+        sys.stdout.reconfigure(errors="backslashreplace")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_path:
         path = Path(log_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(_FlushingFileHandler(path, mode="w", encoding="utf-8"))
+        handlers.append(_FlushingFileHandler(path, mode="w", encoding="utf-8", errors="backslashreplace"))
     for h in handlers:
         h.setFormatter(formatter)
         root.addHandler(h)

@@ -8,6 +8,8 @@ Orchestrator calls (base = `orchestrator_url`, all JSON, one shared httpx.AsyncC
   POST /api/workers/{id}/results <result> | /results/batch {"results"}  success = {"status": "ok"}
   POST /api/workers/{id}/shutdown {"stats": {...}}                      on every exit (retried)
 Retried calls: `retry_attempts` tries, sleeping retry_base_s·2^k between them (1, 2, 4, 8 s).
+Every call is over within `http_timeout_s` in all (service/peers.py); while the session is active a
+call or pause in flight is abandoned the moment the job stops (client gone, SIGTERM).
 
 Lines streamed back: registering, registered, waiting_block_hash, received_block_hash,
 loading_model, model_loaded, ready, computing, then one result object per device group and step
@@ -32,6 +34,17 @@ Computation:
   once through /results/batch when they pile up, retried with capped exponential backoff while the
   orchestrator is down. The oldest result is dropped only when the buffer is full; drops are counted
   and reported (shutdown stats and last line), as are results still unsent at the end.
+* Config fields of a wrong type or range are ignored (logged); `params` that are no preset or
+  parameter object, or that cannot fit the devices, end the session with an error line naming the
+  field (`"source": "orchestrator"`).
+* The orchestrator is lost when no call to it has succeeded, or no result post has, for
+  `peer_grace_s`: computing stops (nothing it finds could be delivered), reason `orchestrator_lost`.
+
+The end: the running search is stopped and its steps in flight collected, buffered results are
+flushed (for `final_flush_s`), the shutdown notice is sent (retried, within `http_timeout_s`), then
+the `shutdown` line and the summary. When the job was stopped (client gone, SIGTERM) or the orchestrator failed (lost, or
+register / ready failed), the flush and the notice share one budget of `http_timeout_s` (less
+while the server drains), the flush getting at most half.
 """
 
 from __future__ import annotations
@@ -51,14 +64,15 @@ from jaxbench.nonces import NonceSchedule
 from jaxbench.params import Params
 from jaxbench.results import SearchTally, batch_result
 
+from . import peers
 from .jobs import Job, LineChannel, SearchRun, error_line
-from .requests import PooledRequest
+from .requests import PooledRequest, url_origin
 
 log = logging.getLogger("service.pooled")
 
 MAX_RESULTS_PER_POST = 100
-DRAIN_FLUSH_S = 10.0  # longest final flush when the server is shutting down
-DRAIN_RETRY_ATTEMPTS = 2
+WAKE_S = 0.25  # the computing loop looks at the clock (session end, orchestrator lost) this often
+PEER_FAILED = ("register_failed", "ready_failed", "orchestrator_lost")
 
 
 def _str16(value: str | None) -> str | None:
@@ -68,11 +82,13 @@ def _str16(value: str | None) -> str | None:
 class Orchestrator:
     """The orchestrator's HTTP API; every call returns the parsed JSON object or None."""
 
-    def __init__(self, http: httpx.AsyncClient, req: PooledRequest):
+    def __init__(self, http: httpx.AsyncClient, req: PooledRequest, job: Job):
         self.http = http
         self.base = req.orchestrator_url
         self.worker_id = req.worker_id
         self.req = req
+        self.job = job
+        self.last_contact = time.monotonic()  # of the last call that succeeded
         self._failing: set[str] = set()
 
     def _note(self, what: str, ok: bool, detail: str = "") -> None:
@@ -84,25 +100,32 @@ class Orchestrator:
             self._failing.add(what)
             log.warning("orchestrator %s: %s failed: %s", self.worker_id[:8], what, detail)
 
-    async def call(self, method: str, path: str, what: str, body: Any = None, attempts: int = 1) -> dict | None:
-        url = self.base + path
+    async def call(self, method: str, path: str, what: str, body: Any = None, attempts: int = 1, *,
+                   interruptible: bool = False, budget: peers.Budget | None = None) -> dict | None:
+        """The answer's JSON object, or None. `interruptible`: give up at once when the job stops;
+        `budget`: every attempt and pause within it."""
+        budget = budget or peers.Budget(None)
         for attempt in range(attempts):
-            detail = ""
-            try:
-                r = await self.http.request(method, url, json=body, timeout=self.req.http_timeout_s)
-                if 200 <= r.status_code < 300:
-                    data = r.json()
-                    if isinstance(data, dict):
-                        self._note(what, True)
-                        return data
-                    detail = f"answer is not a JSON object: {type(data).__name__}"
-                else:
-                    detail = f"HTTP {r.status_code}"
-            except (httpx.HTTPError, ValueError) as e:
-                detail = f"{type(e).__name__}: {e}"
-            self._note(what, False, detail)
-            if attempt + 1 < attempts:
-                await asyncio.sleep(min(self.req.retry_base_s * 2 ** attempt, self.req.retry_max_s))
+            answer = await peers.call(self.http, method, self.base + path, json=body,
+                                      timeout=budget.left(self.req.http_timeout_s),
+                                      max_bytes=self.job.manager.settings.max_body_bytes,
+                                      stop=self.job.stopped if interruptible else None)
+            if answer.stopped:
+                return None
+            data = answer.json_object()
+            if data is not None:
+                self.last_contact = time.monotonic()
+                self._note(what, True)
+                return data
+            self._note(what, False, "the answer is not a JSON object" if answer.ok else answer.describe())
+            pause = min(self.req.retry_base_s * 2 ** attempt, self.req.retry_max_s)
+            if attempt + 1 == attempts or budget.left(pause + 0.1) <= pause:
+                break
+            if interruptible:
+                if await self.job.sleep(pause):
+                    return None
+            else:
+                await asyncio.sleep(pause)
         return None
 
     def _path(self, tail: str) -> str:
@@ -111,18 +134,18 @@ class Orchestrator:
     async def register(self, gpu_count: int, gpu_info: list) -> dict | None:
         data = await self.call("POST", "/api/workers/connect", "register",
                                {"worker_id": self.worker_id, "gpu_count": gpu_count, "gpu_info": gpu_info},
-                               self.req.retry_attempts)
+                               self.req.retry_attempts, interruptible=True)
         return data if data and data.get("status") != "error" else None
 
     async def heartbeat(self, pending: int) -> None:
         await self.call("POST", self._path("heartbeat"), "heartbeat", {"pending_results": pending})
 
-    async def poll(self) -> dict | None:
-        return await self.call("GET", self._path("config"), "config poll") or None
+    async def poll(self, interruptible: bool = False) -> dict | None:
+        return await self.call("GET", self._path("config"), "config poll", interruptible=interruptible) or None
 
     async def ready(self, gpu_count: int) -> dict | None:
         data = await self.call("POST", self._path("ready"), "ready", {"gpu_count": gpu_count},
-                               self.req.retry_attempts)
+                               self.req.retry_attempts, interruptible=True)
         return data if data and data.get("status") != "error" else None
 
     async def send_results(self, results: list[dict]) -> bool:
@@ -132,8 +155,9 @@ class Orchestrator:
             data = await self.call("POST", self._path("results/batch"), "results", {"results": results})
         return bool(data) and data.get("status") == "ok"
 
-    async def shutdown(self, stats: dict, attempts: int) -> bool:
-        return await self.call("POST", self._path("shutdown"), "shutdown", {"stats": stats}, attempts) is not None
+    async def shutdown(self, stats: dict, budget: peers.Budget) -> bool:
+        return await self.call("POST", self._path("shutdown"), "shutdown", {"stats": stats}, self.req.retry_attempts,
+                               budget=budget) is not None
 
 
 class ResultSender:
@@ -149,6 +173,7 @@ class ResultSender:
         self.sent = 0
         self.dropped = 0
         self.failures = 0
+        self.failing_since: float | None = None  # since when no post has succeeded
         self._wake = asyncio.Event()
         self._empty = asyncio.Event()
         self._empty.set()
@@ -190,11 +215,14 @@ class ResultSender:
                     self.sent += len(self.in_flight)
                     self.in_flight = []
                     self.failures = 0
+                    self.failing_since = None
                     continue
                 self.buffer.extendleft(reversed(self.in_flight))
                 self.in_flight = []
                 self._trim()
                 self.failures += 1
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
                 delay = min(self.retry_base_s * 2 ** (self.failures - 1), self.retry_max_s)
                 try:  # back off, unless a flush asks to try again now
                     await asyncio.wait_for(self._retry_now.wait(), delay)
@@ -295,7 +323,7 @@ class PooledSession:
         self.chan = chan
         self.req = req
         self.engine = job.manager.engine
-        self.orch = Orchestrator(http, req)
+        self.orch = Orchestrator(http, req, job)
         self.sender = ResultSender(self.orch, req.result_buffer, req.retry_base_s, req.retry_max_s)
         self.cfg: dict[str, Any] = {"block_hash": "", "block_height": 0, "r_target": 0.0, "params": {},
                                     "public_key": "", "nonce_range_start": 0, "nonce_range_end": 0}
@@ -315,28 +343,52 @@ class PooledSession:
 
     # Config ----------------------------------------------------------------------------------
 
+    DEFAULTS = {"block_hash": "", "block_height": 0, "r_target": 0.0, "params": {}, "public_key": "",
+                "nonce_range_start": 0, "nonce_range_end": 0}
+
+    @staticmethod
+    def _acceptable(name: str, value: Any) -> bool:
+        if name in ("block_hash", "public_key"):
+            return isinstance(value, str) and len(value) <= fields.MAX_SEED_TEXT
+        if name == "params":
+            return isinstance(value, (dict, str))  # checked in full when used
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            return False  # parse_json already refused non-finite numbers and huge integers
+        return name == "r_target" or isinstance(value, int)
+
     def copy_fields(self, data: dict) -> None:
-        """Copy the config fields present in an orchestrator answer (wrongly typed ones are ignored)."""
+        """Copy the config fields present in an orchestrator answer (null means the default; values
+        of a wrong type or range are ignored)."""
         for name in self.CONFIG_FIELDS:
             if name not in data:
                 continue
             value = data[name]
-            default = {"block_hash": "", "public_key": "", "params": {}}.get(name)
-            if value is None and default is not None:
-                value = default
-            ok = {
-                "block_hash": isinstance(value, str),
-                "public_key": isinstance(value, str),
-                "params": isinstance(value, (dict, str)),
-                "r_target": isinstance(value, (int, float)) and not isinstance(value, bool),
-            }.get(name, isinstance(value, int) and not isinstance(value, bool) and value >= 0)
-            if not ok:
-                log.warning("pooled %s: ignoring %s=%r from the orchestrator", self.job.id, name, value)
+            if value is None:
+                value = self.DEFAULTS[name]
+            if not self._acceptable(name, value):
+                log.warning("pooled %s: ignoring %s=%.60r from the orchestrator", self.job.id, name, value)
                 continue
             self.cfg[name] = value
 
     def params(self) -> Params:
         return fields.params({"params": self.cfg["params"]})
+
+    def lost(self) -> str | None:
+        """Why results can no longer be delivered, once the orchestrator has failed for peer_grace_s."""
+        now, grace = time.monotonic(), self.req.peer_grace_s
+        if now - self.orch.last_contact > grace:
+            return f"no call to the orchestrator succeeded for {now - self.orch.last_contact:.0f} s"
+        since = self.sender.failing_since
+        if since is not None and now - since > grace:
+            return f"no result could be delivered for {now - since:.0f} s"
+        return None
+
+    def stopped(self) -> bool:
+        """The job was stopped (client gone, SIGTERM): the session ends with that reason."""
+        if self.job.stop_reason:
+            self.reason = self.job.stop_reason
+            return True
+        return False
 
     def work_key(self) -> tuple:
         """What the computation depends on: a change restarts the search."""
@@ -353,6 +405,8 @@ class PooledSession:
                                   "gpu_count": self.engine.n_groups})
             self.job.phase = "registering"
             reg = await self.orch.register(self.engine.n_groups, self.engine.describe())
+            if self.stopped():
+                return
             if reg is None:
                 await self.chan.emit({"error": "Failed to register with orchestrator", "error_type": "ConnectionError"})
                 self.reason, self.error = "register_failed", "Failed to register with orchestrator"
@@ -364,7 +418,11 @@ class PooledSession:
             if not await self._wait_block_hash():
                 return
             await self._ensure_model()
+            if self.stopped():
+                return
             ready = await self.orch.ready(self.engine.n_groups)
+            if self.stopped():
+                return
             if ready is None:
                 await self.chan.emit({"error": "Failed to notify ready", "error_type": "ConnectionError"})
                 self.reason, self.error = "ready_failed", "Failed to notify ready"
@@ -374,6 +432,10 @@ class PooledSession:
             await self.chan.emit({"status": "computing"})
             poller = asyncio.get_running_loop().create_task(self._poller())
             await self._compute()
+        except fields.FieldError as e:  # the orchestrator's config: the request itself was checked
+            log.warning("pooled %s: bad config from the orchestrator: %s", self.job.id, e)
+            await self.chan.emit({**error_line(e), "source": "orchestrator"})
+            self.reason, self.error = "error", str(e)
         except Exception as e:  # noqa: BLE001 — an error line; the end sequence still runs
             log.warning("pooled %s: failed: %s: %s", self.job.id, type(e).__name__, e)
             await self.chan.emit(error_line(e))
@@ -391,14 +453,15 @@ class PooledSession:
         self.job.phase = "waiting_block_hash"
         deadline = time.monotonic() + self.req.block_hash_timeout_s
         while not self.cfg["block_hash"]:
-            if self.job.stop_reason:
-                self.reason = self.job.stop_reason
+            if self.stopped():
                 return False
             if time.monotonic() > deadline:
                 await self.chan.emit({"status": "timeout", "message": "No block_hash received"})
                 self.reason = "timeout_waiting_block_hash"
                 return False
-            data = await self.orch.poll()
+            if await self._check_lost():
+                return False
+            data = await self.orch.poll(interruptible=True)
             if data:
                 if data.get("type") == "shutdown":
                     self.reason = "shutdown_command"
@@ -415,6 +478,7 @@ class PooledSession:
         key = (self.cfg["block_hash"], params, self.req.dtype)
         if key == self.model_key:
             return params
+        self.engine.check_fits(params, self.req.dtype)  # before anything is built or compiled
         await self.chan.emit({"status": "received_block_hash", "block_hash": _str16(self.cfg["block_hash"])})
         await self.chan.emit({"status": "loading_model"})
         self.job.phase = "loading_model"
@@ -423,6 +487,16 @@ class PooledSession:
         self.model_key = key
         await self.chan.emit({"status": "model_loaded", "load_time": int(time.monotonic() - t0), **info})
         return params
+
+    async def _check_lost(self) -> bool:
+        """End the session (True) once the orchestrator is lost."""
+        why = self.lost()
+        if why is None:
+            return False
+        log.warning("pooled %s: the orchestrator is lost: %s", self.job.id, why)
+        await self.chan.emit({"error": f"orchestrator lost: {why}", "error_type": "ConnectionError"})
+        self.reason, self.error = "orchestrator_lost", why
+        return True
 
     async def _poller(self) -> None:
         while True:
@@ -445,8 +519,7 @@ class PooledSession:
         stopped = asyncio.get_running_loop().create_task(self.job.stopped.wait())
         try:
             while True:
-                if self.job.stop_reason:
-                    self.reason = self.job.stop_reason
+                if self.stopped():
                     break
                 if self.shutdown_requested:
                     self.reason = "shutdown_command"
@@ -454,6 +527,8 @@ class PooledSession:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self.reason = "session_timeout"
+                    break
+                if await self._check_lost():
                     break
                 if self.segment is None:
                     await self._start_segment()
@@ -464,7 +539,7 @@ class PooledSession:
                     if self.step_task is None:
                         self.step_task = asyncio.get_running_loop().create_task(self.segment.run.next())
                     waits.add(self.step_task)
-                await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waits, timeout=min(remaining, WAKE_S), return_when=asyncio.FIRST_COMPLETED)
                 if self.step_task is not None and self.step_task.done():
                     task, self.step_task = self.step_task, None
                     await self._on_item(task.result())
@@ -580,16 +655,18 @@ class PooledSession:
 
     async def _end(self) -> None:
         self.job.phase = "shutting_down"
-        draining = self.job.stop_reason == "shutdown"
+        bounded = self.job.stop_reason is not None or self.reason in PEER_FAILED
+        # Stopped or failed peer: flush and notice share one budget. Otherwise the flush gets
+        # final_flush_s and the notice its own http_timeout_s (attempts included).
+        budget = peers.Budget(self.job.goodbye_budget(self.req.http_timeout_s) if bounded else None)
         try:
             await self._finish_segment()
         except Exception as e:  # noqa: BLE001
             if self.reason != "error":
                 await self.chan.emit(error_line(e))
                 self.reason, self.error = "error", f"{type(e).__name__}: {e}"
-        flush_s = min(self.req.final_flush_s, DRAIN_FLUSH_S) if draining else self.req.final_flush_s
         if self.sender._task is not None:
-            await self.sender.flush(flush_s)
+            await self.sender.flush(budget.left(self.req.final_flush_s) / (2 if bounded else 1))
         await self.sender.close()
         duration = int(time.monotonic() - self.started)
         stats = {
@@ -604,8 +681,7 @@ class PooledSession:
         }
         if self.error:
             stats["error"] = self.error
-        attempts = min(self.req.retry_attempts, DRAIN_RETRY_ATTEMPTS) if draining else self.req.retry_attempts
-        notified = await self.orch.shutdown(stats, attempts)
+        notified = await self.orch.shutdown(stats, budget if bounded else peers.Budget(self.req.http_timeout_s))
         if not notified:
             log.warning("pooled %s: the shutdown notification could not be sent", self.job.id)
         await self.chan.emit({"status": "shutdown", "total_batches_sent": self.sender.sent,
@@ -613,10 +689,12 @@ class PooledSession:
                               "unsent_results": self.sender.pending(), "reason": self.reason,
                               "notified": notified})
         self.job.summary = self.tally.summary(self.reason)
+        if self.error:
+            self.job.summary["detail"] = self.error
         self.job.phase = "done"
         await self.chan.emit(self.job.summary)
 
 
 async def pooled_driver(job: Job, chan: LineChannel, req: PooledRequest, http: httpx.AsyncClient) -> None:
-    job.detail.update({"worker_id": req.worker_id, "orchestrator_url": req.orchestrator_url})
+    job.detail.update({"worker_id": req.worker_id, "orchestrator_url": url_origin(req.orchestrator_url)})
     await PooledSession(job, chan, req, http).run()

@@ -4,15 +4,28 @@ Every problem raises `jaxbench.fields.FieldError(field, message)`; the routes an
 HTTP 400 `{"error": "<field>: <message>", "field": "<field>"}`. Unknown top-level keys are ignored
 (the predecessor ignored them and callers send extra keys such as `auth_data`); unknown or
 inconsistent `params` keys are errors.
+
+Every JSON document that reaches the server (request bodies, and the answers of the warmup callback
+and the orchestrator) goes through `parse_json`, which refuses, naming the field (dotted path of
+object keys; "body" when the text is no JSON document at all):
+* text that is not JSON, not UTF-8, or nested deeper than the parser can go;
+* values nested more than MAX_JSON_DEPTH levels;
+* integers beyond ±MAX_INT (JSON allows any length; Python refuses to convert more than 4300 digits);
+* NaN, Infinity, -Infinity and numbers that overflow a float (1e400);
+* strings or keys with lone surrogates ("\\ud800"), which are not text and cannot be encoded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import uuid
 from typing import Any, Mapping
 from urllib.parse import urlsplit
+
+import httpx
 
 from jaxbench import fields
 from jaxbench.engine import SearchJob
@@ -25,21 +38,102 @@ FieldError = fields.FieldError
 
 MAX_DURATION_S = 7 * 24 * 3600.0
 MAX_INTERVAL_S = 3600.0
+MAX_HTTP_TIMEOUT_S = 300.0
+MAX_JSON_DEPTH = 32
+MAX_INT = 2**63 - 1  # nonces, heights and counts are int64 on the network
+MAX_URL_LENGTH = 2048
+WORKER_ID = re.compile(r"[A-Za-z0-9._~-]{1,128}")  # URL-unreserved: the same in a path and in a body
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class _Refused:
+    """A JSON value the parser met but that is not accepted (kept so the walk can name its field)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _parse_int(text: str):
+    digits = len(text.lstrip("-"))
+    if digits > 19 or abs(int(text)) > MAX_INT:
+        return _Refused(f"must be an integer of magnitude at most 2**63-1, got {text[:24]}{'…' if len(text) > 24 else ''}")
+    return int(text)
+
+
+def _parse_constant(name: str):
+    return _Refused(f"must be a finite number, got {name}")
+
+
+def field_name(path: tuple) -> str:
+    """The dotted path of object keys, printable and short (keys come from the sender)."""
+    if not path:
+        return "body"
+    text = ".".join(k.encode("utf-8", "backslashreplace").decode("utf-8") for k in path)
+    return text if len(text) <= 128 else text[:127] + "…"
+
+
+def _walk(value: Any, path: tuple = ()) -> None:
+    stack = [(value, path, 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, _Refused):
+            raise FieldError(field_name(path), value.message)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FieldError(field_name(path), "must be a finite number (it overflows a float)")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise FieldError(field_name(path), "must be valid Unicode text (no lone surrogates)") from None
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                raise FieldError(field_name(path), f"must not be nested more than {MAX_JSON_DEPTH} levels deep")
+            if isinstance(value, list):
+                stack.extend((v, path, depth + 1) for v in value)
+                continue
+            for k, v in value.items():
+                try:
+                    k.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise FieldError(field_name(path + (k,)), "keys must be valid Unicode text") from None
+                stack.append((v, path + (k,), depth + 1))
+
+
+def _loads(raw: bytes | str) -> Any:
+    try:
+        return json.loads(raw, parse_int=_parse_int, parse_constant=_parse_constant)
+    except RecursionError:
+        raise FieldError("body", "Invalid JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise FieldError("body", f"Invalid JSON: {e}") from None
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """A JSON document, refused (FieldError) as the module docstring says."""
+    data = _loads(raw)
+    _walk(data)
+    return data
 
 
 def parse_body(raw: bytes) -> dict:
-    """The JSON object of a request body; `{"payload": {...}}` is unwrapped (the Vast wrapper)."""
-    try:
-        data = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FieldError("body", f"Invalid JSON: {e}") from None
+    """The JSON object of a request body; `{"payload": {...}}` is unwrapped (the Vast wrapper), and
+    only what is used is checked: the fields are named as in the payload."""
+    data = _loads(raw or b"null")
     if isinstance(data, dict) and "payload" in data:
         data = data["payload"]
         if not isinstance(data, dict):
-            raise FieldError("payload", f"must be a JSON object, got {type(data).__name__}")
+            _walk(data, ("payload",))
+            raise FieldError("payload", f"must be a JSON object, got {_type(data)}")
     if not isinstance(data, dict):
-        raise FieldError("body", f"must be a JSON object, got {type(data).__name__}")
+        _walk(data)
+        raise FieldError("body", f"must be a JSON object, got {_type(data)}")
+    _walk(data)
     return data
+
+
+def _type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
 
 
 def _optional(data: Mapping[str, Any], name: str) -> bool:
@@ -53,33 +147,58 @@ def _seconds(data: Mapping[str, Any], name: str, default: float, maximum: float 
     return value
 
 
-def _text(data: Mapping[str, Any], name: str, default: Any, max_len: int = 256) -> str:
+def label(data: Mapping[str, Any], name: str, default: str, max_len: int = 256, allow_empty: bool = False) -> str:
+    """A name the server logs and sends back (job_id): printable text, no control characters."""
     value = data.get(name)
     if value is None:
         return default
-    if not isinstance(value, str) or not value or len(value) > max_len:
-        raise FieldError(name, f"must be a non-empty string of at most {max_len} characters, got {value!r:.60}")
+    if not isinstance(value, str) or not (value or allow_empty) or len(value) > max_len:
+        raise FieldError(name, f"must be a string of at most {max_len} characters")
+    if _CONTROL.search(value):
+        raise FieldError(name, "must not contain control characters (CR, LF, NUL, …)")
+    return value
+
+
+def worker_id(data: Mapping[str, Any], name: str = "worker_id") -> str:
+    """The orchestrator's name for this worker; it goes into URL paths, so only URL-unreserved
+    characters (letters, digits, `.`, `_`, `~`, `-`) are accepted and nothing needs quoting."""
+    value = data.get(name)
+    if value is None:
+        return str(uuid.uuid4())
+    if not isinstance(value, str) or not WORKER_ID.fullmatch(value):
+        raise FieldError(name, "must be 1 to 128 characters from A-Z a-z 0-9 . _ ~ -")
     return value
 
 
 def http_url(data: Mapping[str, Any], name: str) -> str:
-    """An http(s) base URL without trailing slashes (so `base + "/path"` is right)."""
+    """An http(s) base URL without trailing slashes (so `base + "/path"` is right). Its text is
+    never echoed: a refused URL might carry a secret."""
     value = data.get(name)
     if value is None or value == "":
         raise FieldError(name, "is required")
-    if not isinstance(value, str) or len(value) > 2048:
-        raise FieldError(name, f"must be a URL string, got {value!r:.60}")
-    value = value.strip()
+    if not isinstance(value, str) or len(value) > MAX_URL_LENGTH:
+        raise FieldError(name, f"must be a URL string of at most {MAX_URL_LENGTH} characters")
+    if _CONTROL.search(value) or any(c.isspace() for c in value):
+        raise FieldError(name, "must not contain spaces or control characters (CR, LF, NUL, …)")
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 — raises on a malformed port
-    except ValueError as e:
-        raise FieldError(name, f"is not a valid URL: {e}") from None
+        httpx.URL(value)
+    except (ValueError, httpx.InvalidURL):
+        raise FieldError(name, "is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise FieldError(name, f"must be an http:// or https:// URL with a host, got {value!r:.60}")
-    if parts.query or parts.fragment:
+        raise FieldError(name, "must be an http:// or https:// URL with a host")
+    if "@" in parts.netloc:
+        raise FieldError(name, "must not carry credentials (user:password@); they would be sent and shown in clear")
+    if parts.query or parts.fragment or "?" in value or "#" in value:
         raise FieldError(name, "must not have a query or fragment")
     return value.rstrip("/")
+
+
+def url_origin(url: str) -> str:
+    """scheme://host[:port] of a checked URL: what /health shows of it (a path may hold a token)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 # /generate, /benchmark and the generation input of /warmup ----------------------------------------
@@ -140,18 +259,16 @@ class WarmupRequest:
     dtype: str
     poll_interval_s: float
     timeout_s: float
+    http_timeout_s: float
 
 
 def warmup_request(data: Mapping[str, Any], settings: Settings) -> WarmupRequest:
     """Spec §2.1 (`callback_url` http/https, `job_id` default "unknown") plus optional `params`
     (preset or object: compile now), `block_hash` (build those weights now), `dtype`,
-    `poll_interval_s` (MODEL_WARMUP_POLL_S) and `timeout_s` (MODEL_WARMUP_TIMEOUT_S)."""
+    `poll_interval_s` (MODEL_WARMUP_POLL_S), `timeout_s` (MODEL_WARMUP_TIMEOUT_S) and
+    `http_timeout_s` (MODEL_HTTP_TIMEOUT_S: the whole of one call to the callback)."""
     callback_url = http_url(data, "callback_url")
-    job_id = data.get("job_id", "unknown")
-    if job_id is None:
-        job_id = "unknown"
-    if not isinstance(job_id, str) or len(job_id) > 256:
-        raise FieldError("job_id", f"must be a string of at most 256 characters, got {job_id!r:.60}")
+    job_id = label(data, "job_id", "unknown", allow_empty=True)
     params = fields.params(data) if _optional(data, "params") else None
     block_hash = fields.seed_text(data, "block_hash", None) if _optional(data, "block_hash") else None
     return WarmupRequest(
@@ -162,6 +279,7 @@ def warmup_request(data: Mapping[str, Any], settings: Settings) -> WarmupRequest
         dtype=fields.dtype(data),
         poll_interval_s=_seconds(data, "poll_interval_s", settings.warmup_poll_s),
         timeout_s=_seconds(data, "timeout_s", settings.warmup_timeout_s, MAX_DURATION_S),
+        http_timeout_s=_seconds(data, "http_timeout_s", settings.http_timeout_s, MAX_HTTP_TIMEOUT_S),
     )
 
 
@@ -184,16 +302,18 @@ class PooledRequest:
     retry_max_s: float
     result_buffer: int
     final_flush_s: float
+    peer_grace_s: float
     send_empty_results: bool
 
 
 def pooled_request(data: Mapping[str, Any], settings: Settings) -> PooledRequest:
     """Spec §3.1 (`orchestrator_url` http/https, trailing slash stripped) plus optional overrides of
     every interval (see config.py), a stable `worker_id` (default: a fresh UUID, as the predecessor),
-    `dtype` (default float16, as the predecessor's pooled mode) and `send_empty_results` (default
+    `dtype` (default float16, as the predecessor's pooled mode), `peer_grace_s` (how long the
+    orchestrator may fail every call before the session ends) and `send_empty_results` (default
     false: only batches with a valid nonce are posted; true posts every batch like the predecessor)."""
     url = http_url(data, "orchestrator_url")
-    worker_id = _text(data, "worker_id", str(uuid.uuid4()))
+    worker = worker_id(data)
     send_empty = data.get("send_empty_results", False)
     if not isinstance(send_empty, bool):
         raise FieldError("send_empty_results", f"must be a boolean, got {send_empty!r:.60}")
@@ -205,18 +325,19 @@ def pooled_request(data: Mapping[str, Any], settings: Settings) -> PooledRequest
         raise FieldError("result_buffer", "must be at most 1000000")
     return PooledRequest(
         orchestrator_url=url,
-        worker_id=worker_id,
+        worker_id=worker,
         dtype=fields.dtype(data),
         poll_interval_s=_seconds(data, "poll_interval_s", settings.pooled_poll_s),
         wait_poll_interval_s=_seconds(data, "wait_poll_interval_s", settings.pooled_wait_poll_s),
         block_hash_timeout_s=_seconds(data, "block_hash_timeout_s", settings.pooled_block_hash_timeout_s, MAX_DURATION_S),
         session_timeout_s=_seconds(data, "session_timeout_s", settings.pooled_session_s, MAX_DURATION_S),
         heartbeat_interval_s=_seconds(data, "heartbeat_interval_s", settings.pooled_heartbeat_s),
-        http_timeout_s=_seconds(data, "http_timeout_s", settings.http_timeout_s),
+        http_timeout_s=_seconds(data, "http_timeout_s", settings.http_timeout_s, MAX_HTTP_TIMEOUT_S),
         retry_attempts=retry_attempts,
         retry_base_s=_seconds(data, "retry_base_s", settings.retry_base_s),
         retry_max_s=_seconds(data, "retry_max_s", settings.retry_max_s),
         result_buffer=result_buffer,
         final_flush_s=_seconds(data, "final_flush_s", settings.final_flush_s),
+        peer_grace_s=_seconds(data, "peer_grace_s", settings.pooled_peer_grace_s),
         send_empty_results=send_empty,
     )

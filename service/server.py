@@ -7,9 +7,10 @@ accepts connections, `signals.READY_LINE` is logged, exactly once. A failure on 
 
 SIGTERM / SIGINT: new jobs are refused (503), the running job is stopped with reason "shutdown" (its
 stream ends with its summary line, a pooled session notifies the orchestrator, a warmup sends its
-completion callback); once it has ended (at most MODEL_DRAIN_TIMEOUT_S) hypercorn stops and the
-process exits 0. A second signal stops at once. The drain does not rely on hypercorn's
-graceful_timeout, which Python ≥ 3.12 does not honour while a stream is open.
+completion callback, each within what is left of the drain); once it has ended hypercorn stops and
+the process exits 0, within MODEL_DRAIN_TIMEOUT_S of the signal in all. A second signal stops at
+once. The drain does not rely on hypercorn's graceful_timeout, which Python ≥ 3.12 does not honour
+while a stream is open.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import time
 
 from . import config
+from .config import DRAIN_MARGIN_S
 from .logsetup import log_fatal, log_ready, setup_logging
 
 log = logging.getLogger("service")
@@ -83,8 +85,8 @@ async def serve(app, settings: config.Settings) -> int:
     loop = asyncio.get_running_loop()
     stop_serving = asyncio.Event()
 
-    async def drain_then_stop():
-        if not await manager.wait_idle(settings.drain_timeout_s):
+    async def drain_then_stop(deadline: float):
+        if not await manager.wait_idle(deadline - DRAIN_MARGIN_S - time.monotonic()):
             log.warning("the running job did not end within %.0f s; stopping anyway", settings.drain_timeout_s)
         stop_serving.set()
 
@@ -94,8 +96,9 @@ async def serve(app, settings: config.Settings) -> int:
             stop_serving.set()
             return
         log.info("%s: draining (refusing new jobs, ending the running one)", name)
-        manager.begin_drain()
-        loop.create_task(drain_then_stop())
+        deadline = time.monotonic() + settings.drain_timeout_s
+        manager.begin_drain(deadline)
+        loop.create_task(drain_then_stop(deadline))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
@@ -115,8 +118,12 @@ async def serve(app, settings: config.Settings) -> int:
     waiter = loop.create_task(stop_serving.wait())
     await asyncio.wait({serve_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()
+    if manager.drain_deadline is not None:  # whatever is left of the drain, at least a moment
+        stop_wait = max(DRAIN_MARGIN_S, manager.drain_deadline - time.monotonic())
+    else:
+        stop_wait = settings.graceful_timeout_s + 5
     try:
-        await asyncio.wait_for(asyncio.shield(serve_task), settings.graceful_timeout_s + 5)
+        await asyncio.wait_for(asyncio.shield(serve_task), stop_wait)
     except asyncio.TimeoutError:
         log.warning("hypercorn did not stop in time; exiting anyway")
         serve_task.cancel()

@@ -8,13 +8,18 @@ Lines, in order:
    MLNode is not ready yet.
 3. Polls of `GET {callback_url}/warmup/params?job_id=…` every `poll_interval_s`: while not ready
    `{"status": "warmup_waiting", "poll_count", "elapsed"}`; "ready" means HTTP 2xx and a JSON object
-   with `status == "ready"`; its `params` object is the whole /generate input, validated like one
-   (a bad field is an error line naming it). After `timeout_s`: `{"status": "warmup_timeout", "elapsed"}`.
+   with `status == "ready"`; its `params` object is the whole /generate input, validated like one,
+   parameter set fitting the devices included (a bad field is an error line naming it, with
+   `"source": "callback"`). After `timeout_s`: `{"status": "warmup_timeout", "elapsed"}`; a poll
+   never runs past it (each poll's deadline is the smaller of `http_timeout_s` and what is left).
 4. With the input: `{"status": "warmup_params_received", "elapsed"}`, `compiling`/`compiled` (cached,
    near 0 s, when step 2 already compiled these params), then the generation's result lines.
 5. `POST {callback_url}/warmup/complete` with `{"job_id", "total_batches", "total_computed",
    "total_valid", "reason"}` and an `error` field when the warmup failed: sent on every exit (timeout,
-   error, client disconnect, shutdown), before the last line.
+   error, client disconnect, shutdown), before the last line; up to 3 attempts, all within one
+   `http_timeout_s` (less while the server drains).
+A client that leaves stops the job in any phase: a poll in flight is abandoned, a compilation in
+flight finishes (it cannot be interrupted) and nothing follows it but the completion callback.
 6. The summary line `{"status": "done", "reason", …, "callback": "sent"|"failed"}`.
 """
 
@@ -23,12 +28,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import httpx
 
 from jaxbench.params import Params
 from jaxbench.results import SearchTally
 
+from . import peers
 from . import requests as rq
 from .generate import run_generation
 from .jobs import Job, LineChannel, error_line
@@ -46,73 +53,90 @@ async def compile_step(job: Job, chan: LineChannel, params: Params, block_hash: 
     return info
 
 
-async def fetch_params(http: httpx.AsyncClient, req: rq.WarmupRequest, timeout: float) -> dict | None:
-    """The generation input if the MLNode has it ready, else None."""
+_NOT_READY = object()
+
+
+async def fetch_params(http: httpx.AsyncClient, job: Job, req: rq.WarmupRequest, timeout: float) -> Any:
+    """The ready answer's `params` (the generation input, unchecked) if the MLNode has it ready,
+    else _NOT_READY (also when the job stopped)."""
     url = req.callback_url + "/warmup/params"
-    try:
-        r = await http.get(url, params={"job_id": req.job_id}, timeout=timeout)
-    except httpx.HTTPError as e:
-        log.warning("warmup %s: polling %s failed: %s: %s", req.job_id, url, type(e).__name__, e)
-        return None
-    if not 200 <= r.status_code < 300:
-        log.warning("warmup %s: polling %s gave HTTP %d", req.job_id, url, r.status_code)
-        return None
-    try:
-        body = r.json()
-    except ValueError:
-        log.warning("warmup %s: %s did not answer JSON", req.job_id, url)
-        return None
-    if not isinstance(body, dict) or body.get("status") != "ready":
-        return None
-    params = body.get("params")
-    if not isinstance(params, dict):
+    answer = await peers.call(http, "GET", url, params={"job_id": req.job_id}, timeout=timeout,
+                              max_bytes=job.manager.settings.max_body_bytes, stop=job.stopped)
+    if answer.stopped:
+        return _NOT_READY
+    body = answer.json_object()
+    if body is None:
+        log.warning("warmup %s: polling the callback failed: %s", req.job_id, answer.describe())
+        return _NOT_READY
+    if body.get("status") != "ready":
+        return _NOT_READY
+    return body.get("params")
+
+
+def generation_input(job: Job, data: Any) -> rq.GenerateRequest:
+    """The callback's generation input, checked like a /generate body, and its parameter set
+    checked against the devices' memory."""
+    if not isinstance(data, dict):
         raise rq.FieldError("params", "the callback's ready answer must carry a `params` object")
-    return params
+    gen = rq.generate_request(data, job.manager.settings)
+    job.manager.engine.check_fits(gen.params, gen.dtype)
+    return gen
 
 
-async def post_complete(http: httpx.AsyncClient, req: rq.WarmupRequest, payload: dict, timeout: float,
-                        retry_base_s: float) -> bool:
+async def post_complete(http: httpx.AsyncClient, job: Job, req: rq.WarmupRequest, payload: dict) -> bool:
+    """The completion callback: a few attempts, all within one goodbye budget."""
     url = req.callback_url + "/warmup/complete"
+    budget = peers.Budget(job.goodbye_budget(req.http_timeout_s))
+    retry_base_s = job.manager.settings.retry_base_s
     for attempt in range(COMPLETE_ATTEMPTS):
-        try:
-            r = await http.post(url, json=payload, timeout=timeout)
-            if 200 <= r.status_code < 300:
-                log.info("warmup %s: completion sent (%s)", req.job_id, payload.get("reason"))
-                return True
-            log.warning("warmup %s: completion callback gave HTTP %d", req.job_id, r.status_code)
-        except httpx.HTTPError as e:
-            log.warning("warmup %s: completion callback failed: %s: %s", req.job_id, type(e).__name__, e)
-        if attempt + 1 < COMPLETE_ATTEMPTS:
-            await asyncio.sleep(retry_base_s * 2 ** attempt)
+        answer = await peers.call(http, "POST", url, json=payload, timeout=budget.left(req.http_timeout_s),
+                                  max_bytes=job.manager.settings.max_body_bytes, parse=False)
+        if answer.delivered:
+            log.info("warmup %s: completion sent (%s)", req.job_id, payload.get("reason"))
+            return True
+        log.warning("warmup %s: completion callback failed: %s", req.job_id, answer.describe())
+        pause = retry_base_s * 2 ** attempt
+        if attempt + 1 == COMPLETE_ATTEMPTS or budget.left(pause + 0.1) <= pause:
+            break
+        await asyncio.sleep(pause)
     return False
 
 
 async def warmup_driver(job: Job, chan: LineChannel, req: rq.WarmupRequest, http: httpx.AsyncClient) -> None:
     settings = job.manager.settings
-    timeout = settings.http_timeout_s
     tally = SearchTally(None, job.manager.engine.n_groups)  # replaced by the generation's tally
     reason, error = "error", None
-    job.detail.update({"job_id": req.job_id, "callback_url": req.callback_url})
+    job.detail.update({"job_id": req.job_id, "callback_url": rq.url_origin(req.callback_url)})
     await chan.emit({"status": "warmup_ready", "job_id": req.job_id})
     try:
         if req.params is not None:
             await compile_step(job, chan, req.params, req.block_hash, req.dtype)
         job.phase = "waiting_params"
         start = time.monotonic()
+        deadline = start + req.timeout_s
         polls = 0
         while True:
             if job.stop_reason:
                 reason, error = job.stop_reason, f"stopped ({job.stop_reason}) while waiting for params"
                 break
-            elapsed = time.monotonic() - start
-            if elapsed > req.timeout_s:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                elapsed = time.monotonic() - start
                 await chan.emit({"status": "warmup_timeout", "elapsed": int(elapsed)})
                 reason, error = "warmup_timeout", f"no params after {int(elapsed)} s"
                 break
-            data = await fetch_params(http, req, timeout)
-            if data is not None:
+            data = await fetch_params(http, job, req, min(req.http_timeout_s, left))
+            if job.stop_reason:
+                continue
+            if data is not _NOT_READY:
                 await chan.emit({"status": "warmup_params_received", "elapsed": int(time.monotonic() - start)})
-                gen = rq.generate_request(data, settings)
+                try:
+                    gen = generation_input(job, data)
+                except rq.FieldError as e:
+                    log.warning("warmup %s: bad generation input from the callback: %s", req.job_id, e)
+                    await chan.emit({**error_line(e), "source": "callback"})
+                    reason, error = "error", str(e)
+                    break
                 await compile_step(job, chan, gen.params, gen.block_hash, gen.dtype)
                 tally, reason = await run_generation(job, chan, gen)
                 if reason == "error":
@@ -125,22 +149,13 @@ async def warmup_driver(job: Job, chan: LineChannel, req: rq.WarmupRequest, http
                              "elapsed": int(time.monotonic() - start)})
             if polls == 1 or polls % 12 == 0:
                 log.info("warmup %s: waiting for params (poll %d)", req.job_id, polls)
-            await job.sleep(req.poll_interval_s)
-    except rq.FieldError as e:
-        log.warning("warmup %s: bad generation input from the callback: %s", req.job_id, e)
-        await chan.emit({**error_line(e), "field": e.field, "source": "callback"})
-        reason, error = "error", str(e)
+            await job.sleep(min(req.poll_interval_s, max(0.0, deadline - time.monotonic())))
     except Exception as e:  # noqa: BLE001 — an error line, then the callback and the summary
         log.warning("warmup %s: failed: %s: %s", req.job_id, type(e).__name__, e)
         await chan.emit(error_line(e))
         reason, error = "error", f"{type(e).__name__}: {e}"
-    except asyncio.CancelledError:  # the server is being torn down: still tell the MLNode
-        payload = _completion(req, tally, "shutdown", "server stopped")
-        job.manager.spawn(post_complete(http, req, payload, timeout, settings.retry_base_s))
-        raise
     job.phase = "completing"
-    payload = _completion(req, tally, reason, error)
-    sent = await post_complete(http, req, payload, timeout, settings.retry_base_s)
+    sent = await post_complete(http, job, req, _completion(req, tally, reason, error))
     summary = tally.summary(reason)
     summary["callback"] = "sent" if sent else "failed"
     job.summary = summary

@@ -190,14 +190,23 @@ class Recorded:
         return f"{self.method} {self.path} {self.query} {str(self.body)[:80]}"
 
 
+class RawReply:
+    """A handler's answer written by `write(request_handler)` itself: raw bytes, a trickle, …"""
+
+    def __init__(self, write: Callable[[BaseHTTPRequestHandler], None]):
+        self.write = write
+
+
 class FakeHTTPServer:
     """A real HTTP server on 127.0.0.1 in a thread. `handler(method, path, query, body)` returns
-    (status, json_body); every request is recorded in `requests`."""
+    (status, json_body) or a RawReply; every request is recorded in `requests`. `vanish()` makes it
+    disappear: no new connections, and open ones are closed without an answer."""
 
-    def __init__(self, handler: Callable[[str, str, dict, object], tuple[int, object]]):
+    def __init__(self, handler: Callable[[str, str, dict, object], object]):
         self.handler = handler
         self.requests: list[Recorded] = []
         self.lock = threading.Lock()
+        self.gone = threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -209,21 +218,30 @@ class FakeHTTPServer:
                 raw = self.rfile.read(length) if length else b""
                 body = json.loads(raw) if raw else None
                 query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+                if outer.gone.is_set():
+                    self.close_connection = True
+                    return
                 with outer.lock:
                     outer.requests.append(Recorded(self.command, parts.path, query, body))
                 try:
-                    status, reply = outer.handler(self.command, parts.path, query, body)
+                    answer = outer.handler(self.command, parts.path, query, body)
                 except Exception as e:  # noqa: BLE001
-                    status, reply = 500, {"error": repr(e)}
-                data = json.dumps(reply).encode()
+                    answer = 500, {"error": repr(e)}
                 try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
+                    if outer.gone.is_set():
+                        self.close_connection = True
+                    elif isinstance(answer, RawReply):
+                        answer.write(self)
+                    else:
+                        status, reply = answer
+                        data = json.dumps(reply).encode()
+                        self.send_response(status)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):  # the caller gave up (cancelled call)
-                    pass
+                    self.close_connection = True
 
             do_GET = do_POST = _serve
 
@@ -240,8 +258,13 @@ class FakeHTTPServer:
         return self
 
     def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        self.vanish()
+
+    def vanish(self):
+        if not self.gone.is_set():
+            self.gone.set()
+            self.server.shutdown()
+            self.server.server_close()
 
     def calls(self, path_suffix: str, method: str | None = None) -> list[Recorded]:
         with self.lock:

@@ -139,6 +139,12 @@ class FailingEngine:
     def default_batch(self, params, dtype):
         return 4
 
+    def check_fits(self, params, dtype, batch=1):
+        return None
+
+    def max_batch(self, params, dtype):
+        return None
+
     def search(self, job, stop=None, batch=None, on_compiled=None):
         nonces = job.schedule.take(0, batch)
         self.steps_completed += 1
