@@ -9,6 +9,7 @@ distances.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -39,6 +40,7 @@ AXIS = "d"
 DEFAULT_CACHE_DIR = Path(os.environ.get("JAXBENCH_CACHE_DIR", Path.home() / ".cache" / "jaxbench" / "xla"))
 MAX_BATCH = 256
 CPU_BATCH = 8  # the CPU backend gains nothing from larger steps
+MAX_COMPILED_STEPS = 16  # executables kept; the least recently used goes first (each parameter set has its own)
 # "xla": the reference layout, two products and the SwiGLU; "pallas": w1|w3 interleaved, gate, up and
 # SwiGLU in one kernel (gated_ffn.py) where the shape allows, one XLA product over w13 elsewhere.
 FFN_CHOICES = ("xla", "pallas")
@@ -161,7 +163,7 @@ class Engine:
         self._sweep_lock = threading.Lock()
         self.drawer = draws.HostDrawer(host_threads)
         self._model: LoadedModel | None = None
-        self._steps: dict[tuple, Callable] = {}
+        self._steps: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()  # least recent first
         self._compile_seconds: dict[tuple, float] = {}
         self._lock = threading.Lock()
         self._compile_lock = threading.Lock()  # one compilation at a time
@@ -260,6 +262,7 @@ class Engine:
         with self._compile_lock:
             with self._steps_lock:
                 if key in self._steps:
+                    self._steps.move_to_end(key)
                     return self._steps[key]
             self.check_fits(params, dtype, batch)
             t0 = time.perf_counter()
@@ -270,6 +273,9 @@ class Engine:
                      self._compile_seconds[key])
             with self._steps_lock:
                 self._steps[key] = compiled
+                while len(self._steps) > MAX_COMPILED_STEPS:
+                    evicted, _ = self._steps.popitem(last=False)
+                    self._compile_seconds.pop(evicted, None)
             return compiled
 
     def compile_seconds(self, params: Params, dtype: str, batch: int) -> float:
@@ -402,8 +408,12 @@ class Engine:
         batch size retreats to half the size and redoes the lost steps.
         """
         stop = stop or threading.Event()
+        if stop.is_set():
+            return
         model = self.load(job.params, job.block_hash, job.dtype)
         batch = self.fit_batch(job, batch or self.default_batch(job.params, job.dtype))
+        if stop.is_set():  # stopped while the weights were built: no compilation for nothing
+            return
         deadline = None if job.duration_s is None else time.monotonic() + job.duration_s
         flat_next = 0  # first flat index not yet yielded
         step_no = 0

@@ -22,7 +22,7 @@ FIELD_LIMITS: dict[str, float] = {
     "rope_theta": 1e12,
     "seq_len": 1 << 16,
 }
-# Weight tensors are gathered with 32-bit indices.
+# Weight tensors and the weight pool are indexed with 32-bit integers.
 MAX_TENSOR_ELEMENTS = 2**31 - 1
 
 
@@ -82,6 +82,9 @@ class Params:
             if rows * self.dim > MAX_TENSOR_ELEMENTS:
                 raise ParamsError(field, f"a {rows} × {self.dim} weight would have more than "
                                          f"{MAX_TENSOR_ELEMENTS} elements")
+        if self.pool_size > MAX_TENSOR_ELEMENTS:
+            raise ParamsError("n_layers", f"{self.n_params} parameters make a weight pool of {self.pool_size} values; "
+                                          f"at most {MAX_TENSOR_ELEMENTS} are supported")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Params":

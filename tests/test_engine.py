@@ -161,3 +161,24 @@ def test_the_sweep_keeps_the_smallest_batch_within_one_percent_of_the_fastest():
     assert entry["batch"] == 64
     assert entry["block_nonces_per_s"] == {str(b): r for b, r in rates.items()}
     assert sweep(lambda b: 1.0 / {32: 10.0, 64: 20.0}[b], [32, 64])["batch"] == 64
+
+
+def test_compiled_steps_are_bounded_least_recently_used_first(monkeypatch):
+    import jaxbench.engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "MAX_COMPILED_STEPS", 2)
+    engine = Engine(devices=1, draws_mode="host", compile_cache_dir=None)
+    one = engine.compiled_step(TINY, "float16", 1)
+    engine.compiled_step(TINY, "float16", 2)
+    assert engine.compiled_step(TINY, "float16", 1) is one  # now the most recent
+    engine.compiled_step(TINY, "float16", 3)
+    assert sorted(k["batch"] for k in engine.compiled_keys()) == [1, 3]
+
+
+def test_a_search_stopped_before_it_starts_builds_and_compiles_nothing(monkeypatch):
+    engine = Engine(devices=1, draws_mode="host", compile_cache_dir=None)
+    stop = threading.Event()
+    stop.set()
+    monkeypatch.setattr(engine, "load", lambda *a: (_ for _ in ()).throw(AssertionError("loaded")))
+    job = SearchJob(TINY, "s", "pk", 1.41, NonceSchedule.for_node(0), "float16")
+    assert list(engine.search(job, stop, batch=2)) == []

@@ -51,6 +51,8 @@ def test_weight_bytes_exclude_the_unused_embedding_table():
         ({"ffn_dim_multiplier": 1e300}, "ffn_dim_multiplier"),
         ({"dim": 65536, "n_heads": 64, "ffn_dim_multiplier": 2.0}, "ffn_dim_multiplier"),  # w1 over 2**31
         ({"dim": 4096, "n_heads": 64, "vocab_size": 1 << 20}, "vocab_size"),  # the head over 2**31
+        ({"dim": 16384, "n_heads": 128, "n_kv_heads": 128, "n_layers": 200, "ffn_dim_multiplier": 1.0,
+          "multiple_of": 1024}, "n_layers"),  # 48 G parameters: a pool over 2**31 values
     ],
 )
 def test_bad_fields_are_named(fields, bad_field):
