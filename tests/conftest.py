@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 import subprocess
@@ -7,11 +8,44 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-VECTORS = Path(os.environ.get("JAXBENCH_VECTORS", ROOT.parent / "shared" / "vectors" / "reference-vectors.json"))
+# The network's reference vectors, vendored (tests/data/README.md); JAXBENCH_VECTORS names another copy.
+VECTORS = Path(os.environ.get("JAXBENCH_VECTORS") or Path(__file__).parent / "data" / "reference-vectors.json")
 
 
 def load_cases() -> list[dict]:
     return json.loads(VECTORS.read_text())
+
+
+# One compiled device drawer per dtype serves every test that compares device inputs with the host's
+# (a drawer takes seconds to compile on a CPU): DRAWN_NONCES streams of DRAWN_VALUES values each,
+# of which a test keeps the prefix it needs (a stream's values do not depend on its length).
+DRAWN_NONCES = 8
+DRAWN_VALUES = 16 * 4096
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_drawer(dtype: str):
+    import jax
+
+    from jaxbench import device_draws
+
+    return jax.jit(device_draws.make_input_drawer(1, DRAWN_VALUES, dtype, nonces_per_pass=None))
+
+
+def device_inputs(block_hash: str, public_key: str, nonces: list[int], n_values: int, dtype: str):
+    """The first n_values input values of each nonce, drawn on the device: (len(nonces), n_values)."""
+    import numpy as np
+
+    from jaxbench import device_draws
+
+    assert n_values <= DRAWN_VALUES
+    rows = []
+    for start in range(0, len(nonces), DRAWN_NONCES):
+        chunk = list(nonces[start : start + DRAWN_NONCES])
+        padded = chunk + [chunk[0]] * (DRAWN_NONCES - len(chunk))
+        drawn = _shared_drawer(dtype)(device_draws.initial_states(block_hash, public_key, padded))
+        rows.append(np.asarray(drawn)[: len(chunk), 0, :n_values])
+    return np.concatenate(rows)
 
 
 def run_cli(*args: str, input: str | None = None, timeout: float = 300, env: dict | None = None):
