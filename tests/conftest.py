@@ -48,13 +48,24 @@ def device_inputs(block_hash: str, public_key: str, nonces: list[int], n_values:
     return np.concatenate(rows)
 
 
-def run_cli(*args: str, input: str | None = None, timeout: float = 300, env: dict | None = None):
+_CLI_ENV: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cli_compile_cache(tmp_path_factory):
+    """One XLA compile cache for the session's CLI subprocesses (not the user's ~/.cache)."""
+    _CLI_ENV["JAXBENCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("cli-xla"))
+
+
+def cli_command(*args, env: dict | None = None) -> tuple[list, dict]:
+    """The argv and environment of `python -m jaxbench ARGS` (the session's compile cache, this checkout)."""
+    return [sys.executable, "-m", "jaxbench", *args], {**os.environ, "PYTHONPATH": str(ROOT), **_CLI_ENV, **(env or {})}
+
+
+def run_cli(*args, input: str | None = None, timeout: float = 300, env: dict | None = None, cwd=ROOT):
     """`python -m jaxbench ARGS` in a subprocess; returns the CompletedProcess."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "jaxbench", *args], capture_output=True, text=True, timeout=timeout,
-        input=input, cwd=ROOT, env=full_env,
-    )
+    argv, full_env = cli_command(*args, env=env)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input, cwd=cwd, env=full_env)
 
 
 @pytest.fixture(scope="session")
