@@ -330,6 +330,11 @@ def cmd_bench(args) -> int:
     from .bench import run_bench
 
     engine = _engine(args, v["params"], v["dtype"])
+    if args.batch is not None:  # bench runs the batch it is given: it must fit
+        try:
+            engine.check_fits(v["params"], v["dtype"], args.batch)
+        except fields.FieldError as e:
+            raise fields.FieldError("--batch", e.message) from None
     report = run_bench(engine, v["params"], v["dtype"], v["block_hash"], v["public_key"], seconds,
                        batch=args.batch)
     print(json.dumps(report))
@@ -352,6 +357,11 @@ def _silence_stdout() -> None:
         pass
 
 
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info = record.exc_text = record.stack_info = None
+    return True
+
+
 def main(argv: list[str] | None = None, prog: str = "jaxbench") -> int:
     parser = build_parser(prog)
     try:
@@ -359,10 +369,16 @@ def main(argv: list[str] | None = None, prog: str = "jaxbench") -> int:
     except UsageError as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    existing = set(logging.getLogger().handlers)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # a library's logged exception (JAX's plugin set-up, say) is one line too
+        for handler in set(logging.getLogger().handlers) - existing:
+            handler.addFilter(_without_traceback)
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a failing write (a full disk, a closed pipe) is reported here, not at exit
+        return status
     except (fields.FieldError, ParamsError) as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT

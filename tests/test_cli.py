@@ -237,6 +237,7 @@ DISTANCES = ["distances", *TINY, "--nonces", "1"]
         (["validate", "/"], "file"),
         (["validate", "/dev/zero"], "file"),
         (["bench", "--params", "tiny", "--seconds", "0"], "--seconds"),
+        (["bench", "--params", "tiny", "--batch", "2000000"], "--batch"),  # bench runs its batch: it must fit
         (["frobnicate"], "frobnicate"),
         (["-v"], "COMMAND"),
     ],
@@ -279,6 +280,8 @@ def test_the_refusal_in_process_names_the_need_and_what_is_there(capsys, engine)
         ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [-1], "dist": [1.0], "r_target": 1.4}',
          "nonces"),
         ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1], "dist": ["x"], "r_target": 1.4}',
+         "dist"),
+        ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1], "dist": [NaN], "r_target": 1.4}',
          "dist"),
         ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1], "dist": [1.0], "r_target": NaN}',
          "r_target"),
@@ -349,6 +352,15 @@ def test_a_reader_that_leaves_ends_the_search_quietly():
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
 
 
+def test_a_failing_write_is_one_line():
+    argv, env = cli_command(*DISTANCES)
+    with open("/dev/full", "w") as full:
+        out = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert out.returncode == cli.EXIT_ERROR
+    assert out.stderr.strip().splitlines()[-1].startswith("error: OSError: [Errno 28]"), out.stderr
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr
+
+
 def test_an_unexpected_failure_is_one_line_and_v_adds_its_traceback(monkeypatch, capsys):
     def fail(args):
         raise RuntimeError("the device fell over\nsecond line of detail")
@@ -359,3 +371,31 @@ def test_an_unexpected_failure_is_one_line_and_v_adds_its_traceback(monkeypatch,
     assert err.strip().splitlines() == ["error: RuntimeError: the device fell over (-v shows the traceback)"]
     assert cli.main([*DISTANCES, "-v"]) == cli.EXIT_ERROR
     assert "Traceback" in capsys.readouterr().err
+
+
+LOGS_AN_EXCEPTION = """
+import logging, sys
+from jaxbench import cli
+
+def command(args):
+    try:
+        raise OSError("plugin set-up failed")
+    except OSError:
+        logging.getLogger("some.library").exception("could not initialise a backend")
+    return 0
+
+cli.COMMANDS["distances"] = command
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_librarys_logged_exception_is_one_line_unless_v(verbose):
+    argv, env = cli_command()
+    out = subprocess.run([argv[0], "-c", LOGS_AN_EXCEPTION, *DISTANCES, *(["-v"] if verbose else [])],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "some.library: could not initialise a backend" in out.stderr
+    assert ("Traceback" in out.stderr) == verbose, out.stderr
+    if not verbose:
+        assert len(out.stderr.strip().splitlines()) == 1
