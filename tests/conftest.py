@@ -52,9 +52,18 @@ _CLI_ENV: dict[str, str] = {}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _cli_compile_cache(tmp_path_factory):
-    """One XLA compile cache for the session's CLI subprocesses (not the user's ~/.cache)."""
-    _CLI_ENV["JAXBENCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("cli-xla"))
+def compile_cache(tmp_path_factory) -> Path:
+    """One persistent XLA compile cache for the run's subprocesses (CLI, notebooks, servers): each
+    program is compiled once. Not the user's ~/.cache: every run starts empty. (This process keeps
+    JAX's default, no persistent cache: JAX takes its cache directory once per process, and
+    test_engine checks that an engine sets it.)"""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker's base is inside the run's
+        base = base.parent
+    path = base / "xla-cache"
+    path.mkdir(exist_ok=True)
+    _CLI_ENV["JAXBENCH_CACHE_DIR"] = str(path)
+    return path
 
 
 def cli_command(*args, env: dict | None = None) -> tuple[list, dict]:
@@ -86,10 +95,10 @@ def device_draws_engine():
     e.close()
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """An XLA compile cache shared by a test module's server processes."""
-    return tmp_path_factory.mktemp("xla")
+@pytest.fixture(scope="session")
+def cache_dir(compile_cache):
+    """The XLA compile cache that server processes share (the run's)."""
+    return compile_cache
 
 
 @pytest.fixture(scope="module")
