@@ -240,7 +240,8 @@ def _result_file(out: str | None) -> str | None:
 
 def cmd_search(args) -> int:
     stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: (stop.set(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored (`&` in a script): stays so
+        signal.signal(signal.SIGINT, lambda *_: (stop.set(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
     v = _checked(args)
     with _options(args):
         r_target = fields.number({"r_target": args.r_target}, "r_target")
