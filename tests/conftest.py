@@ -17,10 +17,11 @@ def load_cases() -> list[dict]:
 
 
 # One compiled device drawer per dtype serves every test that compares device inputs with the host's
-# (a drawer takes seconds to compile on a CPU): DRAWN_NONCES streams of DRAWN_VALUES values each,
-# of which a test keeps the prefix it needs (a stream's values do not depend on its length).
+# (a drawer takes 10-20 s to compile on a CPU): DRAWN_NONCES streams of DRAWN_VALUES values each, of
+# which a test keeps the prefix it needs (a stream's values do not depend on its length). 64 rows of
+# 1024 draws and part of another: the plan's partial last row is exercised too.
 DRAWN_NONCES = 8
-DRAWN_VALUES = 16 * 4096
+DRAWN_VALUES = 64 * 1024 + 231
 
 
 @functools.lru_cache(maxsize=None)
