@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -36,8 +37,8 @@ def parse_claim(data: Any) -> Claim:
     if not isinstance(dist, list) or len(dist) != len(nonces):
         raise fields.FieldError("dist", f"must be a list of {len(nonces)} numbers, one per nonce")
     for v in dist:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise fields.FieldError("dist", f"must hold numbers, got {v!r:.60}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise fields.FieldError("dist", f"must hold finite numbers, got {v!r:.60}")
     return Claim(
         params=fields.params(data),
         block_hash=fields.seed_text(data, "block_hash"),

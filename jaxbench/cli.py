@@ -1,23 +1,33 @@
-"""`python -m jaxbench`: distances, search, validate and bench from the shell.
+"""`jaxbench` (or `python -m jaxbench`): distances, search, validate and bench from the shell.
 
-Results go to stdout as JSON (one object, or NDJSON lines for `search`); progress bars, tables and
-logs go to stderr. Bad input prints one line naming the field and exits with status 2.
+Results are JSON: one object on stdout, or for `search` NDJSON result lines (on stdout when it is
+not a terminal, else in a file) and a summary line. Progress bars, tables and logs go to stderr.
+Exit status: 0 done, 1 an unexpected failure, 2 bad input, 3 `validate` found fraud, 130 interrupted;
+every failure is one line on stderr (`-v` adds the traceback of an unexpected one).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+import time
+import traceback
 from pathlib import Path
 
 from . import fields, remote
 from .params import DEFAULT_R_TARGET, PRESETS, ParamsError, params_from_text
 
+EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
+EXIT_FRAUD = 3
+EXIT_INTERRUPTED = 130
+MAX_INPUT_FILE_BYTES = 256 * 2**20  # a claim of a million nonces is about 45 MB of JSON
 
 
 class UsageError(Exception):
@@ -29,12 +39,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _verbose_option(p: argparse.ArgumentParser, default) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="log progress details to stderr")
+
+
 def _add_common(p: argparse.ArgumentParser, with_hash: bool = True):
-    p.add_argument("--params", required=True,
-                   help=f"a preset ({', '.join(PRESETS)}), a JSON object, or @file.json")
+    p.add_argument("--params", required=True, metavar="P",
+                   help=f"a preset ({', '.join(PRESETS)}), a JSON object of parameter fields, or @file.json")
     if with_hash:
-        p.add_argument("--block-hash", required=True)
-        p.add_argument("--public-key", required=True)
+        p.add_argument("--block-hash", required=True, metavar="H", help="the block hash the weights and target come from")
+        p.add_argument("--public-key", required=True, metavar="K", help="the public key that seeds each nonce's input")
     _add_runtime(p)
 
 
@@ -42,68 +56,154 @@ def _add_runtime(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="float16", help="float16 (default, what validators run), bfloat16, float32")
     p.add_argument("--draws", default="auto", choices=("auto", "host", "device"),
                    help="where inputs are drawn: auto = device on GPUs, host elsewhere")
-    p.add_argument("--devices", type=int, default=None, help="use the first N local devices (default: all)")
-    p.add_argument("--batch", type=int, default=None, help="nonces per device per step (default: from free memory)")
-    p.add_argument("--cache-dir", default=None, help="XLA compilation cache directory ('' disables it)")
+    p.add_argument("--devices", type=int, default=None, metavar="N", help="use the first N local devices (default: all)")
+    p.add_argument("--batch", type=int, default=None, metavar="B",
+                   help="nonces per device per step (default: from free memory; never more than the work or "
+                        "the memory allows)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="XLA compilation cache directory (default $JAXBENCH_CACHE_DIR or ~/.cache/jaxbench/xla; "
+                        "'' turns it off)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m jaxbench", description="Gonka PoC nonce search in JAX.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def build_parser(prog: str = "jaxbench") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Gonka PoC nonce search in JAX.",
+                     epilog="exit status: 0 done, 1 unexpected failure, 2 bad input, 3 validate found fraud, "
+                            "130 interrupted. docs/output.md describes every output field.")
+    _verbose_option(parser, False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
-    p = sub.add_parser("distances", help="distances of given nonces (one JSON object)")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        _verbose_option(p, argparse.SUPPRESS)  # accepted after the command too; absent, the top level's stands
+        return p
+
+    p = command("distances", "distances of given nonces (one JSON object)")
     _add_common(p)
-    p.add_argument("--nonces", required=True, help="comma-separated integers and a-b ranges")
+    p.add_argument("--nonces", required=True, metavar="LIST", help="comma-separated integers and inclusive a-b ranges")
 
-    p = sub.add_parser("search", help="stream valid nonces as NDJSON, then a summary line")
+    p = command("search", "search for valid nonces: NDJSON result lines, then a summary line")
     _add_common(p)
-    p.add_argument("--r-target", type=float, default=DEFAULT_R_TARGET)
-    p.add_argument("--start-nonce", type=int, default=0)
-    p.add_argument("--node-id", type=int, default=0)
-    p.add_argument("--n-nodes", type=int, default=1)
+    p.add_argument("--r-target", type=float, default=DEFAULT_R_TARGET, metavar="R",
+                   help=f"a nonce is valid when its distance is below this (default {DEFAULT_R_TARGET})")
+    p.add_argument("--start-nonce", type=int, default=0, metavar="N", help="offset of the nonce sequence (default 0)")
+    p.add_argument("--node-id", type=int, default=0, metavar="I", help="this node's index, below --n-nodes (default 0)")
+    p.add_argument("--n-nodes", type=int, default=1, metavar="M", help="nodes sharing the nonce space (default 1)")
+    p.add_argument("--block-height", type=int, default=0, metavar="H", help="echoed in every result line (default 0)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="append result lines and the summary to FILE ('-': stdout). Default: stdout when it "
+                        "is not a terminal, else a new jaxbench-search-<UTC time>.ndjson here")
     stop = p.add_mutually_exclusive_group()
-    stop.add_argument("--max-nonces", type=int, default=None)
-    stop.add_argument("--duration", type=float, default=None, help="seconds")
+    stop.add_argument("--max-nonces", type=int, default=None, metavar="N", help="stop after this many nonces")
+    stop.add_argument("--duration", type=float, default=None, metavar="S", help="stop after this many seconds")
 
-    p = sub.add_parser("validate", help="recompute a claimed batch and give the fraud verdict")
+    p = command("validate", f"recompute a claimed batch and give the fraud verdict (exit {EXIT_FRAUD} on fraud)")
     p.add_argument("file", help="JSON with params, block_hash, public_key, nonces, dist, r_target")
-    p.add_argument("--threshold", type=float, default=None, help="fraud threshold (default 1e-7)")
+    p.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="fraud when the p-value is below this (default: the claim's fraud_threshold, else 1e-7)")
     _add_runtime(p)
 
-    p = sub.add_parser("bench", help="measure end-to-end and device-only throughput")
+    p = command("bench", "measure end-to-end and device-only throughput (a table on stderr, JSON on stdout)")
     _add_common(p, with_hash=False)
-    p.add_argument("--seconds", type=float, default=20.0, help="length of the end-to-end run")
-    p.add_argument("--block-hash", default="bench-" + "0" * 58)
-    p.add_argument("--public-key", default="bench-public-key")
+    p.add_argument("--seconds", type=float, default=20.0, metavar="S", help="length of the end-to-end run (default 20)")
+    p.add_argument("--block-hash", default="bench-" + "0" * 58, metavar="H", help="block hash of the weights")
+    p.add_argument("--public-key", default="bench-public-key", metavar="K", help="public key of the inputs")
 
     remote.add_parser(sub)
+    for p in sub.choices.values():
+        p.set_defaults(option_names={a.dest: a.option_strings[-1] for a in p._actions if a.option_strings})
     return parser
 
 
-def _engine(args):
+@contextlib.contextmanager
+def _options(args):
+    """Field errors raised inside name the command-line option (`--r-target`, not `r_target`)."""
+    try:
+        yield
+    except fields.FieldError as e:
+        head, dot, rest = e.field.partition(".")
+        option = args.option_names.get(head)
+        if option is None:
+            raise
+        raise fields.FieldError(option, f"{rest}: {e.message}" if dot else e.message) from None
+
+
+def _cache_dir(args) -> str | None:
+    from .engine import DEFAULT_CACHE_DIR
+
+    directory = str(DEFAULT_CACHE_DIR) if args.cache_dir is None else args.cache_dir
+    if not directory:
+        return None
+    source = "" if args.cache_dir is not None else " (from JAXBENCH_CACHE_DIR or the default)"
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise fields.FieldError("cache_dir", f"cannot use {directory!r}{source}: {e.strerror or e}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise fields.FieldError("cache_dir", f"cannot write in {directory!r}{source}")
+    return directory
+
+
+def _engine(args, params, dtype: str):
+    """The engine for the command's options, refusing (before any output) a parameter set that
+    cannot fit in these devices' memory."""
     import jax
 
-    from .engine import DEFAULT_CACHE_DIR, Engine
+    from .engine import Engine
 
-    if args.devices is not None and args.devices > len(jax.devices()):
-        raise fields.FieldError("devices", f"only {len(jax.devices())} device(s) here, asked for {args.devices}")
-    cache = DEFAULT_CACHE_DIR if args.cache_dir is None else args.cache_dir
-    return Engine(devices=args.devices, draws_mode=args.draws, compile_cache_dir=cache or None)
+    with _options(args):
+        cache = _cache_dir(args)
+        if args.devices is not None and args.devices > len(jax.devices()):
+            raise fields.FieldError("devices", f"only {len(jax.devices())} device(s) here, asked for {args.devices}")
+        engine = Engine(devices=args.devices, draws_mode=args.draws, compile_cache_dir=cache)
+        engine.check_fits(params, dtype)
+    return engine
+
+
+def _read_json_file(path: str, field: str):
+    """A JSON file's content; unreadable, oversized or malformed files are a FieldError on `field`."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_INPUT_FILE_BYTES + 1)
+    except OSError as e:
+        raise fields.FieldError(field, f"cannot read {path!r}: {e.strerror or e}") from None
+    if len(raw) > MAX_INPUT_FILE_BYTES:
+        raise fields.FieldError(field, f"{path!r} is larger than {MAX_INPUT_FILE_BYTES >> 20} MiB")
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise fields.FieldError(field, f"{path!r} is not UTF-8 text") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, and integers too long to convert
+        raise fields.FieldError(field, f"{path!r} is not valid JSON: {e}") from None
+
+
+def _params(text: str):
+    if text.strip().startswith("@"):
+        path = Path(text.strip()[1:])
+        if path.is_file() and path.stat().st_size > MAX_INPUT_FILE_BYTES:
+            raise fields.FieldError("params", f"{str(path)!r} is larger than {MAX_INPUT_FILE_BYTES >> 20} MiB")
+        if path.exists() and not path.is_file():
+            raise fields.FieldError("params", f"{str(path)!r} is not a regular file")
+    try:
+        return params_from_text(text)
+    except ParamsError as e:
+        raise fields.FieldError("params" if e.field == "params" else f"params.{e.field}", e.message) from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer too long to convert
+        raise fields.FieldError("params", f"invalid JSON: {e}") from None
 
 
 def _checked(args) -> dict:
     """The arguments every command shares, validated with the service's field rules."""
-    values = {"dtype": fields.dtype({"dtype": args.dtype})}
-    if getattr(args, "params", None) is not None:
-        values["params"] = params_from_text(args.params)
-    for name in ("block_hash", "public_key"):
-        if getattr(args, name, None) is not None:
-            values[name] = fields.seed_text({name: getattr(args, name)}, name)
-    if args.batch is not None and args.batch < 1:
-        raise fields.FieldError("batch", f"must be ≥ 1, got {args.batch}")
-    if args.devices is not None and args.devices < 1:
-        raise fields.FieldError("devices", f"must be ≥ 1, got {args.devices}")
+    with _options(args):
+        values = {"dtype": fields.dtype({"dtype": args.dtype})}
+        if getattr(args, "params", None) is not None:
+            values["params"] = _params(args.params)
+        for name in ("block_hash", "public_key"):
+            if getattr(args, name, None) is not None:
+                values[name] = fields.seed_text({name: getattr(args, name)}, name)
+        if args.batch is not None:
+            fields.integer({"batch": args.batch}, "batch", minimum=1)
+        if args.devices is not None:
+            fields.integer({"devices": args.devices}, "devices", minimum=1)
     return values
 
 
@@ -121,8 +221,9 @@ def _ready_message(engine, model, batch: int, compile_seconds: float) -> str:
 
 def cmd_distances(args) -> int:
     v = _checked(args)
-    nonces = fields.parse_nonce_ranges(args.nonces)
-    engine = _engine(args)
+    with _options(args):
+        nonces = fields.parse_nonce_ranges(args.nonces)
+    engine = _engine(args, v["params"], v["dtype"])
     with _progress(len(nonces), "distances") as bar:
         dist = engine.distances(v["params"], v["block_hash"], v["public_key"], nonces, v["dtype"], batch=args.batch,
                                 on_step=bar.update)
@@ -131,72 +232,112 @@ def cmd_distances(args) -> int:
     return 0
 
 
+def _result_file(out: str | None) -> str | None:
+    """Where result lines go: None for stdout ('-', or a stdout that is not a terminal), else a path."""
+    if out == "-" or out is None and not sys.stdout.isatty():
+        return None
+    return out or time.strftime("jaxbench-search-%Y%m%dT%H%M%SZ.ndjson", time.gmtime())
+
+
 def cmd_search(args) -> int:
+    stop = threading.Event()
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored (`&` in a script): stays so
+        signal.signal(signal.SIGINT, lambda *_: (stop.set(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    v = _checked(args)
+    with _options(args):
+        r_target = fields.number({"r_target": args.r_target}, "r_target")
+        start = fields.integer({"start_nonce": args.start_nonce}, "start_nonce")
+        n_nodes = fields.integer({"n_nodes": args.n_nodes}, "n_nodes", minimum=1)
+        node_id = fields.integer({"node_id": args.node_id}, "node_id")
+        if node_id >= n_nodes:
+            raise fields.FieldError("node_id", f"must be below --n-nodes ({n_nodes}), got {node_id}")
+        block_height = fields.integer({"block_height": args.block_height}, "block_height")
+        limit = None if args.max_nonces is None else fields.integer({"max_nonces": args.max_nonces}, "max_nonces",
+                                                                    minimum=1)
+        duration = None if args.duration is None else fields.number({"duration": args.duration}, "duration")
+        path = _result_file(args.out)
+        created = path is not None and not os.path.exists(path)
+        try:
+            results = sys.stdout if path is None else open(path, "a", encoding="utf-8")
+        except OSError as e:
+            raise fields.FieldError("out", f"cannot write {path!r}: {e.strerror or e}") from None
+
     from .engine import SearchJob
     from .nonces import NonceSchedule
     from .results import SearchTally
 
-    v = _checked(args)
-    r_target = fields.number({"r_target": args.r_target}, "r_target")
-    start = fields.integer({"start_nonce": args.start_nonce}, "start_nonce")
-    n_nodes = fields.integer({"n_nodes": args.n_nodes}, "n_nodes", minimum=1)
-    node_id = fields.integer({"node_id": args.node_id}, "node_id")
-    if node_id >= n_nodes:
-        raise fields.FieldError("node_id", f"must be below n_nodes ({n_nodes})")
-    limit = None if args.max_nonces is None else fields.integer({"max_nonces": args.max_nonces}, "max_nonces", minimum=1)
-    duration = None if args.duration is None else fields.number({"duration": args.duration}, "duration")
-
-    engine = _engine(args)
-    job = SearchJob(v["params"], v["block_hash"], v["public_key"], r_target,
-                    NonceSchedule.for_node(start, node_id, n_nodes, limit=limit), v["dtype"], duration)
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: (stop.set(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
-    tally = SearchTally(job, engine.n_groups)
-    with _progress(limit, "search") as bar:
-        on_ready = lambda *ready: bar.write(_ready_message(engine, *ready), file=sys.stderr)
-        for step in engine.search(job, stop, batch=args.batch, on_ready=on_ready):
-            for line in tally.add(step):
-                print(json.dumps(line), flush=True)
-            bar.update(step.computed)
-            bar.set_postfix(valid=tally.total_valid, refresh=False)
-    summary = tally.summary("interrupted" if stop.is_set() else tally.end_reason(False))
-    print(json.dumps(summary), flush=True)
+    try:
+        engine = _engine(args, v["params"], v["dtype"])
+        job = SearchJob(v["params"], v["block_hash"], v["public_key"], r_target,
+                        NonceSchedule.for_node(start, node_id, n_nodes, limit=limit), v["dtype"], duration)
+        tally = SearchTally(job, engine.n_groups, block_height, node_id)
+        with _progress(limit, "search") as bar:
+            on_ready = lambda *ready: bar.write(_ready_message(engine, *ready), file=sys.stderr)
+            for step in engine.search(job, stop, batch=args.batch, on_ready=on_ready):
+                for line in tally.add(step):
+                    print(json.dumps(line), file=results, flush=True)
+                bar.update(step.computed)
+                bar.set_postfix(valid=tally.total_valid, refresh=False)
+        summary = tally.summary("interrupted" if stop.is_set() else tally.end_reason(False))
+        print(json.dumps(summary), file=results, flush=True)
+    except BaseException:
+        if created and results.tell() == 0:  # a file this run made and never wrote to
+            os.unlink(path)
+        raise
+    finally:
+        if results is not sys.stdout:
+            results.close()
+    if results is not sys.stdout:
+        print(json.dumps(summary), flush=True)
+    where = "on stdout" if path is None else f"in {path}"
     print(f"{summary['total_computed']} nonces in {summary['elapsed_seconds']:.1f} s "
           f"({summary['nonces_per_second']:.1f}/s), {summary['total_valid']} valid below r_target {r_target} "
-          f"[{summary['reason']}]", file=sys.stderr)
+          f"[{summary['reason']}]; {tally.lines_emitted} result line(s) and the summary {where}", file=sys.stderr)
     return 0
 
 
 def cmd_validate(args) -> int:
+    dtype = _checked(args)["dtype"]
+    with _options(args):
+        threshold = None
+        if args.threshold is not None:
+            threshold = fields.number({"threshold": args.threshold}, "threshold")
+            if threshold > 1:
+                raise fields.FieldError("threshold", f"must be at most 1 (a p-value bound), got {threshold}")
+    data = _read_json_file(args.file, "file")
     from .claims import parse_claim, validate_claim
 
-    path = Path(args.file)
+    if isinstance(data, dict):
+        data = {"dtype": dtype, **data}
+        if threshold is not None:
+            data["fraud_threshold"] = threshold
     try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise fields.FieldError("file", f"cannot read {args.file!r}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise fields.FieldError("file", f"{args.file!r} is not valid JSON: {e}") from None
-    if isinstance(data, dict) and args.threshold is not None:
-        data = {**data, "fraud_threshold": args.threshold}
-    if isinstance(data, dict) and "dtype" not in data:
-        data = {**data, "dtype": fields.dtype({"dtype": args.dtype})}
-    claim = parse_claim(data)
+        claim = parse_claim(data)
+    except fields.FieldError as e:
+        raise fields.FieldError(f"{args.file}: {e.field}", e.message) from None
+    engine = _engine(args, claim.params, claim.dtype)
     with _progress(len(claim.nonces), "validate") as bar:
-        report = validate_claim(_engine(args), claim, on_step=bar.update)
+        report = validate_claim(engine, claim, on_step=bar.update)
     print(json.dumps(report))
     verdict = "FRAUD" if report["fraud"] else "not fraud"
     print(f"{report['n_invalid']} of {report['n']} invalid, p-value {report['p_value']:.3g}: {verdict} "
           f"at threshold {report['fraud_threshold']:g}", file=sys.stderr)
-    return 0
+    return EXIT_FRAUD if report["fraud"] else 0
 
 
 def cmd_bench(args) -> int:
+    v = _checked(args)
+    with _options(args):
+        seconds = fields.number({"seconds": args.seconds}, "seconds")
     from .bench import run_bench
 
-    v = _checked(args)
-    seconds = fields.number({"seconds": args.seconds}, "seconds")
-    report = run_bench(_engine(args), v["params"], v["dtype"], v["block_hash"], v["public_key"], seconds,
+    engine = _engine(args, v["params"], v["dtype"])
+    if args.batch is not None:  # bench runs the batch it is given: it must fit
+        try:
+            engine.check_fits(v["params"], v["dtype"], args.batch)
+        except fields.FieldError as e:
+            raise fields.FieldError("--batch", e.message) from None
+    report = run_bench(engine, v["params"], v["dtype"], v["block_hash"], v["public_key"], seconds,
                        batch=args.batch)
     print(json.dumps(report))
     return 0
@@ -206,19 +347,58 @@ COMMANDS = {"distances": cmd_distances, "search": cmd_search, "validate": cmd_va
             "remote": remote.run}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def _one_line(text: str, limit: int = 500) -> str:
+    first = (text.strip().splitlines() or [""])[0]
+    return first if len(first) <= limit else first[: limit - 1] + "…"
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: later writes (and the flush at exit) go nowhere instead of failing."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info = record.exc_text = record.stack_info = None
+    return True
+
+
+def main(argv: list[str] | None = None, prog: str = "jaxbench") -> int:
+    parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    existing = set(logging.getLogger().handlers)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # a library's logged exception (JAX's plugin set-up, say) is one line too
+        for handler in set(logging.getLogger().handlers) - existing:
+            handler.addFilter(_without_traceback)
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a failing write (a full disk, a closed pipe) is reported here, not at exit
+        return status
     except (fields.FieldError, ParamsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing more to say
+        _silence_stdout()
         return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 — one line, the traceback only when asked for
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {type(e).__name__}: {_one_line(str(e))}"
+              + ("" if args.verbose else " (-v shows the traceback)"), file=sys.stderr)
+        return EXIT_ERROR
+
+
+def run() -> None:
+    """The `jaxbench` console script."""
+    sys.exit(main())

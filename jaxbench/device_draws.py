@@ -4,8 +4,9 @@ numpy draws `Generator(PCG64(SeedSequence(entropy))).standard_normal(...)` in fl
 reference casts the result to the model dtype. Here the host derives only each stream's PCG64 state
 (two 128-bit numbers); the device computes every position of the stream at once by jump-ahead, runs
 numpy's ziggurat on it with exact integer arithmetic, resolves which positions the ziggurat's rare
-slow paths consume, and rounds to the model dtype exactly as numpy and ml_dtypes do. The slow paths
-run in float64 inside a scoped `jax.enable_x64`, the tail's log1p as glibc computes it.
+slow paths consume, and rounds to the model dtype as the reference does: float64 to float32 to the
+model dtype, each to nearest even. The slow paths run in float64 inside a scoped `jax.enable_x64`,
+the tail's log1p as glibc computes it.
 docs/device-draws.md has the design, what is exact, and the measurements.
 """
 
@@ -301,10 +302,11 @@ def _unpack_double(hi, lo) -> _Double:
 
 
 def _round_to_format(x: _Double, precision: int, min_exponent: int, width: int) -> jax.Array:
-    """The bits (in uint32) of x rounded to nearest-even in a binary format, subnormals included.
+    """The bits (in uint32) of x rounded to nearest-even in a binary format, subnormals included,
+    and infinity where the rounded magnitude is beyond the format's largest finite value.
 
-    The format has `precision` significand bits and normal exponents from `min_exponent`; the
-    values here never overflow it. q counts ulps of the binade (or of the subnormal range).
+    The format has `precision` significand bits and normal exponents from `min_exponent`
+    (IEEE: its largest is 1 - min_exponent). q counts ulps of the binade (or of the subnormal range).
     """
     binade = jnp.maximum(x.exponent, min_exponent)
     shift = jnp.minimum(53 - precision + (binade - x.exponent), 55).astype(jnp.uint32)
@@ -322,13 +324,44 @@ def _round_to_format(x: _Double, precision: int, min_exponent: int, width: int) 
     round_bit = shifted(shift - 1) & 1
     round_up = (round_bit == 1) & (any_below(shift - 1) | ((q & 1) == 1))
     q = q + round_up.astype(jnp.uint32)
-    magnitude = ((binade - min_exponent).astype(jnp.uint32) << (precision - 1)) + q
-    return (x.negative << (width - 1)) | magnitude
+    infinity = ((1 << (width - precision)) - 1) << (precision - 1)
+    max_exponent = 1 - min_exponent
+    # Below max_exponent + 1 the sum stays far inside uint32; a carry into the next binade, or past
+    # the largest finite value, lands exactly on the next encoding (infinity at the top).
+    magnitude = ((jnp.minimum(binade, max_exponent + 1) - min_exponent).astype(jnp.uint32) << (precision - 1)) + q
+    magnitude = jnp.where(x.exponent > max_exponent, infinity, jnp.minimum(magnitude, infinity))
+    return (x.negative << (width - 1)) | magnitude.astype(jnp.uint32)
+
+
+def _float32_as_double(bits: jax.Array) -> _Double:
+    """The float32 with these bits (finite: zero, subnormal or normal) as an exact `_Double`."""
+    negative = bits >> 31
+    biased = ((bits >> 23) & 0xFF).astype(jnp.int32)
+    fraction = bits & 0x7FFFFF
+    # Normal: the 24-bit significand moves up 29 bits into the 53-bit mantissa.
+    significand = fraction | (1 << 23)
+    normal = _Double(negative, biased - 127, significand >> 3, (significand & 7) << 29)
+    # Subnormal: fraction * 2**-149, its leading one at bit `lead` moved up to bit 52.
+    lead = 31 - lax.clz(fraction).astype(jnp.int32)
+    up = (52 - lead).astype(jnp.uint32)  # 30 ..= 52
+    subnormal = _Double(
+        negative, lead - 149,
+        jnp.where(up >= 32, _shift_left(fraction, up - 32), _shift_right(fraction, 32 - up)),
+        _shift_left(fraction, up),
+    )
+    zero = _Double(negative, jnp.full_like(biased, _ZERO_EXPONENT), jnp.zeros_like(bits), jnp.zeros_like(bits))
+    pick = lambda a, b, c: jnp.where(biased > 0, a, jnp.where(fraction == 0, c, b))
+    return _Double(*(pick(a, b, c).astype(a.dtype) for a, b, c in zip(normal, subnormal, zero)))
+
+
+# The reference casts an input with torch.tensor(x, dtype=...): float64 to float32 first, then to a
+# half-precision dtype (spec §5). Both roundings are to nearest even, done here in integers.
+def _via_float32(x: _Double, precision: int, min_exponent: int) -> jax.Array:
+    return _round_to_format(_float32_as_double(_round_to_format(x, 24, -126, 32)), precision, min_exponent, 16)
 
 
 def _to_float16(x: _Double) -> jax.Array:
-    bits = _round_to_format(x, 11, -14, 16).astype(jnp.uint16)
-    return lax.bitcast_convert_type(bits, jnp.float16)
+    return lax.bitcast_convert_type(_via_float32(x, 11, -14).astype(jnp.uint16), jnp.float16)
 
 
 def _to_float32(x: _Double) -> jax.Array:
@@ -336,8 +369,7 @@ def _to_float32(x: _Double) -> jax.Array:
 
 
 def _to_bfloat16(x: _Double) -> jax.Array:
-    # ml_dtypes casts float64 to bfloat16 through float32: two roundings, both to nearest even.
-    return _to_float32(x).astype(jnp.bfloat16)
+    return lax.bitcast_convert_type(_via_float32(x, 8, -126).astype(jnp.uint16), jnp.bfloat16)
 
 
 def _to_float64_words(x: _Double) -> jax.Array:

@@ -45,7 +45,17 @@ def input_generator(block_hash: str, public_key: str, nonce: int) -> np.random.G
     return rng(input_seed(block_hash, public_key, nonce), 4)
 
 
-# Rows of the (seq_len, dim) input drawn per call: bounds the float64 scratch per thread.
+def cast_input(x: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """A float64 draw in the model dtype as the reference casts it (spec §5): `torch.tensor(x,
+    dtype=...)` rounds to float32 first, then to float16 or bfloat16 (two roundings, both to nearest
+    even). A direct float64 cast differs for about one element in 16k."""
+    if out is None:
+        out = np.empty(x.shape, dtype=NUMPY_DTYPES[dtype])
+    out[...] = x if dtype == "float32" else x.astype(np.float32)
+    return out
+
+
+# Values of the (seq_len, dim) input drawn per call: bounds the float64 scratch per thread.
 _DRAW_CHUNK = 1 << 16
 
 
@@ -66,7 +76,7 @@ def draw_input(
     for start in range(0, n, _DRAW_CHUNK):
         chunk = scratch[: min(_DRAW_CHUNK, n - start)]
         g.standard_normal(out=chunk)
-        flat[start : start + chunk.size] = chunk
+        cast_input(chunk, dtype, out=flat[start : start + chunk.size])
     return out
 
 

@@ -9,6 +9,7 @@ from .params import Params, ParamsError, resolve_params
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_SEED_TEXT = 4096
+MAX_NONCE_LIST = 1_000_000
 
 
 class FieldError(ValueError):
@@ -37,6 +38,10 @@ def seed_text(data: Mapping[str, Any], name: str, default: Any = _MISSING) -> st
         raise FieldError(name, f"must be a non-empty string, got {value!r:.60}")
     if len(value) > MAX_SEED_TEXT:
         raise FieldError(name, f"must be at most {MAX_SEED_TEXT} characters")
+    try:
+        value.encode()  # seeds are hashed as UTF-8; a lone surrogate (undecodable argv bytes) has none
+    except UnicodeEncodeError:
+        raise FieldError(name, f"must be valid UTF-8 text, got {value!r:.60}") from None
     return value
 
 
@@ -79,7 +84,7 @@ def params(data: Mapping[str, Any], name: str = "params", default: Any = _MISSIN
         raise FieldError(field, e.message) from None
 
 
-def nonce_list(data: Mapping[str, Any], name: str = "nonces", max_len: int = 1_000_000) -> list[int]:
+def nonce_list(data: Mapping[str, Any], name: str = "nonces", max_len: int = MAX_NONCE_LIST) -> list[int]:
     value = _get(data, name, _MISSING)
     if not isinstance(value, list) or not value:
         raise FieldError(name, "must be a non-empty list of non-negative integers")
@@ -91,24 +96,22 @@ def nonce_list(data: Mapping[str, Any], name: str = "nonces", max_len: int = 1_0
     return value
 
 
-def parse_nonce_ranges(text: str, name: str = "nonces") -> list[int]:
-    """"1,5,10-20" -> [1, 5, 10, …, 20] (ranges inclusive)."""
-    out: list[int] = []
+def parse_nonce_ranges(text: str, name: str = "nonces", max_len: int = MAX_NONCE_LIST) -> list[int]:
+    """"1,5,10-20" -> [1, 5, 10, …, 20] (ranges inclusive), at most max_len nonces (counted before
+    any range is expanded)."""
+    bounds: list[tuple[int, int]] = []
+    count = 0
     for part in text.split(","):
         part = part.strip()
         try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if lo < 0 or hi < lo:
-                    raise ValueError
-                out.extend(range(lo, hi + 1))
-            else:
-                v = int(part)
-                if v < 0:
-                    raise ValueError
-                out.append(v)
+            lo, _, hi = part.partition("-")
+            lo, hi = int(lo), int(hi) if hi else int(lo)
+            if lo < 0 or hi < lo:
+                raise ValueError
         except ValueError:
-            raise FieldError(name, f"bad nonce or range {part!r} (use non-negative integers and a-b ranges)") from None
-        if len(out) > 1_000_000:
-            raise FieldError(name, "at most 1,000,000 nonces")
-    return out
+            raise FieldError(name, f"bad nonce or range {part!r:.60} (use non-negative integers and a-b ranges)") from None
+        count += hi - lo + 1
+        if count > max_len:
+            raise FieldError(name, f"at most {max_len:,} nonces")
+        bounds.append((lo, hi))
+    return [n for lo, hi in bounds for n in range(lo, hi + 1)]

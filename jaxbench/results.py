@@ -10,10 +10,12 @@ from .engine import GroupResult, SearchJob, StepResult
 
 def batch_result(
     job: SearchJob, block_height: int, group: GroupResult, nonces: list[int], dist: list[float],
-    batch_number: int, total_computed: int, total_valid: int, elapsed_seconds: float,
+    batch_number: int, total_computed: int, total_valid: int, elapsed_seconds: float, node_id: int | None = None,
 ) -> dict:
     """One worker batch's result object: the fields /generate lines and /pooled results share
-    (seed-service spec §1.4, §3.7); `nonces` and `dist` are its valid ones."""
+    (seed-service spec §1.4, §3.7); `nonces` and `dist` are its valid ones. `node_id` is the node of
+    the search (spec §7); None gives the predecessor's value, the worker's index. docs/output.md
+    describes every field."""
     return {
         "worker_id": group.group,
         "public_key": job.public_key,
@@ -21,13 +23,13 @@ def batch_result(
         "block_height": block_height,
         "nonces": nonces,
         "dist": dist,
-        "node_id": group.group,
+        "node_id": group.group if node_id is None else node_id,
         "batch_number": batch_number,
         "batch_computed": len(group.nonces),
         "batch_valid": len(nonces),
         "total_computed": total_computed,
         "total_valid": total_valid,
-        "elapsed_seconds": int(elapsed_seconds),
+        "elapsed_seconds": round(elapsed_seconds, 3),
     }
 
 
@@ -38,10 +40,11 @@ class SearchTally:
     aggregate only counted emitted lines).
     """
 
-    def __init__(self, job: SearchJob, n_workers: int, block_height: int = 0):
+    def __init__(self, job: SearchJob, n_workers: int, block_height: int = 0, node_id: int | None = None):
         self.job = job
         self.n_workers = n_workers
         self.block_height = block_height
+        self.node_id = node_id
         self.started = time.monotonic()
         self.worker_computed = [0] * n_workers
         self.worker_valid = [0] * n_workers
@@ -74,7 +77,7 @@ class SearchTally:
             following = self.job.schedule.take(step.flat_start + step.batch * self.n_workers + w, 1)
             lines.append({
                 **batch_result(self.job, self.block_height, g, nonces, dist, self.worker_batches[w],
-                               self.worker_computed[w], self.worker_valid[w], self.elapsed()),
+                               self.worker_computed[w], self.worker_valid[w], self.elapsed(), self.node_id),
                 "next_nonce": following[0] if following else None,
                 "aggregated_batch_number": self.lines_emitted,
                 "aggregated_total_computed": self.total_computed,

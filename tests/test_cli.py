@@ -1,23 +1,63 @@
-"""The CLI through a subprocess: outputs, and bad input answered with one line and exit status 2."""
+"""The CLI through subprocesses: its outputs, its exit statuses, and one line on stderr for every failure."""
+
+from __future__ import annotations
 
 import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
 
-from conftest import load_cases, run_cli
+from conftest import cli_command, load_cases, run_cli
+from jaxbench import cli
 from jaxbench.params import PRESETS
 
-TINY = ["--params", "tiny", "--block-hash", "cafe" * 16, "--public-key", "pk-cli"]
+BLOCK_HASH, PUBLIC_KEY = "cafe" * 16, "pk-cli"
+TINY = ["--params", "tiny", "--block-hash", BLOCK_HASH, "--public-key", PUBLIC_KEY]
+# No machine holds this set (about 30,000 GiB of float32 weights), though every field is within its limit.
+# 36.6 G parameters: within every parameter bound (its weight pool stays under 2**31 values), but 150 GiB
+# in float32, more than any one GPU here or the CPU machines the tests run on.
+UNFITTABLE = json.dumps({"dim": 16384, "n_heads": 128, "n_kv_heads": 128, "n_layers": 5,
+                         "ffn_dim_multiplier": 2.9, "vocab_size": 1000})
+REFUSAL = re.compile(r"needs [\d.]+ GiB on each device .* has [\d.]+ GiB available")
 
 
-def test_distances_prints_one_object_matching_the_engine(engine):
-    out = run_cli("distances", *TINY, "--nonces", "3,0-2,10")
+def tiny_distances(engine, nonces: list[int]) -> dict[int, float]:
+    return dict(zip(nonces, map(float, engine.distances(PRESETS["tiny"], BLOCK_HASH, PUBLIC_KEY, nonces, "float16"))))
+
+
+def assert_one_line(out: subprocess.CompletedProcess, status: int, *named: str) -> str:
+    """The failure's whole stderr is one line naming every string of `named`; nothing on stdout."""
+    assert out.returncode == status, (out.returncode, out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert all(n in lines[0] for n in named), (named, lines[0])
+    assert out.stdout == ""
+    return lines[0]
+
+
+def ndjson(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# Outputs -------------------------------------------------------------------------------------------
+
+
+def test_distances_prints_one_object_matching_the_engine_and_takes_v_after_the_command(engine):
+    out = run_cli("distances", *TINY, "--nonces", "3,0-2,10", "-v")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["nonces"] == [3, 0, 1, 2, 10]
-    expected = engine.distances(PRESETS["tiny"], "cafe" * 16, "pk-cli", [3, 0, 1, 2, 10], "float16")
-    np.testing.assert_array_equal(np.array(result["dist"], dtype=np.float32), expected)
+    expected = tiny_distances(engine, [3, 0, 1, 2, 10])
+    np.testing.assert_array_equal(np.array(result["dist"], dtype=np.float32),
+                                  np.array(list(expected.values()), dtype=np.float32))
+    assert "INFO jaxbench.engine: built weights" in out.stderr  # -v after the command was heard
 
 
 def test_distances_accepts_a_vector_case_as_json_params():
@@ -29,28 +69,88 @@ def test_distances_accepts_a_vector_case_as_json_params():
     np.testing.assert_allclose(json.loads(out.stdout)["dist"], case["dist_f32"], atol=1e-5)
 
 
-def test_search_streams_valid_nonces_and_a_summary(engine):
-    out = run_cli("search", *TINY, "--r-target", "1.41", "--start-nonce", "100", "--max-nonces", "50",
-                  "--batch", "8")
+def test_search_into_a_pipe_streams_ndjson_with_the_nodes_fields(engine):
+    out = run_cli("search", *TINY, "--r-target", "1.41", "--start-nonce", "100", "--node-id", "1", "--n-nodes", "2",
+                  "--block-height", "77", "--max-nonces", "25", "--batch", "8")
     assert out.returncode == 0, out.stderr
-    lines = [json.loads(line) for line in out.stdout.splitlines()]
-    summary = lines[-1]
+    lines = ndjson(out.stdout)
+    results, summary = lines[:-1], lines[-1]
     assert summary["status"] == "done" and summary["reason"] == "completed"
-    assert summary["total_computed"] == 50
-    found = {n: d for line in lines[:-1] for n, d in zip(line["nonces"], line["dist"])}
-    assert summary["total_valid"] == len(found) > 0
-    # Every nonce of the range was computed: recompute them all and compare the valid set.
-    dist = engine.distances(PRESETS["tiny"], "cafe" * 16, "pk-cli", list(range(100, 150)), "float16")
-    expected = {100 + i: float(d) for i, d in enumerate(dist) if d < 1.41}
-    assert found == expected
-    assert "search" in out.stderr and "50 nonces" in out.stderr
+    assert summary["total_computed"] == 25 and isinstance(summary["elapsed_seconds"], float)
+    for line in results:
+        assert line["node_id"] == 1 and line["block_height"] == 77 and line["n_workers"] == 1
+        assert isinstance(line["elapsed_seconds"], float)
+    found = {n: d for line in results for n, d in zip(line["nonces"], line["dist"])}
+    # Node 1 of 2 from 100 computes 101, 103, …, 149: recompute them all and compare the valid set.
+    expected = {n: d for n, d in tiny_distances(engine, list(range(101, 150, 2))).items() if d < 1.41}
+    assert found == expected and summary["total_valid"] == len(found) > 0
+    assert "25 nonces" in out.stderr and "on stdout" in out.stderr
+
+
+def run_on_a_terminal(args: list[str], cwd, timeout: float = 300) -> tuple[int, str, str]:
+    """Run the CLI with a pseudo-terminal as stdout: (status, what the terminal showed, stderr)."""
+    master, slave = pty.openpty()
+    argv, env = cli_command(*args)
+    with open(cwd / "stderr.txt", "w+") as err:
+        proc = subprocess.Popen(argv, stdout=slave, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd, env=env)
+        os.close(slave)
+        shown, deadline = b"", time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if select.select([master], [], [], 1)[0]:
+                    try:
+                        data = os.read(master, 65536)
+                    except OSError:  # EIO: the terminal's last writer has gone
+                        break
+                    if not data:
+                        break
+                    shown += data
+        finally:
+            os.close(master)
+        status = proc.wait(timeout=max(1, deadline - time.monotonic()))
+        err.seek(0)
+        return status, shown.decode().replace("\r\n", "\n"), err.read()
+
+
+def test_search_on_a_terminal_writes_lines_to_a_file_and_shows_the_summary(tmp_path):
+    status, shown, stderr = run_on_a_terminal(["search", *TINY, "--r-target", "1.41", "--max-nonces", "24"], tmp_path)
+    assert status == 0, stderr
+    (written,) = tmp_path.glob("jaxbench-search-*.ndjson")
+    lines = ndjson(written.read_text())
+    assert len(lines) > 1 and all("nonces" in line for line in lines[:-1])
+    assert lines[-1]["status"] == "done" and lines[-1]["total_computed"] == 24
+    assert ndjson(shown) == [lines[-1]]  # the terminal shows the summary line alone
+    assert f"in {written.name}" in stderr
+
+
+def test_search_out_appends_lines_and_summary_to_the_file(tmp_path):
+    path = tmp_path / "found.ndjson"
+    for _ in range(2):
+        out = run_cli("search", *TINY, "--r-target", "1.41", "--max-nonces", "16", "--out", str(path))
+        assert out.returncode == 0, out.stderr
+        (summary,) = ndjson(out.stdout)
+        assert summary["status"] == "done" and f"in {path}" in out.stderr
+    lines = ndjson(path.read_text())
+    summaries = [i for i, line in enumerate(lines) if "status" in line]
+    assert len(summaries) == 2 and summaries[1] == len(lines) - 1
+    timeless = [{k: v for k, v in line.items() if k != "elapsed_seconds"} for line in lines]
+    assert timeless[: summaries[0]] == timeless[summaries[0] + 1 : -1]  # the same search twice, appended
+
+
+def test_a_batch_far_beyond_the_work_is_lowered_to_it():
+    started = time.monotonic()
+    out = run_cli("-v", "search", *TINY, "--batch", "2000000", "--max-nonces", "16", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert ndjson(out.stdout)[-1]["total_computed"] == 16
+    assert "batch 2000000 lowered to 16" in out.stderr
+    assert time.monotonic() - started < 60
 
 
 def _claim(engine, tmp_path, tamper: int) -> str:
     nonces = list(range(20))
-    dist = engine.distances(PRESETS["tiny"], "cafe" * 16, "pk-cli", nonces, "float16")
+    dist = engine.distances(PRESETS["tiny"], BLOCK_HASH, PUBLIC_KEY, nonces, "float16")
     r_target = float(np.max(dist)) + 1e-3
-    claim = {"params": "tiny", "block_hash": "cafe" * 16, "public_key": "pk-cli", "nonces": nonces,
+    claim = {"params": "tiny", "block_hash": BLOCK_HASH, "public_key": PUBLIC_KEY, "nonces": nonces,
              "dist": dist.tolist(), "r_target": r_target}
     if tamper:
         claim["r_target"] = float(np.sort(dist)[tamper - 1]) - 1e-6  # the `20 - tamper + 1` largest now fail
@@ -59,46 +159,117 @@ def _claim(engine, tmp_path, tamper: int) -> str:
     return str(path)
 
 
-def test_validate_honest_and_fraudulent_claims(engine, tmp_path):
+def test_validate_exits_0_on_an_honest_claim_and_3_on_fraud(engine, tmp_path):
     honest = run_cli("validate", _claim(engine, tmp_path, 0))
     assert honest.returncode == 0, honest.stderr
     report = json.loads(honest.stdout)
     assert report["n_invalid"] == 0 and report["fraud"] is False and report["p_value"] == 1.0
     bad = run_cli("validate", _claim(engine, tmp_path, 15))
+    assert bad.returncode == cli.EXIT_FRAUD == 3, bad.stderr
     report = json.loads(bad.stdout)
     assert report["n_invalid"] == 6 and report["fraud"] is True and report["p_value"] < 1e-7
     assert "FRAUD" in bad.stderr
 
 
+def test_bench_reports_every_figure():
+    """Host draws here (the step is the one the searches above compiled); the device-draw figures
+    are test_bench.py's."""
+    out = run_cli("bench", "--params", "tiny", "--seconds", "1", "--batch", "8")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    for key in ("end_to_end_nonces_per_s", "device_only_nonces_per_s", "draw_nonces_per_s", "weight_build_seconds",
+                "compile_seconds", "mean_draw_seconds_per_step", "mean_step_seconds",
+                "mean_host_wait_seconds_per_step"):
+        assert report[key] > 0, key
+    assert report["batch_per_device"] == 8 and report["devices"] == 1 and report["draws"] == "host"
+    assert report["device_draw_nonces_per_s_alone"] is None and report["nonces_computed"] >= 8
+    assert report["achieved_tflops_per_device"] >= 0 and report["percent_of_floor"] is None  # no floor on a CPU
+    assert "end_to_end_nonces_per_s" in out.stderr  # the table
+
+
+# Bad input: one line on stderr, exit status 2 -----------------------------------------------------
+
+DISTANCES = ["distances", *TINY, "--nonces", "1"]
+
+
 @pytest.mark.parametrize(
     "args, named",
     [
-        (["distances", "--params", "huge", "--block-hash", "a", "--public-key", "b", "--nonces", "1"], "params"),
+        (["distances", "--params", "huge", "--block-hash", "a", "--public-key", "b", "--nonces", "1"], "--params"),
         (["distances", "--params", '{"dim": 63}', "--block-hash", "a", "--public-key", "b", "--nonces", "1"], "dim"),
         (["distances", "--params", '{"colour": 1}', "--block-hash", "a", "--public-key", "b", "--nonces", "1"], "colour"),
-        (["distances", *TINY, "--nonces", "1,x"], "nonces"),
-        (["distances", *TINY, "--nonces", "9-2"], "nonces"),
-        (["distances", *TINY, "--nonces", "-4"], "nonces"),
+        (["distances", "--params", '{"dim": 1e400}', "--block-hash", "a", "--public-key", "b", "--nonces", "1"], "dim"),
+        (["distances", "--params", '{"dim": ' + "9" * 5000 + "}", "--block-hash", "a", "--public-key", "b",
+          "--nonces", "1"], "--params"),
+        (["distances", "--params", "{" * 100_000, "--block-hash", "a", "--public-key", "b", "--nonces", "1"], "--params"),
+        (["distances", "--params", "@/nonexistent.json", "--block-hash", "a", "--public-key", "b", "--nonces", "1"],
+         "--params"),
+        (["distances", "--params", "@/dev/zero", "--block-hash", "a", "--public-key", "b", "--nonces", "1"], "--params"),
+        (["distances", *TINY, "--nonces", "1,x"], "--nonces"),
+        (["distances", *TINY, "--nonces", "9-2"], "--nonces"),
+        (["distances", *TINY, "--nonces", "-4"], "--nonces"),
+        (["distances", *TINY, "--nonces", "0-100000000000"], "--nonces"),
+        (["distances", *TINY, "--nonces", "9" * 5000], "--nonces"),
         (["distances", *TINY], "--nonces"),
-        (["distances", *TINY, "--nonces", "1", "--dtype", "float8"], "dtype"),
-        (["distances", "--params", "tiny", "--block-hash", "", "--public-key", "b", "--nonces", "1"], "block_hash"),
-        (["search", *TINY, "--r-target", "-1"], "r_target"),
-        (["search", *TINY, "--max-nonces", "0"], "max_nonces"),
+        ([*DISTANCES, "--dtype", "float8"], "--dtype"),
+        (["distances", "--params", "tiny", "--block-hash", "", "--public-key", "b", "--nonces", "1"], "--block-hash"),
+        (["distances", "--params", "tiny", "--block-hash", "a" * 5000, "--public-key", "b", "--nonces", "1"],
+         "--block-hash"),
+        (["distances", "--params", "tiny", "--block-hash", "a", "--public-key", b"\xff", "--nonces", "1"],
+         "--public-key"),
+        ([*DISTANCES, "--devices", "0"], "--devices"),
+        ([*DISTANCES, "--devices", "-3"], "--devices"),
+        ([*DISTANCES, "--devices", "64"], "--devices"),
+        ([*DISTANCES, "--batch", "0"], "--batch"),
+        ([*DISTANCES, "--cache-dir", "/dev/null/x"], "--cache-dir"),
+        ([*DISTANCES, "--draws", "gpu"], "--draws"),
+        (["search", *TINY, "--r-target", "-1"], "--r-target"),
+        (["search", *TINY, "--r-target", "nan"], "--r-target"),
+        (["search", *TINY, "--max-nonces", "0"], "--max-nonces"),
         (["search", *TINY, "--max-nonces", "5", "--duration", "3"], "--duration"),
+        (["search", *TINY, "--duration", "inf"], "--duration"),
+        (["search", *TINY, "--duration", "-1"], "--duration"),
         (["search", *TINY, "--start-nonce", "ten"], "--start-nonce"),
-        (["search", *TINY, "--node-id", "3", "--n-nodes", "2"], "node_id"),
-        (["search", *TINY, "--batch", "0"], "batch"),
-        (["distances", *TINY, "--nonces", "1", "--devices", "64"], "devices"),
+        (["search", *TINY, "--start-nonce", "-1"], "--start-nonce"),
+        (["search", *TINY, "--block-height", "-1"], "--block-height"),
+        (["search", *TINY, "--node-id", "3", "--n-nodes", "2"], "--node-id"),
+        (["search", *TINY, "--n-nodes", "0"], "--n-nodes"),
+        (["search", *TINY, "--out", "/dev/null/x"], "--out"),
+        (["validate", "claim.json", "--threshold", "-1"], "--threshold"),
+        (["validate", "claim.json", "--threshold", "2"], "--threshold"),
         (["validate", "/nonexistent/claim.json"], "file"),
+        (["validate", "/"], "file"),
+        (["validate", "/dev/zero"], "file"),
+        (["bench", "--params", "tiny", "--seconds", "0"], "--seconds"),
+        (["bench", "--params", "tiny", "--batch", "2000000"], "--batch"),  # bench runs its batch: it must fit
         (["frobnicate"], "frobnicate"),
+        (["-v"], "COMMAND"),
     ],
 )
-def test_bad_input_is_one_line_naming_the_field(args, named):
-    out = run_cli(*args)
-    assert out.returncode == 2, (out.stdout, out.stderr)
-    err = out.stderr.strip().splitlines()
-    assert len(err) == 1 and named in err[0], out.stderr
-    assert "Traceback" not in out.stderr and out.stdout == ""
+def test_bad_input_is_one_line_naming_the_option(args, named):
+    assert_one_line(run_cli(*args), cli.EXIT_BAD_INPUT, "error: ", named)
+
+
+@pytest.mark.parametrize("command", ["distances", "search", "bench"])
+def test_a_set_no_machine_can_hold_is_refused_saying_what_it_needs(command):
+    args = ["--params", UNFITTABLE, "--dtype", "float32", "--devices", "1"]
+    args += ["--block-hash", "a", "--public-key", "b"] if command != "bench" else []
+    args += ["--nonces", "1"] if command == "distances" else []
+    line = assert_one_line(run_cli(command, *args), cli.EXIT_BAD_INPUT, "--params")
+    assert REFUSAL.search(line), line
+
+
+def test_the_refusal_in_process_names_the_need_and_what_is_there(capsys, engine):
+    from jaxbench.fields import FieldError
+    from jaxbench.params import Params
+
+    with pytest.raises(FieldError) as refused:
+        engine.check_fits(Params.from_dict(json.loads(UNFITTABLE)), "float32")
+    assert refused.value.field == "params" and REFUSAL.search(refused.value.message)
+    status = cli.main(["distances", "--params", UNFITTABLE, "--dtype", "float32", "--block-hash", "a",
+                       "--public-key", "b", "--nonces", "1", "--cache-dir", ""])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == cli.EXIT_BAD_INPUT and len(err) == 1 and REFUSAL.search(err[0])
 
 
 @pytest.mark.parametrize(
@@ -106,28 +277,137 @@ def test_bad_input_is_one_line_naming_the_field(args, named):
     [
         ("[1, 2]", "body"),
         ('{"params": "tiny"}', "nonces"),
-        ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1, 2], "dist": [1.0], "r_target": 1.4}', "dist"),
-        ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1], "dist": [1.0], "r_target": 1.4, "x": 1}', "x"),
+        ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1, 2], "dist": [1.0], "r_target": 1.4}',
+         "dist"),
+        ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1], "dist": [1.0], "r_target": 1.4, '
+         '"x": 1}', "x"),
+        ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [-1], "dist": [1.0], "r_target": 1.4}',
+         "nonces"),
+        ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1], "dist": ["x"], "r_target": 1.4}',
+         "dist"),
+        ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1], "dist": [NaN], "r_target": 1.4}',
+         "dist"),
+        ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1], "dist": [1.0], "r_target": NaN}',
+         "r_target"),
+        ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1], "dist": [1.0], "r_target": 1e400}',
+         "r_target"),
+        ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1], "dist": [1.0], "r_target": 1.4, '
+         '"fraud_threshold": -1}', "fraud_threshold"),
+        ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1], "dist": [1.0], "r_target": 1.4, '
+         '"dtype": "float8"}', "dtype"),
+        ('{"params": {"dim": 63}, "block_hash": "a", "public_key": "b", "nonces": [1], "dist": [1.0], "r_target": 1}',
+         "dim"),
+        ('{"params": "mainnet", "block_hash": "a", "public_key": "b", "nonces": [1], "dist": [1.0], "r_target": 1}',
+         "needs"),
+        ('{"nonces": [' + "1" * 5000 + "]}", "file"),
+        ("[" * 100_000, "file"),
         ("{not json", "file"),
+        (b"\xff\xfe{}", "file"),
     ],
 )
 def test_validate_rejects_malformed_claims(tmp_path, claim, named):
     path = tmp_path / "claim.json"
-    path.write_text(claim)
-    out = run_cli("validate", str(path))
-    assert out.returncode == 2
-    assert named in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    path.write_bytes(claim if isinstance(claim, bytes) else claim.encode())
+    assert_one_line(run_cli("validate", str(path)), cli.EXIT_BAD_INPUT, named)
 
 
-def test_bench_reports_every_figure():
-    out = run_cli("bench", "--params", "tiny", "--seconds", "1", "--draws", "device", "--batch", "4")
+# Other ends: interrupts, a closed pipe, an unexpected failure --------------------------------------
+
+
+# Ctrl-C's usual action in the child: pytest itself may run with SIGINT ignored (a background job
+# of a script does), and a child inherits that.
+WITH_CTRL_C = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "runpy.run_module('jaxbench', run_name='__main__', alter_sys=True)")
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    argv, env = cli_command(*args)
+    assert argv[1:3] == ["-m", "jaxbench"]
+    return subprocess.Popen([argv[0], "-c", WITH_CTRL_C, *argv[3:]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _read_stderr_until(proc: subprocess.Popen, pattern: str, timeout: float = 120) -> str:
+    seen, deadline = "", time.monotonic() + timeout
+    while not re.search(pattern, seen):
+        assert time.monotonic() < deadline and proc.poll() is None, seen
+        if select.select([proc.stderr], [], [], 1)[0]:
+            seen += os.read(proc.stderr.fileno(), 65536).decode()
+    return seen
+
+
+def test_ctrl_c_ends_a_search_with_its_summary():
+    proc = _start(["search", *TINY, "--r-target", "1.41", "--duration", "300", "--batch", "8"])
+    _read_stderr_until(proc, "step compiled")
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert ndjson(stdout)[-1]["reason"] == "interrupted"
+
+
+def test_ctrl_c_stops_other_commands_with_one_line():
+    proc = _start(["distances", *TINY, "--nonces", "0-999999", "--batch", "8"])
+    _read_stderr_until(proc, r"\| [1-9]\d*/1000000")  # some steps are done
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == cli.EXIT_INTERRUPTED and stdout == "", stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted" and "Traceback" not in stderr
+
+
+def test_a_reader_that_leaves_ends_the_search_quietly():
+    proc = _start(["search", *TINY, "--r-target", "1.5", "--duration", "300", "--batch", "8"])
+    json.loads(proc.stdout.readline())
+    proc.stdout.close()  # like `| head -1`
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+def test_a_failing_write_is_one_line():
+    argv, env = cli_command(*DISTANCES)
+    with open("/dev/full", "w") as full:
+        out = subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert out.returncode == cli.EXIT_ERROR
+    assert out.stderr.strip().splitlines()[-1].startswith("error: OSError: [Errno 28]"), out.stderr
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr
+
+
+def test_an_unexpected_failure_is_one_line_and_v_adds_its_traceback(monkeypatch, capsys):
+    def fail(args):
+        raise RuntimeError("the device fell over\nsecond line of detail")
+
+    monkeypatch.setitem(cli.COMMANDS, "distances", fail)
+    assert cli.main(DISTANCES) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: RuntimeError: the device fell over (-v shows the traceback)"]
+    assert cli.main([*DISTANCES, "-v"]) == cli.EXIT_ERROR
+    assert "Traceback" in capsys.readouterr().err
+
+
+LOGS_AN_EXCEPTION = """
+import logging, sys
+from jaxbench import cli
+
+def command(args):
+    try:
+        raise OSError("plugin set-up failed")
+    except OSError:
+        logging.getLogger("some.library").exception("could not initialise a backend")
+    return 0
+
+cli.COMMANDS["distances"] = command
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_librarys_logged_exception_is_one_line_unless_v(verbose):
+    argv, env = cli_command()
+    out = subprocess.run([argv[0], "-c", LOGS_AN_EXCEPTION, *DISTANCES, *(["-v"] if verbose else [])],
+                         capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
-    for key in ("end_to_end_nonces_per_s", "device_only_nonces_per_s", "draw_nonces_per_s",
-                "device_draw_nonces_per_s_alone", "weight_build_seconds", "compile_seconds",
-                "mean_draw_seconds_per_step", "mean_step_seconds", "mean_host_wait_seconds_per_step"):
-        assert report[key] > 0, key
-    assert report["batch_per_device"] == 4 and report["devices"] == 1 and report["draws"] == "device"
-    assert report["nonces_computed"] >= 4
-    assert report["achieved_tflops_per_device"] >= 0 and report["percent_of_floor"] is None  # no floor on a CPU
-    assert "end_to_end_nonces_per_s" in out.stderr  # the table
+    assert "some.library: could not initialise a backend" in out.stderr
+    assert ("Traceback" in out.stderr) == verbose, out.stderr
+    if not verbose:
+        assert len(out.stderr.strip().splitlines()) == 1

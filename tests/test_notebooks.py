@@ -24,10 +24,10 @@ def test_committed_without_outputs(name):
 
 
 @pytest.mark.parametrize("name", PLOTS)
-def test_runs_and_saves_its_plot(name, tmp_path):
+def test_runs_and_saves_its_plot(name, tmp_path, compile_cache):
     out = tmp_path / "out"
     env = {**os.environ, "JAXBENCH_NOTEBOOK_PRESET": "tiny", "JAXBENCH_NOTEBOOK_OUT": str(out),
-           "JAXBENCH_CACHE_DIR": str(tmp_path / "xla-cache")}
+           "JAXBENCH_CACHE_DIR": str(compile_cache)}
     run = subprocess.run(
         [sys.executable, "-m", "nbconvert", "--to", "notebook", "--execute", "--output-dir", str(tmp_path),
          str(ROOT / "notebooks" / name)],

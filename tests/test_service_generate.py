@@ -13,7 +13,7 @@ from service import signals
 RESULT_FIELDS = {
     "worker_id": int, "public_key": str, "block_hash": str, "block_height": int, "nonces": list, "dist": list,
     "node_id": int, "batch_number": int, "batch_computed": int, "batch_valid": int, "total_computed": int,
-    "total_valid": int, "elapsed_seconds": int, "next_nonce": (int, type(None)), "aggregated_batch_number": int,
+    "total_valid": int, "elapsed_seconds": float, "next_nonce": (int, type(None)), "aggregated_batch_number": int,
     "aggregated_total_computed": int, "aggregated_total_valid": int, "n_workers": int,
 }
 SUMMARY_FIELDS = {"status", "reason", "total_computed", "total_valid", "elapsed_seconds", "nonces_per_second"}
