@@ -58,8 +58,8 @@ def _add_runtime(p: argparse.ArgumentParser):
                    help="where inputs are drawn: auto = device on GPUs, host elsewhere")
     p.add_argument("--devices", type=int, default=None, metavar="N", help="use the first N local devices (default: all)")
     p.add_argument("--batch", type=int, default=None, metavar="B",
-                   help="nonces per device per step (default: from free memory; never more than the work or "
-                        "the memory allows)")
+                   help="nonces per device per step (default: measured once per configuration on a GPU, 8 on the "
+                        "CPU; never more than the work or the memory allows)")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="XLA compilation cache directory (default $JAXBENCH_CACHE_DIR or ~/.cache/jaxbench/xla; "
                         "'' turns it off)")
