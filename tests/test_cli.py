@@ -14,17 +14,14 @@ import time
 import numpy as np
 import pytest
 
-from conftest import cli_command, load_cases, run_cli
+from conftest import UNFITTABLE_PARAMS, cli_command, load_cases, run_cli
 from jaxbench import cli
 from jaxbench.params import PRESETS
 
 BLOCK_HASH, PUBLIC_KEY = "cafe" * 16, "pk-cli"
 TINY = ["--params", "tiny", "--block-hash", BLOCK_HASH, "--public-key", PUBLIC_KEY]
 # No machine holds this set (about 30,000 GiB of float32 weights), though every field is within its limit.
-# 36.6 G parameters: within every parameter bound (its weight pool stays under 2**31 values), but 150 GiB
-# in float32, more than any one GPU here or the CPU machines the tests run on.
-UNFITTABLE = json.dumps({"dim": 16384, "n_heads": 128, "n_kv_heads": 128, "n_layers": 5,
-                         "ffn_dim_multiplier": 2.9, "vocab_size": 1000})
+UNFITTABLE = json.dumps(UNFITTABLE_PARAMS)
 REFUSAL = re.compile(r"needs [\d.]+ GiB on each device .* has [\d.]+ GiB available")
 
 

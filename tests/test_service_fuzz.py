@@ -19,12 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import UNFITTABLE_PARAMS
 from service_helpers import TINY_BODY, FakeHTTPServer, wait_until
 
 TINY = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 1000, "ffn_dim_multiplier": 1.3,
         "multiple_of": 64, "seq_len": 8}
 # Within every per-field bound, but weights of about 1.6 TB: refused by the memory check.
-TOO_BIG = {"dim": 8192, "n_layers": 1024, "n_heads": 64, "n_kv_heads": 64, "vocab_size": 32000, "seq_len": 512}
 RSS_GROWTH_LIMIT = 300 << 20
 
 
@@ -131,7 +131,7 @@ def field_cases(route: str, base: dict, optional: dict, params_key: str | None =
                     value, label)
         for pkey, value in SIZE_HOSTILE:
             add(f"params.{pkey}={value}", {**base, params_key: {**TINY, pkey: value}}, params_key, must_refuse=True)
-        add("params beyond memory", {**base, params_key: TOO_BIG}, params_key, must_refuse=True)
+        add("params beyond memory", {**base, params_key: UNFITTABLE_PARAMS}, params_key, must_refuse=True)
         add("params unknown key", {**base, params_key: {**TINY, "bogus": 1}}, params_key, must_refuse=True)
     return out
 
@@ -348,7 +348,7 @@ def test_file_params_are_never_read(client, peers, path):
     ({**TINY, "seq_len": 1_000_000_000}, "params.seq_len", "at most 65536"),
     ({**TINY, "dim": 1e9}, "params.dim", "integer"),
     ({**TINY, "dim": 10**9}, "params.dim", "at most 65536"),
-    (TOO_BIG, "params", "GiB"),
+    (UNFITTABLE_PARAMS, "params", "GiB"),
 ])
 def test_parameter_sets_are_bounded_before_any_work(server, client, peers, params, field, text):
     before = server.health()

@@ -18,11 +18,11 @@ import time
 import httpx
 import pytest
 
+from conftest import UNFITTABLE_PARAMS
 from service_helpers import TINY_BODY, FakeHTTPServer, RawReply, ServiceProcess, read_stream, wait_until
 
 TIMEOUT = 1.0  # the requests' http_timeout_s
 SLACK = 2.0
-TOO_BIG = {"dim": 8192, "n_layers": 1024, "n_heads": 64, "n_kv_heads": 64, "vocab_size": 32000, "seq_len": 512}
 
 
 class Peer:
@@ -169,7 +169,7 @@ def test_warmup_failing_callback_still_ends_bounded(client, peer_server):
 
 
 @pytest.mark.parametrize("generation,field,text", [
-    ({**TINY_BODY, "params": TOO_BIG}, "params", "GiB"),
+    ({**TINY_BODY, "params": UNFITTABLE_PARAMS}, "params", "GiB"),
     ({**TINY_BODY, "params": "@/etc/passwd"}, "params", "unknown preset"),
     ({**TINY_BODY, "params": {"n_layers": 1_000_000}}, "params.n_layers", "at most"),
     ({**TINY_BODY, "block_height": -1}, "block_height", "≥ 0"),
@@ -322,7 +322,7 @@ def test_pooled_normal_end_with_a_hung_orchestrator_is_bounded(client, peer_serv
 @pytest.mark.parametrize("connect,field", [
     ((200, {"status": "ok", "block_hash": "bh", "params": "@/etc/passwd"}), "params"),
     ((200, {"status": "ok", "block_hash": "bh", "params": "@/dev/zero"}), "params"),
-    ((200, {"status": "ok", "block_hash": "bh", "params": TOO_BIG}), "params"),
+    ((200, {"status": "ok", "block_hash": "bh", "params": UNFITTABLE_PARAMS}), "params"),
     ((200, {"status": "ok", "block_hash": "bh", "params": {"seq_len": 1_000_000_000}}), "params.seq_len"),
     (raw_json(b'{"status": "ok", "block_hash": "\\ud800", "params": "tiny"}'), None),
     (raw_json(b'{"status": "ok", "block_hash": ' + b"[" * 5000 + b"]" * 5000 + b"}"), None),
