@@ -29,7 +29,7 @@ from . import batch_choice, device_draws, draws, gated_ffn, weights as weights_m
 from .distance import distances as distances_on_device, split_target
 from .fields import FieldError
 from .memory import GiB, MemoryNeed, device_free_bytes
-from .model import Block, forward_fn, rope_tables
+from .model import FFN_IMPLEMENTATIONS, Block, forward_fn, rope_tables
 from .nonces import NonceSchedule, device_major
 from .params import Params
 from .weights import WeightLayout
@@ -41,9 +41,6 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("JAXBENCH_CACHE_DIR", Path.home() / ".ca
 MAX_BATCH = 256
 CPU_BATCH = 8  # the CPU backend gains nothing from larger steps
 MAX_COMPILED_STEPS = 16  # executables kept; the least recently used goes first (each parameter set has its own)
-# "xla": the reference layout, two products and the SwiGLU; "pallas": w1|w3 interleaved, gate, up and
-# SwiGLU in one kernel (gated_ffn.py) where the shape allows, one XLA product over w13 elsewhere.
-FFN_CHOICES = ("xla", "pallas")
 
 
 def enable_compile_cache(directory: str | os.PathLike | None = DEFAULT_CACHE_DIR) -> None:
@@ -151,8 +148,8 @@ class Engine:
             "cudnn" if self.platform == "gpu" else "xla")
         # The gated FFN as one Pallas kernel on Hopper (its weights interleaved); XLA's products elsewhere.
         ffn = ffn or os.environ.get("JAXBENCH_FFN") or ("pallas" if gated_ffn.on_hopper(self.devices[0]) else "xla")
-        if ffn not in FFN_CHOICES:
-            raise ValueError(f"ffn must be one of {', '.join(FFN_CHOICES)}, got {ffn!r}")
+        if ffn not in FFN_IMPLEMENTATIONS:
+            raise ValueError(f"ffn must be one of {', '.join(FFN_IMPLEMENTATIONS)}, got {ffn!r}")
         if ffn == "pallas" and not gated_ffn.on_hopper(self.devices[0]):
             raise ValueError(f"the pallas FFN kernel needs a Hopper GPU, not {self.devices[0].device_kind}")
         self.ffn = ffn

@@ -124,6 +124,8 @@ class Attention(nnx.Module):
         return matmul("bse,ed->bsd", out, self.wo[...])
 
 
+# "xla": two products and the SwiGLU (over w1 and w3, or one product over w13); "pallas": with w13, gate, up
+# and SwiGLU in one Hopper kernel (gated_ffn.py) where the shape allows, one XLA product over w13 elsewhere.
 FFN_IMPLEMENTATIONS = ("xla", "pallas")
 
 
