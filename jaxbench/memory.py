@@ -12,9 +12,9 @@ import os
 
 import jax
 
+from .draws import NUMPY_DTYPES
 from .params import Params
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GiB = 2**30
 
 
@@ -28,7 +28,7 @@ class MemoryNeed:
 
     @classmethod
     def of(cls, params: Params, dtype: str) -> "MemoryNeed":
-        item = DTYPE_BYTES[dtype]
+        item = NUMPY_DTYPES[dtype].itemsize
         return cls(
             weights=params.weight_bytes(item),
             build=params.pool_size * (4 + item),
@@ -46,7 +46,7 @@ class MemoryNeed:
 
 def activation_bytes(params: Params, dtype: str) -> int:
     """A generous estimate of one nonce's live device memory inside a layer of the step."""
-    item = DTYPE_BYTES[dtype]
+    item = NUMPY_DTYPES[dtype].itemsize
     s, d, h = params.seq_len, params.dim, params.hidden_dim
     qkv = s * (params.n_heads + 2 * params.n_kv_heads) * params.head_dim
     scores = params.n_heads * s * s * (4 + 4 + item)  # float32 scores, float32 softmax, rounded probs
