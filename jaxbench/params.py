@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -129,7 +130,7 @@ class Params:
         shapes["output.weight"] = (self.vocab_size, d)
         return shapes
 
-    @property
+    @functools.cached_property  # kept in the instance's __dict__: fields, equality and hashing are untouched
     def n_params(self) -> int:
         """All parameters the reference counts, the unused embedding table included."""
         return sum(math.prod(s) for s in self.parameter_shapes().values())

@@ -112,9 +112,8 @@ def _build(pool: jax.Array, rotations: dict, params: Params, layout: WeightLayou
 
 def placements(params: Params, block_hash: str) -> dict[str, PoolPlacement]:
     """Every parameter's placement, by reference name."""
-    pool_size = params.pool_size  # sums every shape: once, not once per parameter
     return {
-        name: PoolPlacement.of(block_hash, name, math.prod(shape), pool_size)
+        name: PoolPlacement.of(block_hash, name, math.prod(shape), params.pool_size)
         for name, shape in params.parameter_shapes().items()
     }
 
