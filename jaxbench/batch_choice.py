@@ -29,7 +29,7 @@ from .params import Params
 
 log = logging.getLogger("jaxbench.batch")
 
-CANDIDATES = (32, 64, 128, 256, 512)
+CANDIDATES = (32, 64, 128, 256)  # engine.MAX_BATCH bounds them
 RECORD_NAME = "batch-choices.json"
 WITHIN = 0.01  # a smaller batch within 1 % of the fastest wins
 
