@@ -67,13 +67,17 @@ def rope_tables(params: Params, dtype) -> tuple[jax.Array, jax.Array]:
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) in float32. x: (B, S, heads, hd); tables: (S, hd/2)."""
-    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    c = cos.astype(jnp.float32)[:, None, :]
-    s = sin.astype(jnp.float32)[:, None, :]
-    rotated = jnp.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
-    return rotated.reshape(x.shape).astype(x.dtype)
+    """Rotate adjacent pairs (x[2j], x[2j+1]) in float32. x: (B, S, heads, hd); tables: (S, hd/2).
+
+    Written as x·cos + swap(x)·(−sin, sin), elementwise over x's own layout: the same two products
+    and one sum per element as (x0·c − x1·s, x1·c + x0·s), without stacking the halves back together.
+    """
+    x32 = x.astype(jnp.float32)
+    swapped = x32.reshape(*x.shape[:-1], -1, 2)[..., ::-1].reshape(x.shape)
+    c = jnp.repeat(cos.astype(jnp.float32), 2, axis=-1)
+    s = sin.astype(jnp.float32)
+    s = jnp.stack([-s, s], axis=-1).reshape(c.shape)
+    return (x32 * c[:, None, :] + swapped * s[:, None, :]).astype(x.dtype)
 
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
