@@ -30,16 +30,11 @@ from jaxbench.params import PRESETS  # noqa: E402
 from jaxbench.weights import JNP_DTYPES, interleave_columns  # noqa: E402
 
 CONFIGS = {
-    "coop-s3": gated_ffn.GatedConfig(rows=64, block=128, stages=3),
-    "coop-s4": gated_ffn.GatedConfig(rows=64, block=128, stages=4),
-    "coop-r128b64s4": gated_ffn.GatedConfig(rows=128, block=64, stages=4),
-    "coop-s3w16": gated_ffn.GatedConfig(rows=64, block=128, stages=3, grid_tile_width=16),
-    "coop-s3c2": gated_ffn.GatedConfig(stages=3, cluster=2),
-    "pp-s4": gated_ffn.GatedConfig(schedule="pingpong", stages=4),
-    "pp-s4f0": gated_ffn.GatedConfig(schedule="pingpong", stages=4, in_flight=0),
-    "pp-k32s8": gated_ffn.GatedConfig(schedule="pingpong", tile_k=32, stages=8),
-    "pp-s4w16": gated_ffn.GatedConfig(schedule="pingpong", stages=4, grid_tile_width=16),
-    "pp-r128b64s4": gated_ffn.GatedConfig(schedule="pingpong", rows=128, block=64, stages=4),
+    "c2s3": gated_ffn.GatedConfig(cluster=2, stages=3),
+    "c1s3": gated_ffn.GatedConfig(cluster=1, stages=3),
+    "c1s4": gated_ffn.GatedConfig(cluster=1, stages=4),
+    "c1r128b64s4": gated_ffn.GatedConfig(cluster=1, rows=128, block=64, stages=4),
+    "c1s3w16": gated_ffn.GatedConfig(cluster=1, stages=3, grid_tile_width=16),
 }
 
 
