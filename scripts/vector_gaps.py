@@ -1,6 +1,6 @@
 """Largest distance gap to the reference's float32 distances, per vector case and dtype, on this backend.
 
-    python scripts/vector_gaps.py [--dtypes float16,bfloat16,float32] [--draws host|device]
+    python scripts/vector_gaps.py [--dtypes float16,bfloat16,float32] [--draws host|device] [--cases NAME,...]
 
 Prints one JSON object per line and exits non-zero if any case breaks the fidelity rule.
 """
@@ -24,11 +24,19 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtypes", default="float16,bfloat16,float32")
     ap.add_argument("--draws", default="host")
-    ap.add_argument("--vectors", default=str(Path(__file__).resolve().parents[2] / "shared/vectors/reference-vectors.json"))
+    ap.add_argument("--vectors", default=str(Path(__file__).resolve().parents[1] / "tests/data/reference-vectors.json"))
+    ap.add_argument("--cases", default=None, help="only these cases (comma-separated names); default all")
     args = ap.parse_args()
+    cases = json.loads(Path(args.vectors).read_text())
+    if args.cases:
+        wanted = args.cases.split(",")
+        unknown = sorted(set(wanted) - {case["name"] for case in cases})
+        if unknown:
+            ap.error(f"unknown case(s) {', '.join(unknown)}; the file has {', '.join(c['name'] for c in cases)}")
+        cases = [case for case in cases if case["name"] in wanted]
     engine = Engine(devices=1, draws_mode=args.draws, compile_cache_dir=None)
     ok = True
-    for case in json.loads(Path(args.vectors).read_text()):
+    for case in cases:
         ref32 = np.array(case["dist_f32"])
         for dtype in args.dtypes.split(","):
             dist = engine.distances(Params.from_dict(case["params"]), case["block_hash"], case["public_key"],
