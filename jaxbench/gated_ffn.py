@@ -37,7 +37,7 @@ class GatedConfig:
     stages: int = 3  # K-slices in flight
     grid_tile_width: int = 8  # output tiles along the minor axis before the walk moves on (L2 reuse)
     epilogue_cols: int = 64  # columns per shared-memory store of the output
-    cluster: int = 2  # CTAs sharing each weight slice (1 or 2)
+    cluster: int = 1  # CTAs sharing each weight slice (1 or 2)
 
     def __post_init__(self):
         if self.cluster not in (1, 2):
@@ -53,20 +53,15 @@ class GatedConfig:
         return self.cta_rows * self.cluster
 
 
-# Measured fastest on an H200 (docs/benchmarks.md); the single-CTA form takes row counts the cluster cannot.
+# Two CTAs per weight slice measured +1 % to +7 % on one H200 and −3 % to −8 % on another
+# (docs/benchmarks.md), so the default stays one CTA.
 DEFAULT_CONFIG = GatedConfig()
-SINGLE_CTA_CONFIG = dataclasses.replace(DEFAULT_CONFIG, cluster=1)
 
 
 def applies(rows: int, dim: int, hidden: int, dtype, config: GatedConfig = DEFAULT_CONFIG) -> bool:
     """Whether the kernel takes this shape: whole tiles in every dimension, a 16-bit dtype."""
     return (jnp.dtype(dtype) in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
             and rows % config.row_multiple == 0 and dim % config.tile_k == 0 and hidden % config.block == 0)
-
-
-def config_for(rows: int, dim: int, hidden: int, dtype) -> GatedConfig | None:
-    """The configuration that runs this shape (the default where it fits), or None: XLA's path."""
-    return next((c for c in (DEFAULT_CONFIG, SINGLE_CTA_CONFIG) if applies(rows, dim, hidden, dtype, c)), None)
 
 
 def on_hopper(device: jax.Device) -> bool:

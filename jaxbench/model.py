@@ -156,9 +156,8 @@ class FeedForward(nnx.Module):
         b, s, d = x.shape
         w13 = self.w13[...]
         hidden = w13.shape[-1] // 2
-        config = gated_ffn.config_for(b * s, d, hidden, x.dtype) if self.implementation == "pallas" else None
-        if config is not None:
-            return gated_ffn.gated_ffn(x.reshape(b * s, d), w13, config).reshape(b, s, hidden)
+        if self.implementation == "pallas" and gated_ffn.applies(b * s, d, hidden, x.dtype):
+            return gated_ffn.gated_ffn(x.reshape(b * s, d), w13).reshape(b, s, hidden)
         both = matmul("bsd,dh->bsh", x, w13).reshape(b, s, hidden // self.block, 2, self.block)
         return swiglu(both[..., 0, :].reshape(b, s, hidden), both[..., 1, :].reshape(b, s, hidden))
 

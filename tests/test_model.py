@@ -62,15 +62,16 @@ def test_the_pallas_kernel_is_refused_off_hopper():
         Engine(devices=1, draws_mode="host", compile_cache_dir=None, ffn="pallas")
 
 
-def test_gated_kernel_configurations_cover_whole_tiles_or_fall_back():
-    from jaxbench.gated_ffn import DEFAULT_CONFIG, SINGLE_CTA_CONFIG, GatedConfig, applies, config_for
+def test_gated_kernel_configurations_take_whole_tiles_only():
+    from jaxbench.gated_ffn import DEFAULT_CONFIG, GatedConfig, applies
 
-    assert (DEFAULT_CONFIG.row_multiple, SINGLE_CTA_CONFIG.row_multiple) == (256, 128)
-    assert config_for(512, 1792, 49152, jnp.float16) == DEFAULT_CONFIG
-    assert config_for(384, 1792, 49152, jnp.bfloat16) == SINGLE_CTA_CONFIG
-    assert config_for(192, 1792, 49152, jnp.float16) is None
-    assert config_for(512, 1792, 49152, jnp.float32) is None
-    assert config_for(512, 1800, 49152, jnp.float16) is None
+    clustered = GatedConfig(cluster=2)
+    assert (DEFAULT_CONFIG.row_multiple, clustered.row_multiple) == (128, 256)
+    assert applies(384, 1792, 49152, jnp.float16) and applies(384, 1792, 49152, jnp.bfloat16)
+    assert not applies(384, 1792, 49152, jnp.float16, clustered)
+    assert not applies(192, 1792, 49152, jnp.float16)
+    assert not applies(512, 1792, 49152, jnp.float32)
+    assert not applies(512, 1800, 49152, jnp.float16)
     assert not applies(512, 1792, 49152 + 64, jnp.float16)
     with pytest.raises(ValueError, match="cluster"):
         GatedConfig(cluster=4)
