@@ -138,6 +138,15 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     return jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype) * up
 
 
+def split_gate_up(both: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    """The product with interleaved weights (…, 2H), blocks of `block` columns alternating gate and
+    up (weights.interleave_columns), as gate (…, H) and up (…, H)."""
+    *lead, width = both.shape
+    hidden = width // 2
+    pairs = both.reshape(*lead, hidden // block, 2, block)
+    return pairs[..., 0, :].reshape(*lead, hidden), pairs[..., 1, :].reshape(*lead, hidden)
+
+
 class FeedForward(nnx.Module):
     def __init__(self, w: dict, gate_up_block: int | None = None, implementation: str = "xla"):
         """`w` holds w1, w2 and w3, or w13 (w1 and w3 interleaved in blocks of `gate_up_block`) and w2.
@@ -158,8 +167,7 @@ class FeedForward(nnx.Module):
         hidden = w13.shape[-1] // 2
         if self.implementation == "pallas" and gated_ffn.applies(b * s, d, hidden, x.dtype):
             return gated_ffn.gated_ffn(x.reshape(b * s, d), w13).reshape(b, s, hidden)
-        both = matmul("bsd,dh->bsh", x, w13).reshape(b, s, hidden // self.block, 2, self.block)
-        return swiglu(both[..., 0, :].reshape(b, s, hidden), both[..., 1, :].reshape(b, s, hidden))
+        return swiglu(*split_gate_up(matmul("bsd,dh->bsh", x, w13), self.block))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return matmul("bsh,hd->bsd", self.gated(x), self.w2[...])
