@@ -38,6 +38,7 @@ class GatedConfig:
     grid_tile_width: int = 8  # output tiles along the minor axis before the walk moves on (L2 reuse)
     epilogue_cols: int = 64  # columns per shared-memory store of the output
     cluster: int = 1  # CTAs sharing each weight slice (1 or 2)
+    persistent: bool = False  # one stage ring across a CTA's tiles: the next tile's loads start during this one's epilogue
 
     def __post_init__(self):
         if self.cluster not in (1, 2):
@@ -64,6 +65,14 @@ def applies(rows: int, dim: int, hidden: int, dtype, config: GatedConfig = DEFAU
             and rows % config.row_multiple == 0 and dim % config.tile_k == 0 and hidden % config.block == 0)
 
 
+def ring_spans_tiles(config: GatedConfig, rows: int, dim: int, hidden: int, ctas: int) -> bool:
+    """Whether a persistent configuration keeps one stage ring across tiles for this shape: only where
+    the ring's slots line up from tile to tile (whole rounds of stages in a tile) and every CTA has a
+    first and a last tile."""
+    tiles = rows // config.row_multiple * (hidden // config.block)
+    return config.persistent and (dim // config.tile_k) % config.stages == 0 and tiles >= 2 * ctas
+
+
 def on_hopper(device: jax.Device) -> bool:
     """Hopper (compute capability 9.0) runs the kernel; every other device takes XLA's path."""
     return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
@@ -80,10 +89,11 @@ def gated_ffn(x: jax.Array, w13: jax.Array, config: GatedConfig = DEFAULT_CONFIG
         raise ValueError(f"gated_ffn: no kernel for x {x.shape} {x.dtype}, weights {w13.shape} {w13.dtype}")
     if multiprocessors is None:
         multiprocessors = jax.devices()[0].core_count
+    ctas = multiprocessors // config.cluster
     run = plgpu.kernel(
-        functools.partial(_kernel, config=config),
+        functools.partial(_kernel, config=config, ctas=ctas),
         out_type=jax.ShapeDtypeStruct((rows, hidden), x.dtype),
-        grid=(multiprocessors // config.cluster,),
+        grid=(ctas,),
         grid_names=("sm",),
         cluster=(config.cluster,),
         cluster_names=("cluster",),
@@ -94,7 +104,7 @@ def gated_ffn(x: jax.Array, w13: jax.Array, config: GatedConfig = DEFAULT_CONFIG
     return run(x, w13)
 
 
-def _kernel(x_gmem, w_gmem, out_gmem, *, config: GatedConfig):
+def _kernel(x_gmem, w_gmem, out_gmem, *, config: GatedConfig, ctas: int):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -112,7 +122,9 @@ def _kernel(x_gmem, w_gmem, out_gmem, *, config: GatedConfig):
     epi_tiles = [(r, c) for r in range(tile_rows // epi_rows) for c in range(block // epi_cols)]
     out_slots = min(2, len(epi_tiles))
 
-    def pipeline(body, compute_context):
+    persistent = ring_spans_tiles(config, rows, k, out_gmem.shape[1], ctas)
+
+    def pipeline(body, compute_context, state=None):
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_steps,),
@@ -127,6 +139,7 @@ def _kernel(x_gmem, w_gmem, out_gmem, *, config: GatedConfig):
             num_compute_wgs=COMPUTE_WARPGROUPS,
             max_concurrent_steps=config.stages,
             compute_context=compute_context,
+            pipeline_state=state,
         )
 
     unused = lambda *_, **__: None
@@ -144,6 +157,11 @@ def _kernel(x_gmem, w_gmem, out_gmem, *, config: GatedConfig):
         @plgpu.nd_loop((row_groups * col_tiles,), collective_axes="sm")
         def _tile(loop):
             (linear,) = loop.index
+            state = None
+            if persistent:
+                ring = plgpu.PipelinePipeline
+                state = jnp.where(loop.local_index == 0, int(ring.START),
+                                  jnp.where(loop.local_index == loop.num_local_steps - 1, int(ring.STOP), int(ring.STEADY)))
             row_group, col_tile = plgpu.planar_snake(linear, (row_groups, col_tiles), 1, config.grid_tile_width)
             row_tile = row_group * config.cluster + jax.lax.axis_index("cluster")
             cta_rows = pl.ds(row_tile * config.cta_rows, config.cta_rows)
@@ -174,7 +192,7 @@ def _kernel(x_gmem, w_gmem, out_gmem, *, config: GatedConfig):
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
-            pipeline(step, compute_context)(
+            pipeline(step, compute_context, state)(
                 x_gmem.at[cta_rows, :],
                 w_gmem.at[:, pl.ds(col_tile * 2 * block, 2 * block)],
                 allocations=buffers,

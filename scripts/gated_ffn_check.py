@@ -35,6 +35,20 @@ CONFIGS = {
     "c1s4": gated_ffn.GatedConfig(cluster=1, stages=4),
     "c1r128b64s4": gated_ffn.GatedConfig(cluster=1, rows=128, block=64, stages=4),
     "c1s3w16": gated_ffn.GatedConfig(cluster=1, stages=3, grid_tile_width=16),
+    "c1s4p": gated_ffn.GatedConfig(cluster=1, stages=4, persistent=True),
+    "c1s2p": gated_ffn.GatedConfig(cluster=1, stages=2, persistent=True),
+    "c2s4p": gated_ffn.GatedConfig(cluster=2, stages=4, persistent=True),
+}
+
+# The FFN's down projection (rows, hidden)·(hidden, dim) through JAX's Hopper matmul kernel
+# (jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu), against XLA's cuBLAS call:
+# per-warpgroup tile (m, n), which dimension the two compute warpgroups split, cluster dimension.
+DOWN_CONFIGS = {
+    "m128n128wgM": dict(tile_m=128, tile_n=128, wg="M", cluster=None),
+    "m64n256wgM": dict(tile_m=64, tile_n=256, wg="M", cluster=None),
+    "m128n128wgN": dict(tile_m=128, tile_n=128, wg="N", cluster=None),
+    "m128n128wgMcM": dict(tile_m=128, tile_n=128, wg="M", cluster="M"),
+    "m64n256wgMcM": dict(tile_m=64, tile_n=256, wg="M", cluster="M"),
 }
 
 
@@ -67,12 +81,48 @@ def ulp_gap(a: jax.Array, b: jax.Array) -> tuple[int, int, bool]:
     return int(differ), int(max_ulp), bool(finite)
 
 
+def down_projection(p, preset: str, rows: int, dtype, names: list[str]) -> list[dict]:
+    from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hopper
+
+    k1, k2 = jax.random.split(jax.random.key(1))
+    h = (0.5 * jax.random.normal(k1, (rows, p.hidden_dim), jnp.float32)).astype(dtype)
+    w2 = (0.02 * jax.random.normal(k2, (p.hidden_dim, p.dim), jnp.float32)).astype(dtype)
+    flops = 2 * rows * p.hidden_dim * p.dim
+    xla = jax.jit(lambda a, b: matmul("sh,hd->sd", a, b))
+    reference = xla(h, w2)
+    seconds = timed(xla, h, w2)
+    out = [{"preset": preset, "rows": rows, "variant": "down/xla", "ms": seconds * 1e3,
+            "tflops": flops / seconds / 1e12, "differ": 0, "max_ulp": 0}]
+    print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+    dims = hopper.MatmulDimension
+    for name in names:
+        c = DOWN_CONFIGS[name]
+        config = hopper.TuningConfig(
+            tile_m=c["tile_m"], tile_n=c["tile_n"], tile_k=64, max_concurrent_steps=4, grid_minor_dim=dims.N,
+            grid_tile_width=8, wg_dimension=dims[c["wg"]],
+            cluster_dimension=dims[c["cluster"]] if c["cluster"] else None)
+        fn = jax.jit(lambda a, b, config=config: hopper.matmul(a, b, None, config))
+        try:
+            got = fn(h, w2)
+            seconds = timed(fn, h, w2)
+        except Exception as e:  # noqa: BLE001 — a configuration that does not build is a result
+            out.append({"preset": preset, "rows": rows, "variant": "down/" + name, "error": str(e)[:300]})
+            continue
+        differ, max_ulp, finite = ulp_gap(got, reference)
+        out.append({"preset": preset, "rows": rows, "variant": "down/" + name, "ms": seconds * 1e3,
+                    "tflops": flops / seconds / 1e12, "differ": differ, "max_ulp": max_ulp, "finite": finite})
+        print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", default="mainnet,bench")
     ap.add_argument("--rows", default="16384,32768,65536")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--down", default="", help="also time the down projection with these DOWN_CONFIGS "
+                    "(comma-separated, 'all' for every one)")
     ap.add_argument("--json", default=None, help="also write the rows of the table to this file")
     args = ap.parse_args()
     dtype = JNP_DTYPES[args.dtype]
@@ -118,6 +168,11 @@ def main() -> int:
                                 "finite": finite})
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
                 del w13
+    if args.down:
+        names = list(DOWN_CONFIGS) if args.down == "all" else args.down.split(",")
+        for name in args.presets.split(","):
+            for rows in (int(r) for r in args.rows.split(",")):
+                results += down_projection(PRESETS[name], name, rows, dtype, names)
     if args.json:
         Path(args.json).write_text("\n".join(json.dumps(r) for r in results) + "\n")
     print(f"{'preset':8} {'rows':>7} {'variant':22} {'ms':>8} {'TFLOP/s':>8} {'differ':>9} {'ulp':>4}")
