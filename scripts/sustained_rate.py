@@ -7,6 +7,7 @@ reasons the driver gives for holding the clock down (nvidia-smi) while it runs:
 
   square         one 8192³ product through XLA (cuBLAS)
   gated-ffn      the gated half of mainnet's FFN, the Hopper kernel (gated_ffn.py), `--rows` rows
+  gated-ffn-cluster2   the same with two CTAs sharing each weight slice (GatedConfig(cluster=2))
   down           mainnet's down projection through XLA (cuBLAS), `--rows` rows
 
     python scripts/sustained_rate.py [--seconds 6] [--rows 32768] [--json out.jsonl]
@@ -112,21 +113,24 @@ def main() -> int:
     def normal(key, shape, scale):
         return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
-    workloads = {}
+    workloads = []  # a name may come twice: the second run shows the drift between them
     for name in args.workloads.split(","):
         if name == "square":
             a, b = normal(keys[0], (8192, 8192), 1.0), normal(keys[1], (8192, 8192), 0.01)
-            workloads[name] = (jax.jit(lambda a, b: matmul("ik,kj->ij", a, b)), (a, b), 2 * 8192**3)
-        elif name == "gated-ffn":
+            workloads.append((name, jax.jit(lambda a, b: matmul("ik,kj->ij", a, b)), (a, b), 2 * 8192**3))
+        elif name in ("gated-ffn", "gated-ffn-cluster2"):
+            config = gated_ffn.GatedConfig(cluster=2 if name.endswith("cluster2") else 1)
             x, w13 = normal(keys[0], (args.rows, p.dim), 1.0), normal(keys[1], (p.dim, 2 * p.hidden_dim), 0.02)
-            workloads[name] = (jax.jit(gated_ffn.gated_ffn), (x, w13), 4 * args.rows * p.dim * p.hidden_dim)
+            workloads.append((name, jax.jit(lambda x, w, c=config: gated_ffn.gated_ffn(x, w, c)), (x, w13),
+                               4 * args.rows * p.dim * p.hidden_dim))
         elif name == "down":
             h, w2 = normal(keys[0], (args.rows, p.hidden_dim), 0.5), normal(keys[1], (p.hidden_dim, p.dim), 0.02)
-            workloads[name] = (jax.jit(lambda a, b: matmul("sh,hd->sd", a, b)), (h, w2), 2 * args.rows * p.hidden_dim * p.dim)
+            workloads.append((name, jax.jit(lambda a, b: matmul("sh,hd->sd", a, b)), (h, w2),
+                              2 * args.rows * p.hidden_dim * p.dim))
         else:
             raise SystemExit(f"unknown workload {name!r}")
     rows = []
-    for name, (fn, fn_args, flops) in workloads.items():
+    for name, fn, fn_args, flops in workloads:
         time.sleep(args.rest)
         row = {"workload": name, "seconds": args.seconds, **sustained(fn, fn_args, flops, args.seconds)}
         rows.append(row)
