@@ -38,7 +38,6 @@ class GatedConfig:
     grid_tile_width: int = 8  # output tiles along the minor axis before the walk moves on (L2 reuse)
     epilogue_cols: int = 64  # columns per shared-memory store of the output
     cluster: int = 1  # CTAs sharing each weight slice (1 or 2)
-    persistent: bool = False  # one stage ring across a CTA's tiles: the next tile's loads start during this one's epilogue
 
     def __post_init__(self):
         if self.cluster not in (1, 2):
@@ -54,8 +53,9 @@ class GatedConfig:
         return self.cta_rows * self.cluster
 
 
-# Two CTAs per weight slice measured +1 % to +7 % on one H200 and −3 % to −8 % on another
-# (docs/benchmarks.md), so the default stays one CTA.
+# Two CTAs per weight slice measured +1 % to +7 % on one H200, −3 % to −8 % on another, and on a third
+# +1 % to +2 % kept busy for seconds, +0.5 % to +0.7 % end to end (docs/benchmarks.md): within the
+# spread between cards, so the default stays one CTA.
 DEFAULT_CONFIG = GatedConfig()
 
 
@@ -63,14 +63,6 @@ def applies(rows: int, dim: int, hidden: int, dtype, config: GatedConfig = DEFAU
     """Whether the kernel takes this shape: whole tiles in every dimension, a 16-bit dtype."""
     return (jnp.dtype(dtype) in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
             and rows % config.row_multiple == 0 and dim % config.tile_k == 0 and hidden % config.block == 0)
-
-
-def ring_spans_tiles(config: GatedConfig, rows: int, dim: int, hidden: int, ctas: int) -> bool:
-    """Whether a persistent configuration keeps one stage ring across tiles for this shape: only where
-    the ring's slots line up from tile to tile (whole rounds of stages in a tile) and every CTA has a
-    first and a last tile."""
-    tiles = rows // config.row_multiple * (hidden // config.block)
-    return config.persistent and (dim // config.tile_k) % config.stages == 0 and tiles >= 2 * ctas
 
 
 def on_hopper(device: jax.Device) -> bool:
@@ -89,11 +81,10 @@ def gated_ffn(x: jax.Array, w13: jax.Array, config: GatedConfig = DEFAULT_CONFIG
         raise ValueError(f"gated_ffn: no kernel for x {x.shape} {x.dtype}, weights {w13.shape} {w13.dtype}")
     if multiprocessors is None:
         multiprocessors = jax.devices()[0].core_count
-    ctas = multiprocessors // config.cluster
     run = plgpu.kernel(
-        functools.partial(_kernel, config=config, ctas=ctas),
+        functools.partial(_kernel, config=config),
         out_type=jax.ShapeDtypeStruct((rows, hidden), x.dtype),
-        grid=(ctas,),
+        grid=(multiprocessors // config.cluster,),
         grid_names=("sm",),
         cluster=(config.cluster,),
         cluster_names=("cluster",),
@@ -104,7 +95,7 @@ def gated_ffn(x: jax.Array, w13: jax.Array, config: GatedConfig = DEFAULT_CONFIG
     return run(x, w13)
 
 
-def _kernel(x_gmem, w_gmem, out_gmem, *, config: GatedConfig, ctas: int):
+def _kernel(x_gmem, w_gmem, out_gmem, *, config: GatedConfig):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -122,9 +113,7 @@ def _kernel(x_gmem, w_gmem, out_gmem, *, config: GatedConfig, ctas: int):
     epi_tiles = [(r, c) for r in range(tile_rows // epi_rows) for c in range(block // epi_cols)]
     out_slots = min(2, len(epi_tiles))
 
-    persistent = ring_spans_tiles(config, rows, k, out_gmem.shape[1], ctas)
-
-    def pipeline(body, compute_context, state=None):
+    def pipeline(body, compute_context):
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_steps,),
@@ -139,7 +128,6 @@ def _kernel(x_gmem, w_gmem, out_gmem, *, config: GatedConfig, ctas: int):
             num_compute_wgs=COMPUTE_WARPGROUPS,
             max_concurrent_steps=config.stages,
             compute_context=compute_context,
-            pipeline_state=state,
         )
 
     unused = lambda *_, **__: None
@@ -157,11 +145,6 @@ def _kernel(x_gmem, w_gmem, out_gmem, *, config: GatedConfig, ctas: int):
         @plgpu.nd_loop((row_groups * col_tiles,), collective_axes="sm")
         def _tile(loop):
             (linear,) = loop.index
-            state = None
-            if persistent:
-                ring = plgpu.PipelinePipeline
-                state = jnp.where(loop.local_index == 0, int(ring.START),
-                                  jnp.where(loop.local_index == loop.num_local_steps - 1, int(ring.STOP), int(ring.STEADY)))
             row_group, col_tile = plgpu.planar_snake(linear, (row_groups, col_tiles), 1, config.grid_tile_width)
             row_tile = row_group * config.cluster + jax.lax.axis_index("cluster")
             cta_rows = pl.ds(row_tile * config.cta_rows, config.cta_rows)
@@ -192,7 +175,7 @@ def _kernel(x_gmem, w_gmem, out_gmem, *, config: GatedConfig, ctas: int):
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
-            pipeline(step, compute_context, state)(
+            pipeline(step, compute_context)(
                 x_gmem.at[cta_rows, :],
                 w_gmem.at[:, pl.ds(col_tile * 2 * block, 2 * block)],
                 allocations=buffers,

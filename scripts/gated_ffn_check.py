@@ -5,7 +5,8 @@ For each (preset, rows) it times, on random data of the model's scale:
   xla-w13    one product against the interleaved weights, then the SwiGLU;
   pallas/…   the kernel (gated_ffn.py) in each configuration asked for,
 and reports TFLOP/s of the gated half (4·rows·dim·hidden FLOPs) and how many output elements differ
-from the xla path, by how many units in the last place at most.
+from the xla path, by how many units in the last place at most. With `--down`, it also times the down
+projection through JAX's Hopper matmul kernel in the DOWN_CONFIGS asked for, against cuBLAS.
 
     python scripts/gated_ffn_check.py [--presets mainnet,bench] [--rows 16384,32768] [--dtype float16]
 """
@@ -35,9 +36,6 @@ CONFIGS = {
     "c1s4": gated_ffn.GatedConfig(cluster=1, stages=4),
     "c1r128b64s4": gated_ffn.GatedConfig(cluster=1, rows=128, block=64, stages=4),
     "c1s3w16": gated_ffn.GatedConfig(cluster=1, stages=3, grid_tile_width=16),
-    "c1s4p": gated_ffn.GatedConfig(cluster=1, stages=4, persistent=True),
-    "c1s2p": gated_ffn.GatedConfig(cluster=1, stages=2, persistent=True),
-    "c2s4p": gated_ffn.GatedConfig(cluster=2, stages=4, persistent=True),
 }
 
 # The FFN's down projection (rows, hidden)·(hidden, dim) through JAX's Hopper matmul kernel

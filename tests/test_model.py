@@ -77,19 +77,15 @@ def test_gated_kernel_configurations_take_whole_tiles_only():
         GatedConfig(cluster=4)
 
 
-@pytest.mark.parametrize("config", [
-    dict(cluster=1), dict(cluster=2), dict(stages=4, persistent=True), dict(cluster=2, stages=4, persistent=True),
-], ids=str)
-def test_gated_kernel_lowers_for_cuda_with_the_installed_jax(config):
+@pytest.mark.parametrize("cluster", [1, 2])
+def test_gated_kernel_lowers_for_cuda_with_the_installed_jax(cluster):
     """Lowering (no GPU needed) catches Pallas API changes; the kernel runs only on a GPU machine
     (scripts/gated_ffn_check.py compares it with XLA there)."""
-    from jaxbench.gated_ffn import GatedConfig, gated_ffn, ring_spans_tiles
+    from jaxbench.gated_ffn import GatedConfig, gated_ffn
 
-    config = GatedConfig(**config)
+    config = GatedConfig(cluster=cluster)
     x = jax.ShapeDtypeStruct((512, 256), jnp.float16)
     w13 = jax.ShapeDtypeStruct((256, 2 * 512), jnp.float16)
-    ctas = 8 // config.cluster
-    assert ring_spans_tiles(config, 512, 256, 512, ctas) == config.persistent
-    lowered = jax.jit(lambda x, w: gated_ffn(x, w, config, multiprocessors=8)).trace(x, w13).lower(
+    lowered = jax.jit(lambda x, w: gated_ffn(x, w, config, multiprocessors=132)).trace(x, w13).lower(
         lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text()
