@@ -14,6 +14,7 @@ the final norm and the head.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -165,8 +166,9 @@ class FeedForward(nnx.Module):
         b, s, d = x.shape
         w13 = self.w13[...]
         hidden = w13.shape[-1] // 2
-        if self.implementation == "pallas" and gated_ffn.applies(b * s, d, hidden, x.dtype):
-            return gated_ffn.gated_ffn(x.reshape(b * s, d), w13).reshape(b, s, hidden)
+        kernel = dataclasses.replace(gated_ffn.DEFAULT_CONFIG, block=self.block)  # tiles on the interleaving's blocks
+        if self.implementation == "pallas" and gated_ffn.applies(b * s, d, hidden, x.dtype, kernel):
+            return gated_ffn.gated_ffn(x.reshape(b * s, d), w13, kernel).reshape(b, s, hidden)
         return swiglu(*split_gate_up(matmul("bsd,dh->bsh", x, w13), self.block))
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -55,6 +55,24 @@ def test_the_interleaved_ffn_layout_computes_the_reference_layouts_logits(block,
     assert "w1" not in fused["layers"] and "w3" not in fused["layers"]
 
 
+@pytest.mark.parametrize("block", [64, 128])
+def test_the_kernel_tiles_on_the_weights_interleaving_block(block, monkeypatch):
+    """The kernel reads w13 in tiles of 2·block columns, so it must be given the layout's block."""
+    from jaxbench import gated_ffn
+    from jaxbench.model import FeedForward
+
+    seen = []
+
+    def kernel(x, w13, config):
+        seen.append(config.block)
+        return jnp.zeros((x.shape[0], w13.shape[1] // 2), x.dtype)
+
+    monkeypatch.setattr(gated_ffn, "gated_ffn", kernel)
+    w = {"w13": jnp.zeros((64, 2 * 256), jnp.float16), "w2": jnp.zeros((256, 64), jnp.float16)}
+    FeedForward(w, gate_up_block=block, implementation="pallas").gated(jnp.zeros((2, 128, 64), jnp.float16))
+    assert seen == [block]
+
+
 def test_the_pallas_kernel_is_refused_off_hopper():
     from jaxbench.engine import Engine
 
