@@ -79,6 +79,21 @@ def ulp_gap(a: jax.Array, b: jax.Array) -> tuple[int, int, bool]:
     return int(differ), int(max_ulp), bool(finite)
 
 
+def measured(row: dict, fn, args: tuple, flops: int, reference: jax.Array) -> dict:
+    """`row` (preset, rows, variant) with the variant's time, rate and gap to `reference`, or the error
+    that stopped it (a configuration that does not build is a result); printed as it comes."""
+    try:
+        out = fn(*args)
+        seconds = timed(fn, *args)
+    except Exception as e:  # noqa: BLE001
+        return {**row, "error": str(e)[:300]}
+    differ, max_ulp, finite = ulp_gap(out, reference)
+    row = {**row, "ms": seconds * 1e3, "tflops": flops / seconds / 1e12, "differ": differ, "max_ulp": max_ulp,
+           "finite": finite}
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
 def down_projection(p, preset: str, rows: int, dtype, names: list[str]) -> list[dict]:
     from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hopper
 
@@ -88,10 +103,8 @@ def down_projection(p, preset: str, rows: int, dtype, names: list[str]) -> list[
     flops = 2 * rows * p.hidden_dim * p.dim
     xla = jax.jit(lambda a, b: matmul("sh,hd->sd", a, b))
     reference = xla(h, w2)
-    seconds = timed(xla, h, w2)
-    out = [{"preset": preset, "rows": rows, "variant": "down/xla", "ms": seconds * 1e3,
-            "tflops": flops / seconds / 1e12, "differ": 0, "max_ulp": 0}]
-    print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+    row = {"preset": preset, "rows": rows}
+    out = [measured({**row, "variant": "down/xla"}, xla, (h, w2), flops, reference)]
     dims = hopper.MatmulDimension
     for name in names:
         c = DOWN_CONFIGS[name]
@@ -100,16 +113,7 @@ def down_projection(p, preset: str, rows: int, dtype, names: list[str]) -> list[
             grid_tile_width=8, wg_dimension=dims[c["wg"]],
             cluster_dimension=dims[c["cluster"]] if c["cluster"] else None)
         fn = jax.jit(lambda a, b, config=config: hopper.matmul(a, b, None, config))
-        try:
-            got = fn(h, w2)
-            seconds = timed(fn, h, w2)
-        except Exception as e:  # noqa: BLE001 — a configuration that does not build is a result
-            out.append({"preset": preset, "rows": rows, "variant": "down/" + name, "error": str(e)[:300]})
-            continue
-        differ, max_ulp, finite = ulp_gap(got, reference)
-        out.append({"preset": preset, "rows": rows, "variant": "down/" + name, "ms": seconds * 1e3,
-                    "tflops": flops / seconds / 1e12, "differ": differ, "max_ulp": max_ulp, "finite": finite})
-        print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+        out.append(measured({**row, "variant": "down/" + name}, fn, (h, w2), flops, reference))
     return out
 
 
@@ -136,9 +140,8 @@ def main() -> int:
             flops = 4 * rows * d * h
             two = jax.jit(lambda x, a, b: swiglu(matmul("sd,dh->sh", x, a), matmul("sd,dh->sh", x, b)))
             reference = two(x, w1, w3)
-            seconds = timed(two, x, w1, w3)
-            results.append({"preset": name, "rows": rows, "variant": "xla", "ms": seconds * 1e3,
-                            "tflops": flops / seconds / 1e12, "differ": 0, "max_ulp": 0})
+            row = {"preset": name, "rows": rows}
+            results.append(measured({**row, "variant": "xla"}, two, (x, w1, w3), flops, reference))
             variants = {}
             block = CONFIGS[args.configs.split(",")[0]].block
 
@@ -153,18 +156,7 @@ def main() -> int:
                                                    config.block)
             for vname, (fn, block) in variants.items():
                 w13 = interleave_columns(w1, w3, block)
-                try:
-                    out = fn(x, w13)
-                    seconds = timed(fn, x, w13)
-                except Exception as e:  # noqa: BLE001 — a configuration that does not build is a result
-                    results.append({"preset": name, "rows": rows, "variant": vname, "error": str(e)[:300]})
-                    continue
-                differ, max_ulp, finite = ulp_gap(out, reference)
-                del out
-                results.append({"preset": name, "rows": rows, "variant": vname, "ms": seconds * 1e3,
-                                "tflops": flops / seconds / 1e12, "differ": differ, "max_ulp": max_ulp,
-                                "finite": finite})
-                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+                results.append(measured({**row, "variant": vname}, fn, (x, w13), flops, reference))
                 del w13
     if args.down:
         names = list(DOWN_CONFIGS) if args.down == "all" else args.down.split(",")
