@@ -87,7 +87,7 @@ def sustained(fn, args, flops: float, seconds: float, window: float = 0.25) -> d
     reasons = sorted({s["reasons"] for s in card.samples})
     return {
         "first_window_tflops": round(rates[0], 1),
-        "last_second_tflops": round(statistics.mean(rates[-4:]), 1),
+        "last_second_tflops": round(statistics.mean(rates[-max(1, round(1 / window)):]), 1),
         "median_tflops": round(statistics.median(rates), 1),
         "windows_tflops": [round(r, 1) for r in rates],
         "sm_mhz_median": statistics.median(clocks) if clocks else None,
