@@ -47,11 +47,12 @@ def run_bench(
     model = engine.load(params, block_hash, dtype)
     build_seconds = time.perf_counter() - t0
     if batch is None:
-        source = "record" if engine.batch_choice(params, dtype) else "sweep"
+        recorded = engine.batch_choice(params, dtype)
         t0 = time.perf_counter()
         batch = engine.default_batch(params, dtype)
-        choice = {"source": source, "seconds": round(time.perf_counter() - t0, 2),
-                  "block_nonces_per_s": (engine.batch_choice(params, dtype) or {}).get("block_nonces_per_s")}
+        entry = recorded or engine.batch_choice(params, dtype)  # the sweep's, where default_batch ran one
+        choice = {"source": "record" if recorded else "sweep", "seconds": round(time.perf_counter() - t0, 2),
+                  "block_nonces_per_s": (entry or {}).get("block_nonces_per_s")}
     else:
         choice = {"source": "given", "seconds": 0.0, "block_nonces_per_s": None}
     step_fn = engine.compiled_step(params, dtype, batch)
