@@ -21,13 +21,12 @@ import traceback
 from pathlib import Path
 
 from . import fields, remote
-from .params import DEFAULT_R_TARGET, PRESETS, ParamsError, params_from_text
+from .params import DEFAULT_R_TARGET, MAX_INPUT_FILE_BYTES, PRESETS, ParamsError, params_from_text
 
 EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_FRAUD = 3
 EXIT_INTERRUPTED = 130
-MAX_INPUT_FILE_BYTES = 256 * 2**20  # a claim of a million nonces is about 45 MB of JSON
 
 
 class UsageError(Exception):
@@ -177,18 +176,10 @@ def _read_json_file(path: str, field: str):
 
 
 def _params(text: str):
-    if text.strip().startswith("@"):
-        path = Path(text.strip()[1:])
-        if path.is_file() and path.stat().st_size > MAX_INPUT_FILE_BYTES:
-            raise fields.FieldError("params", f"{str(path)!r} is larger than {MAX_INPUT_FILE_BYTES >> 20} MiB")
-        if path.exists() and not path.is_file():
-            raise fields.FieldError("params", f"{str(path)!r} is not a regular file")
     try:
         return params_from_text(text)
     except ParamsError as e:
-        raise fields.FieldError("params" if e.field == "params" else f"params.{e.field}", e.message) from None
-    except (ValueError, RecursionError) as e:  # e.g. an integer too long to convert
-        raise fields.FieldError("params", f"invalid JSON: {e}") from None
+        raise fields.FieldError(e.under("params"), e.message) from None
 
 
 def _checked(args) -> dict:

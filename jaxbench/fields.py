@@ -80,8 +80,7 @@ def params(data: Mapping[str, Any], name: str = "params", default: Any = _MISSIN
     try:
         return resolve_params(value)
     except ParamsError as e:
-        field = name if e.field == "params" else f"{name}.{e.field}"
-        raise FieldError(field, e.message) from None
+        raise FieldError(e.under(name), e.message) from None
 
 
 def nonce_list(data: Mapping[str, Any], name: str = "nonces", max_len: int = MAX_NONCE_LIST) -> list[int]:

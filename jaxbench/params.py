@@ -23,6 +23,8 @@ FIELD_LIMITS: dict[str, float] = {
     "rope_theta": 1e12,
     "seq_len": 1 << 16,
 }
+# The largest file the command line reads (a params file, a claim: a million nonces are about 45 MB of JSON).
+MAX_INPUT_FILE_BYTES = 256 * 2**20
 # Weight tensors and the weight pool are indexed with 32-bit integers.
 MAX_TENSOR_ELEMENTS = 2**31 - 1
 
@@ -31,9 +33,13 @@ class ParamsError(ValueError):
     """A parameter set is malformed; `field` names the offending field."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(f"{field if field == 'params' else 'params.' + field}: {message}")
         self.field = field
         self.message = message
+        super().__init__(f"{self.under('params')}: {message}")
+
+    def under(self, name: str) -> str:
+        """The offending field's path when the parameters arrive as the field `name`."""
+        return name if self.field == "params" else f"{name}.{self.field}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,14 +209,21 @@ def params_from_text(text: str) -> Params:
     """The command line's form: a preset name, a JSON object, or `@file.json` holding one."""
     text = text.strip()
     if text.startswith("@"):
+        path = Path(text[1:])
+        if path.exists() and not path.is_file():
+            raise ParamsError("params", f"{str(path)!r} is not a regular file")
         try:
-            text = Path(text[1:]).read_text()
+            with open(path, "rb") as f:
+                raw = f.read(MAX_INPUT_FILE_BYTES + 1)
+            if len(raw) > MAX_INPUT_FILE_BYTES:
+                raise ParamsError("params", f"{str(path)!r} is larger than {MAX_INPUT_FILE_BYTES >> 20} MiB")
+            text = raw.decode()
         except (OSError, UnicodeDecodeError) as e:
-            raise ParamsError("params", f"cannot read {text[1:]!r}: {getattr(e, 'strerror', None) or e}") from None
+            raise ParamsError("params", f"cannot read {str(path)!r}: {getattr(e, 'strerror', None) or e}") from None
     if text.startswith("{"):
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, and integers too long to convert
             raise ParamsError("params", f"invalid JSON: {e}") from None
         return Params.from_dict(data)
     return resolve_params(text)

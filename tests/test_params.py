@@ -76,6 +76,23 @@ def test_the_command_line_form_takes_presets_json_and_files(tmp_path):
         params_from_text("{" + "[" * 100_000)
     with pytest.raises(ParamsError, match="cannot read"):
         params_from_text(f"@{tmp_path / 'missing.json'}")
+    with pytest.raises(ParamsError, match="invalid JSON"):  # an integer too long to convert
+        params_from_text('{"dim": ' + "9" * 5000 + "}")
+    with pytest.raises(ParamsError, match="not a regular file"):
+        params_from_text(f"@{tmp_path}")
+
+
+def test_a_params_file_is_read_up_to_the_input_bound(tmp_path, monkeypatch):
+    from jaxbench import params as params_module
+
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(PRESETS["tiny"].to_dict()))
+    monkeypatch.setattr(params_module, "MAX_INPUT_FILE_BYTES", f.stat().st_size)
+    assert params_from_text(f"@{f}") == PRESETS["tiny"]
+    monkeypatch.setattr(params_module, "MAX_INPUT_FILE_BYTES", f.stat().st_size - 1)
+    with pytest.raises(ParamsError, match="larger than") as err:
+        params_from_text(f"@{f}")
+    assert err.value.field == "params"
 
 
 def test_what_arrives_over_the_network_never_names_a_file_or_json_text(tmp_path):

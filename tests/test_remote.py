@@ -100,7 +100,8 @@ def test_bad_input_is_one_line_and_status_2():
                         (["--workers", "20", "--max-nonces", "10"], "workers"),
                         (["--max-nonces", "10", "--dtype", "int8"], "dtype"),
                         (["--max-nonces", "10", "--params", "@/nonexistent/params.json"], "params"),
-                        (["--max-nonces", "10", "--params", '{"dim": 63}'], "params.dim")):
+                        (["--max-nonces", "10", "--params", '{"dim": 63}'], "params.dim"),
+                        (["--max-nonces", "10", "--params", '{"dim": ' + "9" * 5000 + "}"], "params")):
         out = subprocess.run([sys.executable, "-m", "jaxbench", "remote", "search", "--endpoint", "e", *SEARCH, *args],
                              env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and out.stderr.startswith(f"error: {field}:"), out.stderr
