@@ -441,10 +441,9 @@ def run(args) -> int:
         print("error: VAST_API_KEY is not set (the API key of the Vast.ai account that owns the endpoint)",
               file=sys.stderr)
         return EXIT_FAILED
-    for name in ("max_attempts", "cost"):
-        value = getattr(args, name)
-        if value is not None:
-            fields.integer({name: value}, name, minimum=1 if name == "max_attempts" else 0)
+    fields.integer({"max_attempts": args.max_attempts}, "max_attempts", minimum=1)
+    if args.cost is not None:
+        fields.integer({"cost": args.cost}, "cost")
     for name in ("stall_timeout", "wait_timeout"):
         fields.number({name: getattr(args, name)}, name)
     with tqdm(total=search.max_nonces, unit="nonce", file=sys.stderr, dynamic_ncols=True, desc="remote") as bar, \
