@@ -315,8 +315,9 @@ class _Segment:
 
 
 class PooledSession:
-    CONFIG_FIELDS = ("block_hash", "block_height", "r_target", "params", "public_key",
-                     "nonce_range_start", "nonce_range_end")
+    # The config fields an orchestrator answer may carry, and their values before any answer (or when null).
+    DEFAULTS = {"block_hash": "", "block_height": 0, "r_target": 0.0, "params": {}, "public_key": "",
+                "nonce_range_start": 0, "nonce_range_end": 0}
 
     def __init__(self, job: Job, chan: LineChannel, req: PooledRequest, http: httpx.AsyncClient):
         self.job = job
@@ -325,8 +326,7 @@ class PooledSession:
         self.engine = job.manager.engine
         self.orch = Orchestrator(http, req, job)
         self.sender = ResultSender(self.orch, req.result_buffer, req.retry_base_s, req.retry_max_s)
-        self.cfg: dict[str, Any] = {"block_hash": "", "block_height": 0, "r_target": 0.0, "params": {},
-                                    "public_key": "", "nonce_range_start": 0, "nonce_range_end": 0}
+        self.cfg: dict[str, Any] = dict(self.DEFAULTS)
         self.tally = SearchTally(None, self.engine.n_groups)  # session totals and the summary line
         self.counters = GroupCounters(self.engine.n_groups)
         self.covered: dict[tuple, list[list[int]]] = {}
@@ -343,9 +343,6 @@ class PooledSession:
 
     # Config ----------------------------------------------------------------------------------
 
-    DEFAULTS = {"block_hash": "", "block_height": 0, "r_target": 0.0, "params": {}, "public_key": "",
-                "nonce_range_start": 0, "nonce_range_end": 0}
-
     @staticmethod
     def _acceptable(name: str, value: Any) -> bool:
         if name in ("block_hash", "public_key"):
@@ -359,7 +356,7 @@ class PooledSession:
     def copy_fields(self, data: dict) -> None:
         """Copy the config fields present in an orchestrator answer (null means the default; values
         of a wrong type or range are ignored)."""
-        for name in self.CONFIG_FIELDS:
+        for name in self.DEFAULTS:
             if name not in data:
                 continue
             value = data[name]
