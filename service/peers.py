@@ -105,7 +105,3 @@ class Budget:
         if self.deadline is None:
             return cap
         return max(0.0, min(cap, self.deadline - time.monotonic()))
-
-    @property
-    def spent(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline

@@ -147,12 +147,12 @@ def _seconds(data: Mapping[str, Any], name: str, default: float, maximum: float 
     return value
 
 
-def label(data: Mapping[str, Any], name: str, default: str, max_len: int = 256, allow_empty: bool = False) -> str:
+def label(data: Mapping[str, Any], name: str, default: str, max_len: int = 256) -> str:
     """A name the server logs and sends back (job_id): printable text, no control characters."""
     value = data.get(name)
     if value is None:
         return default
-    if not isinstance(value, str) or not (value or allow_empty) or len(value) > max_len:
+    if not isinstance(value, str) or len(value) > max_len:
         raise FieldError(name, f"must be a string of at most {max_len} characters")
     if _CONTROL.search(value):
         raise FieldError(name, "must not contain control characters (CR, LF, NUL, …)")
@@ -190,7 +190,7 @@ def http_url(data: Mapping[str, Any], name: str) -> str:
         raise FieldError(name, "must be an http:// or https:// URL with a host")
     if "@" in parts.netloc:
         raise FieldError(name, "must not carry credentials (user:password@); they would be sent and shown in clear")
-    if parts.query or parts.fragment or "?" in value or "#" in value:
+    if "?" in value or "#" in value:  # a query or fragment, empty ones too
         raise FieldError(name, "must not have a query or fragment")
     return value.rstrip("/")
 
@@ -268,7 +268,7 @@ def warmup_request(data: Mapping[str, Any], settings: Settings) -> WarmupRequest
     `poll_interval_s` (MODEL_WARMUP_POLL_S), `timeout_s` (MODEL_WARMUP_TIMEOUT_S) and
     `http_timeout_s` (MODEL_HTTP_TIMEOUT_S: the whole of one call to the callback)."""
     callback_url = http_url(data, "callback_url")
-    job_id = label(data, "job_id", "unknown", allow_empty=True)
+    job_id = label(data, "job_id", "unknown")
     params = fields.params(data) if _optional(data, "params") else None
     block_hash = fields.seed_text(data, "block_hash", None) if _optional(data, "block_hash") else None
     return WarmupRequest(
