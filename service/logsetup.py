@@ -24,11 +24,13 @@ log = logging.getLogger("service")
 
 
 class SignalSafeFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # `format` has just set record.message from msg and args (for each handler anew): escape it there.
+        if _CONTROL.search(record.message):
+            record.message = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        if _CONTROL.search(message):
-            escaped = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), message)
-            record = logging.makeLogRecord({**record.__dict__, "msg": escaped, "args": None})
         text = super().format(record)
         if getattr(record, _SIGNAL, False):
             return text
