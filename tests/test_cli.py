@@ -20,7 +20,7 @@ from jaxbench.params import PRESETS
 
 BLOCK_HASH, PUBLIC_KEY = "cafe" * 16, "pk-cli"
 TINY = ["--params", "tiny", "--block-hash", BLOCK_HASH, "--public-key", PUBLIC_KEY]
-# No machine holds this set (about 30,000 GiB of float32 weights), though every field is within its limit.
+# No test machine holds this set (conftest.UNFITTABLE_PARAMS), though every field is within its limit.
 UNFITTABLE = json.dumps(UNFITTABLE_PARAMS)
 REFUSAL = re.compile(r"needs [\d.]+ GiB on each device .* has [\d.]+ GiB available")
 

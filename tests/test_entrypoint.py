@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from service_helpers import free_port, wait_until
-from vast_helpers import ROOT, FakeVast, kill_after_a_health_check, model_server_env, model_server_pid, pyworker_env
+from vast_helpers import (ROOT, FakeVast, kill_after_a_health_check, listening, model_server_env, model_server_pid,
+                          pyworker_env)
 
 from service.signals import FATAL_MARKER, READY_LINE
 
@@ -41,14 +41,6 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, IndexError):
         return False
     return state != "Z"
-
-
-def listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 class Container:

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from service_helpers import PLATFORM_ENV, wait_until

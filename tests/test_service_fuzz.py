@@ -24,7 +24,6 @@ from service_helpers import TINY_BODY, FakeHTTPServer, wait_until
 
 TINY = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 1000, "ffn_dim_multiplier": 1.3,
         "multiple_of": 64, "seq_len": 8}
-# Within every per-field bound, but weights of about 1.6 TB: refused by the memory check.
 RSS_GROWTH_LIMIT = 300 << 20
 
 
@@ -211,14 +210,14 @@ class Outcome:
         self.problems: list[str] = []
 
 
-def send(client: httpx.Client, server, case: Case, outcome: Outcome) -> None:
+def send(client: httpx.Client, case: Case, outcome: Outcome) -> None:
     try:
-        _send(client, server, case, outcome)
+        _send(client, case, outcome)
     except httpx.HTTPError as e:
         outcome.problems.append(f"{case}: no answer: {type(e).__name__}: {e}")
 
 
-def _send(client: httpx.Client, server, case: Case, outcome: Outcome) -> None:
+def _send(client: httpx.Client, case: Case, outcome: Outcome) -> None:
     headers = {"Content-Type": "application/json"}
     with client.stream(case.method, case.route, content=case.content, headers=headers, timeout=60) as r:
         status = r.status_code
@@ -289,7 +288,7 @@ def test_fuzz_every_route(server, peers):
         t0 = time.monotonic()
         for route, cases in cases_by_route.items():
             for case in cases:
-                send(client, server, case, outcome)
+                send(client, case, outcome)
                 if outcome.accepted and outcome.accepted[-1] is case:
                     after_batch(server, repr(case))
             total += len(cases)

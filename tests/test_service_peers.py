@@ -67,7 +67,7 @@ def raw_json(text: bytes) -> RawReply:
 
 def released_after(server, since: float, limit: float) -> float:
     """Seconds from `since` until /health shows the server idle (fails past `limit`)."""
-    wait_until(lambda: not server.health()["busy"], limit + 5, interval=0.05, what="the job to be released")
+    server.wait_idle(limit + 5)
     return time.monotonic() - since
 
 
@@ -192,13 +192,13 @@ def test_warmup_client_leaves_while_compiling(server, client, peer_server):
     mlnode = peer_server({"/warmup/params": (200, {"status": "waiting"})})
     params = {"dim": 96, "n_layers": 3, "n_heads": 4, "n_kv_heads": 4, "vocab_size": 777, "multiple_of": 32,
               "seq_len": 12}
-    lines, left = leave_after(client, "/warmup", {"callback_url": mlnode.url, "job_id": "compile", "params": params,
-                                                  "poll_interval_s": 0.05, "http_timeout_s": TIMEOUT},
-                              lambda lines: lines[-1].get("status") == "compiling")
+    leave_after(client, "/warmup", {"callback_url": mlnode.url, "job_id": "compile", "params": params,
+                                    "poll_interval_s": 0.05, "http_timeout_s": TIMEOUT},
+                lambda lines: lines[-1].get("status") == "compiling")
     h = server.health()
     if h["busy"]:  # still compiling: the state says so
         assert h["job"]["phase"] == "compiling" and h["job"]["stop_reason"] == "disconnected"
-    wait_until(lambda: not server.health()["busy"], 60, what="the compilation to end")
+    server.wait_idle(60)  # the compilation ends
     last = server.health()["last_job"]
     assert last["stop_reason"] == "disconnected" and last["summary"]["callback"] == "sent"
     assert mlnode.calls("/warmup/params") == []

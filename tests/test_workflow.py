@@ -4,11 +4,8 @@ commit sha (the PYWORKER_REF the template pins) and `latest`. actionlint checks 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 WORKFLOW = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
 PUSHING = "${{ github.event_name == 'push' }}"
 

@@ -23,9 +23,9 @@ import httpx
 from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
 from Crypto.Signature import pkcs1_15
+from conftest import ROOT
 from service_helpers import PLATFORM_ENV, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 ENDPOINT_NAME = "jaxbench-test"
 ENDPOINT_ID = 4242
 ENDPOINT_API_KEY = "endpoint-api-key"  # the endpoint's own key, which /route/ takes
@@ -193,13 +193,18 @@ class FakeVast:
         self.server.server_close()
 
 
-def _reachable(url: str) -> bool:
-    parts = urlsplit(url)
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts connections on host:port."""
     try:
-        socket.create_connection((parts.hostname, parts.port), timeout=0.5).close()
+        socket.create_connection((host, port), timeout=0.5).close()
         return True
     except OSError:
         return False
+
+
+def _reachable(url: str) -> bool:
+    parts = urlsplit(url)
+    return listening(parts.port, parts.hostname)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 15):
