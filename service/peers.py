@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -105,3 +106,11 @@ class Budget:
         if self.deadline is None:
             return cap
         return max(0.0, min(cap, self.deadline - time.monotonic()))
+
+    def retry_pause(self, attempt: int, attempts: int, base_s: float, max_s: float = math.inf) -> float | None:
+        """The pause after failed attempt `attempt` (from 0) of `attempts`: base_s·2**attempt, at most
+        max_s; None when no attempt is left or the pause and a moment for the next would not fit."""
+        pause = min(base_s * 2 ** attempt, max_s)
+        if attempt + 1 >= attempts or self.left(pause + 0.1) <= pause:
+            return None
+        return pause

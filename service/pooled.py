@@ -118,8 +118,8 @@ class Orchestrator:
                 self._note(what, True)
                 return data
             self._note(what, False, "the answer is not a JSON object" if answer.ok else answer.describe())
-            pause = min(self.req.retry_base_s * 2 ** attempt, self.req.retry_max_s)
-            if attempt + 1 == attempts or budget.left(pause + 0.1) <= pause:
+            pause = budget.retry_pause(attempt, attempts, self.req.retry_base_s, self.req.retry_max_s)
+            if pause is None:
                 break
             if interruptible:
                 if await self.job.sleep(pause):

@@ -95,8 +95,8 @@ async def post_complete(http: httpx.AsyncClient, job: Job, req: rq.WarmupRequest
             log.info("warmup %s: completion sent (%s)", req.job_id, payload.get("reason"))
             return True
         log.warning("warmup %s: completion callback failed: %s", req.job_id, answer.describe())
-        pause = retry_base_s * 2 ** attempt
-        if attempt + 1 == COMPLETE_ATTEMPTS or budget.left(pause + 0.1) <= pause:
+        pause = budget.retry_pause(attempt, COMPLETE_ATTEMPTS, retry_base_s)
+        if pause is None:
             break
         await asyncio.sleep(pause)
     return False

@@ -398,3 +398,14 @@ def test_sigterm_with_a_hung_peer_exits_within_the_drain_timeout(tmp_path, cache
         assert "SIGTERM: draining" in proc.log() and "did not end" not in proc.log()
     finally:
         proc.stop()
+
+
+def test_retry_pauses_double_up_to_their_cap_and_stay_within_the_budget():
+    from service.peers import Budget
+
+    unbounded = Budget(None)
+    assert [unbounded.retry_pause(a, 4, 0.5) for a in range(4)] == [0.5, 1.0, 2.0, None]
+    assert [unbounded.retry_pause(a, 4, 0.5, max_s=1.5) for a in range(3)] == [0.5, 1.0, 1.5]
+    short = Budget(1.0)
+    assert short.retry_pause(0, 4, 0.5) == 0.5
+    assert short.retry_pause(1, 4, 0.5) is None  # a 1 s pause leaves nothing of a 1 s budget
