@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -56,10 +57,59 @@ FAST_ENV = {
 }
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel gives outgoing connections (and bind to port 0)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+_EPHEMERAL = _ephemeral_ports()
+_PORTS_TO_HAND_OUT = (range(20000, _EPHEMERAL.start) if _EPHEMERAL.start > 21000
+                      else range(max(_EPHEMERAL.stop, 1024), 65536))
+_handed_out: set[int] = set()
+_port_choice = random.Random()
+
+
+def _wildcard_addresses() -> list[tuple[socket.AddressFamily, str]]:
+    """The wildcard addresses of the families this machine can bind (the PyWorker binds '::')."""
+    addresses = [(socket.AF_INET, "0.0.0.0")]
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::", 0))
+        addresses.append((socket.AF_INET6, "::"))
+    except OSError:
+        pass
+    return addresses
+
+
+_WILDCARDS = _wildcard_addresses()
+
+
+def _bindable(port: int) -> bool:
+    """Whether a server could listen on `port` on every address."""
+    for family, address in _WILDCARDS:
+        try:
+            with socket.socket(family) as s:
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                s.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a server under test to listen on: free now, handed out once per session, and
+    outside the ephemeral range, so that no outgoing connection of the suite takes it as its local
+    port before the server binds it (a bind to port 0 would pick one inside that range)."""
+    while True:
+        port = _port_choice.choice(_PORTS_TO_HAND_OUT)
+        if port not in _handed_out and _bindable(port):
+            _handed_out.add(port)
+            return port
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.02, what: str = "condition"):
