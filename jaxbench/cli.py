@@ -108,18 +108,28 @@ def build_parser(prog: str = "jaxbench") -> argparse.ArgumentParser:
     p.add_argument("--public-key", default="bench-public-key", metavar="K", help="public key of the inputs")
 
     remote.add_parser(sub)
-    for p in sub.choices.values():
-        p.set_defaults(option_names={a.dest: a.option_strings[-1] for a in p._actions if a.option_strings})
+    _name_options(parser)
     return parser
+
+
+def _name_options(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command's parser records its options' names for `_options`."""
+    parser.set_defaults(option_names={a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings})
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _name_options(subparser)
 
 
 @contextlib.contextmanager
 def _options(args):
-    """Field errors raised inside name the command-line option (`--r-target`, not `r_target`)."""
+    """Field errors raised inside name the command-line option (`--r-target`, not `r_target`;
+    `--params: dim` for a field of the parameter set)."""
     try:
         yield
-    except fields.FieldError as e:
-        head, dot, rest = e.field.partition(".")
+    except (fields.FieldError, ParamsError) as e:
+        field = e.under("params") if isinstance(e, ParamsError) else e.field
+        head, dot, rest = field.partition(".")
         option = args.option_names.get(head)
         if option is None:
             raise
@@ -149,12 +159,11 @@ def _engine(args, params, dtype: str):
 
     from .engine import Engine
 
-    with _options(args):
-        cache = _cache_dir(args)
-        if args.devices is not None and args.devices > len(jax.devices()):
-            raise fields.FieldError("devices", f"only {len(jax.devices())} device(s) here, asked for {args.devices}")
-        engine = Engine(devices=args.devices, draws_mode=args.draws, compile_cache_dir=cache)
-        engine.check_fits(params, dtype)
+    cache = _cache_dir(args)
+    if args.devices is not None and args.devices > len(jax.devices()):
+        raise fields.FieldError("devices", f"only {len(jax.devices())} device(s) here, asked for {args.devices}")
+    engine = Engine(devices=args.devices, draws_mode=args.draws, compile_cache_dir=cache)
+    engine.check_fits(params, dtype)
     return engine
 
 
@@ -175,27 +184,22 @@ def _read_json_file(path: str, field: str):
         raise fields.FieldError(field, f"{path!r} is not valid JSON: {e}") from None
 
 
-def _params(text: str):
-    try:
-        return params_from_text(text)
-    except ParamsError as e:
-        raise fields.FieldError(e.under("params"), e.message) from None
-
-
 def _checked(args) -> dict:
     """The arguments every command shares, validated with the service's field rules."""
-    with _options(args):
-        values = {"dtype": fields.dtype({"dtype": args.dtype})}
-        if getattr(args, "params", None) is not None:
-            values["params"] = _params(args.params)
-        for name in ("block_hash", "public_key"):
-            if getattr(args, name, None) is not None:
-                values[name] = fields.seed_text({name: getattr(args, name)}, name)
-        if args.batch is not None:
-            fields.integer({"batch": args.batch}, "batch", minimum=1)
-        if args.devices is not None:
-            fields.integer({"devices": args.devices}, "devices", minimum=1)
+    values = {"dtype": fields.dtype(vars(args))}
+    if getattr(args, "params", None) is not None:
+        values["params"] = params_from_text(args.params)
+    for name in ("block_hash", "public_key"):
+        if getattr(args, name, None) is not None:
+            values[name] = fields.seed_text(vars(args), name)
+    _check_runtime(args)
     return values
+
+
+def _check_runtime(args) -> None:
+    for name in ("batch", "devices"):
+        if getattr(args, name) is not None:
+            fields.integer(vars(args), name, minimum=1)
 
 
 def _progress(total: int | None, desc: str):
@@ -212,8 +216,7 @@ def _ready_message(engine, model, batch: int, compile_seconds: float) -> str:
 
 def cmd_distances(args) -> int:
     v = _checked(args)
-    with _options(args):
-        nonces = fields.parse_nonce_ranges(args.nonces)
+    nonces = fields.parse_nonce_ranges(args.nonces)
     engine = _engine(args, v["params"], v["dtype"])
     with _progress(len(nonces), "distances") as bar:
         dist = engine.distances(v["params"], v["block_hash"], v["public_key"], nonces, v["dtype"], batch=args.batch,
@@ -234,24 +237,20 @@ def cmd_search(args) -> int:
     stop = threading.Event()
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored (`&` in a script): stays so
         signal.signal(signal.SIGINT, lambda *_: (stop.set(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
-    v = _checked(args)
-    with _options(args):
-        r_target = fields.number({"r_target": args.r_target}, "r_target")
-        start = fields.integer({"start_nonce": args.start_nonce}, "start_nonce")
-        n_nodes = fields.integer({"n_nodes": args.n_nodes}, "n_nodes", minimum=1)
-        node_id = fields.integer({"node_id": args.node_id}, "node_id")
-        if node_id >= n_nodes:
-            raise fields.FieldError("node_id", f"must be below --n-nodes ({n_nodes}), got {node_id}")
-        block_height = fields.integer({"block_height": args.block_height}, "block_height")
-        limit = None if args.max_nonces is None else fields.integer({"max_nonces": args.max_nonces}, "max_nonces",
-                                                                    minimum=1)
-        duration = None if args.duration is None else fields.number({"duration": args.duration}, "duration")
-        path = _result_file(args.out)
-        created = path is not None and not os.path.exists(path)
-        try:
-            results = sys.stdout if path is None else open(path, "a", encoding="utf-8")
-        except OSError as e:
-            raise fields.FieldError("out", f"cannot write {path!r}: {e.strerror or e}") from None
+    v = fields.search_fields({**vars(args), "params": params_from_text(args.params)})
+    _check_runtime(args)
+    n_nodes = fields.integer(vars(args), "n_nodes", minimum=1)
+    node_id = fields.integer(vars(args), "node_id")
+    if node_id >= n_nodes:
+        raise fields.FieldError("node_id", f"must be below --n-nodes ({n_nodes}), got {node_id}")
+    limit = v["max_nonces"]
+    duration = None if args.duration is None else fields.number(vars(args), "duration")
+    path = _result_file(args.out)
+    created = path is not None and not os.path.exists(path)
+    try:
+        results = sys.stdout if path is None else open(path, "a", encoding="utf-8")
+    except OSError as e:
+        raise fields.FieldError("out", f"cannot write {path!r}: {e.strerror or e}") from None
 
     from .engine import SearchJob
     from .nonces import NonceSchedule
@@ -259,9 +258,9 @@ def cmd_search(args) -> int:
 
     try:
         engine = _engine(args, v["params"], v["dtype"])
-        job = SearchJob(v["params"], v["block_hash"], v["public_key"], r_target,
-                        NonceSchedule.for_node(start, node_id, n_nodes, limit=limit), v["dtype"], duration)
-        tally = SearchTally(job, engine.n_groups, block_height, node_id)
+        job = SearchJob(v["params"], v["block_hash"], v["public_key"], v["r_target"],
+                        NonceSchedule.for_node(v["start_nonce"], node_id, n_nodes, limit=limit), v["dtype"], duration)
+        tally = SearchTally(job, engine.n_groups, v["block_height"], node_id)
         with _progress(limit, "search") as bar:
             on_ready = lambda *ready: bar.write(_ready_message(engine, *ready), file=sys.stderr)
             for step in engine.search(job, stop, batch=args.batch, on_ready=on_ready):
@@ -282,19 +281,18 @@ def cmd_search(args) -> int:
         print(json.dumps(summary), flush=True)
     where = "on stdout" if path is None else f"in {path}"
     print(f"{summary['total_computed']} nonces in {summary['elapsed_seconds']:.1f} s "
-          f"({summary['nonces_per_second']:.1f}/s), {summary['total_valid']} valid below r_target {r_target} "
+          f"({summary['nonces_per_second']:.1f}/s), {summary['total_valid']} valid below r_target {v['r_target']} "
           f"[{summary['reason']}]; {tally.lines_emitted} result line(s) and the summary {where}", file=sys.stderr)
     return 0
 
 
 def cmd_validate(args) -> int:
     dtype = _checked(args)["dtype"]
-    with _options(args):
-        threshold = None
-        if args.threshold is not None:
-            threshold = fields.number({"threshold": args.threshold}, "threshold")
-            if threshold > 1:
-                raise fields.FieldError("threshold", f"must be at most 1 (a p-value bound), got {threshold}")
+    threshold = None
+    if args.threshold is not None:
+        threshold = fields.number(vars(args), "threshold")
+        if threshold > 1:
+            raise fields.FieldError("threshold", f"must be at most 1 (a p-value bound), got {threshold}")
     data = _read_json_file(args.file, "file")
     from .claims import parse_claim, validate_claim
 
@@ -305,7 +303,7 @@ def cmd_validate(args) -> int:
     try:
         claim = parse_claim(data)
     except fields.FieldError as e:
-        raise fields.FieldError(f"{args.file}: {e.field}", e.message) from None
+        raise fields.FieldError("file", f"{args.file!r}: {e}") from None
     engine = _engine(args, claim.params, claim.dtype)
     with _progress(len(claim.nonces), "validate") as bar:
         report = validate_claim(engine, claim, on_step=bar.update)
@@ -318,8 +316,7 @@ def cmd_validate(args) -> int:
 
 def cmd_bench(args) -> int:
     v = _checked(args)
-    with _options(args):
-        seconds = fields.number({"seconds": args.seconds}, "seconds")
+    seconds = fields.number(vars(args), "seconds")
     from .bench import run_bench
 
     engine = _engine(args, v["params"], v["dtype"])
@@ -327,7 +324,7 @@ def cmd_bench(args) -> int:
         try:
             engine.check_fits(v["params"], v["dtype"], args.batch)
         except fields.FieldError as e:
-            raise fields.FieldError("--batch", e.message) from None
+            raise fields.FieldError("batch", e.message) from None
     report = run_bench(engine, v["params"], v["dtype"], v["block_hash"], v["public_key"], seconds,
                        batch=args.batch)
     print(json.dumps(report))
@@ -370,7 +367,8 @@ def main(argv: list[str] | None = None, prog: str = "jaxbench") -> int:
         for handler in set(logging.getLogger().handlers) - existing:
             handler.addFilter(_without_traceback)
     try:
-        status = COMMANDS[args.command](args)
+        with _options(args):
+            status = COMMANDS[args.command](args)
         sys.stdout.flush()  # a failing write (a full disk, a closed pipe) is reported here, not at exit
         return status
     except (fields.FieldError, ParamsError) as e:

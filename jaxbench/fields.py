@@ -114,3 +114,19 @@ def parse_nonce_ranges(text: str, name: str = "nonces", max_len: int = MAX_NONCE
             raise FieldError(name, f"at most {max_len:,} nonces")
         bounds.append((lo, hi))
     return [n for lo, hi in bounds for n in range(lo, hi + 1)]
+
+
+def search_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The checked fields that define one search, under the names /generate and the CLI's `search`
+    and `remote search` share: block_hash, block_height, public_key, r_target, start_nonce, params
+    (an object, a preset name or a Params), max_nonces (None when absent) and dtype."""
+    return {
+        "block_hash": seed_text(data, "block_hash"),
+        "block_height": integer(data, "block_height"),
+        "public_key": seed_text(data, "public_key"),
+        "r_target": number(data, "r_target"),
+        "start_nonce": integer(data, "start_nonce"),
+        "params": params(data),
+        "max_nonces": None if data.get("max_nonces") is None else integer(data, "max_nonces", minimum=1),
+        "dtype": dtype(data),
+    }

@@ -100,23 +100,13 @@ class Search:
 
     @classmethod
     def from_args(cls, args) -> "Search":
-        n_parts = fields.integer({"workers": args.workers}, "workers", minimum=1)
-        limit = None if args.max_nonces is None else fields.integer({"max_nonces": args.max_nonces}, "max_nonces",
-                                                                     minimum=1)
+        search = fields.search_fields({**vars(args), "params": params_from_text(args.params)})
+        n_parts = fields.integer(vars(args), "workers", minimum=1)
+        limit = search["max_nonces"]
         if limit is not None and limit < n_parts:
             raise fields.FieldError("workers", f"must be at most --max-nonces ({limit}), got {n_parts}")
-        return cls(
-            params=params_from_text(args.params),
-            block_hash=fields.seed_text({"block_hash": args.block_hash}, "block_hash"),
-            block_height=fields.integer({"block_height": args.block_height}, "block_height"),
-            public_key=fields.seed_text({"public_key": args.public_key}, "public_key"),
-            r_target=fields.number({"r_target": args.r_target}, "r_target"),
-            dtype=fields.dtype({"dtype": args.dtype}),
-            start_nonce=fields.integer({"start_nonce": args.start_nonce}, "start_nonce"),
-            n_parts=n_parts,
-            max_nonces=limit,
-            duration_s=None if args.duration is None else fields.number({"duration": args.duration}, "duration"),
-        )
+        duration_s = None if args.duration is None else fields.number(vars(args), "duration")
+        return cls(**search, n_parts=n_parts, duration_s=duration_s)
 
     def parts(self) -> list["Part"]:
         def count(i: int) -> int | None:  # node i's nonces below start + max_nonces
@@ -436,16 +426,16 @@ def run(args) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     search = Search.from_args(args)
+    fields.integer(vars(args), "max_attempts", minimum=1)
+    if args.cost is not None:
+        fields.integer(vars(args), "cost")
+    for name in ("stall_timeout", "wait_timeout"):
+        fields.number(vars(args), name)
     api_key = os.environ.get("VAST_API_KEY", "")
     if not api_key:
         print("error: VAST_API_KEY is not set (the API key of the Vast.ai account that owns the endpoint)",
               file=sys.stderr)
         return EXIT_FAILED
-    fields.integer({"max_attempts": args.max_attempts}, "max_attempts", minimum=1)
-    if args.cost is not None:
-        fields.integer({"cost": args.cost}, "cost")
-    for name in ("stall_timeout", "wait_timeout"):
-        fields.number({name: getattr(args, name)}, name)
     with tqdm(total=search.max_nonces, unit="nonce", file=sys.stderr, dynamic_ncols=True, desc="remote") as bar, \
             logging_redirect_tqdm():
         try:

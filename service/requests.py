@@ -229,22 +229,16 @@ def generate_request(data: Mapping[str, Any], settings: Settings, default_max_no
     """Spec §1.1 fields, all required and type/range-checked, plus the optional extensions
     `max_nonces`, `duration_s` (default MODEL_DURATION_S = 420), `dtype` (default float16) and
     `node_id`/`n_nodes` (default 0 of 1: the spec §7 schedule)."""
-    block_hash = fields.seed_text(data, "block_hash")
-    block_height = fields.integer(data, "block_height")
-    public_key = fields.seed_text(data, "public_key")
-    r_target = fields.number(data, "r_target")
+    search = fields.search_fields(data)
     batch_size = fields.integer(data, "batch_size", minimum=1)
-    start_nonce = fields.integer(data, "start_nonce")
-    params = fields.params(data)
     n_nodes = fields.integer(data, "n_nodes", 1, minimum=1)
     node_id = fields.integer(data, "node_id", 0)
     if node_id >= n_nodes:
         raise FieldError("node_id", f"must be below n_nodes ({n_nodes}), got {node_id}")
-    max_nonces = fields.integer(data, "max_nonces", minimum=1) if _optional(data, "max_nonces") else default_max_nonces
+    if search["max_nonces"] is None:
+        search["max_nonces"] = default_max_nonces
     duration_s = _seconds(data, "duration_s", settings.duration_s, MAX_DURATION_S)
-    dtype = fields.dtype(data)
-    return GenerateRequest(params, block_hash, block_height, public_key, r_target, batch_size, start_nonce,
-                           node_id, n_nodes, max_nonces, duration_s, dtype)
+    return GenerateRequest(**search, batch_size=batch_size, node_id=node_id, n_nodes=n_nodes, duration_s=duration_s)
 
 
 # /warmup ------------------------------------------------------------------------------------------

@@ -95,12 +95,14 @@ def test_a_part_without_next_nonce_settles_on_its_highest_nonce():
 
 def test_bad_input_is_one_line_and_status_2():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VAST_API_KEY": "x"}
-    for args, field in ((["--workers", "0", "--max-nonces", "10"], "workers"),
-                        (["--workers", "20", "--max-nonces", "10"], "workers"),
-                        (["--max-nonces", "10", "--dtype", "int8"], "dtype"),
-                        (["--max-nonces", "10", "--params", "@/nonexistent/params.json"], "params"),
-                        (["--max-nonces", "10", "--params", '{"dim": 63}'], "params.dim"),
-                        (["--max-nonces", "10", "--params", '{"dim": ' + "9" * 5000 + "}"], "params")):
+    for args, field in ((["--workers", "0", "--max-nonces", "10"], "--workers"),
+                        (["--workers", "20", "--max-nonces", "10"], "--workers"),
+                        (["--max-nonces", "10", "--dtype", "int8"], "--dtype"),
+                        (["--max-nonces", "10", "--params", "@/nonexistent/params.json"], "--params"),
+                        (["--max-nonces", "10", "--params", '{"dim": 63}'], "--params: dim"),
+                        (["--max-nonces", "10", "--params", '{"dim": ' + "9" * 5000 + "}"], "--params"),
+                        (["--max-nonces", "10", "--max-attempts", "0"], "--max-attempts"),
+                        (["--max-nonces", "10", "--stall-timeout", "nan"], "--stall-timeout")):
         out = subprocess.run([sys.executable, "-m", "jaxbench", "remote", "search", "--endpoint", "e", *SEARCH, *args],
                              env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and out.stderr.startswith(f"error: {field}:"), out.stderr
