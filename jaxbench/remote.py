@@ -382,34 +382,35 @@ class RemoteSearch:
 # The SDK client --------------------------------------------------------------------------------------
 
 
-def _client(api_key: str, args):
+def _client(api_key: str, args, ca_context: ssl.SSLContext | None):
     from vastai.serverless.client import CoroutineServerless
 
     class Client(CoroutineServerless):
-        """The SDK's async client; with a CA file, Vast's root certificate is read from it instead of
-        being downloaded, and trusted beside the system's, as the SDK does with the downloaded one."""
-
-        def __init__(self, ca_file: str | None, **kwargs):
-            super().__init__(api_key, **kwargs)
-            self.ca_file = ca_file
-            self.local_ssl_context: ssl.SSLContext | None = None
+        """The SDK's async client; given a context that trusts Vast's root certificate, it uses that
+        one instead of downloading the certificate."""
 
         async def get_ssl_context(self) -> ssl.SSLContext:
-            if self.ca_file is None:
-                return await super().get_ssl_context()
-            if self.local_ssl_context is None:
-                context = ssl.create_default_context()
-                context.load_verify_locations(cafile=self.ca_file)
-                context.verify_flags &= ~ssl.VERIFY_X509_STRICT  # Vast's root lacks keyCertSign (see the SDK)
-                self.local_ssl_context = context
-            return self.local_ssl_context
+            return ca_context or await super().get_ssl_context()
 
     urls = {k: v for k, v in (("autoscaler_url", args.autoscaler_url), ("webserver_url", args.webserver_url)) if v}
-    return Client(args.vast_ca_file, **urls)
+    return Client(api_key, **urls)
 
 
-async def _search(args, api_key: str, search: Search, bar) -> tuple[str, dict]:
-    async with _client(api_key, args) as client:
+def _ca_context(ca_file: str) -> ssl.SSLContext:
+    """A context that trusts the certificates of `ca_file` beside the system's, as the SDK's
+    context trusts the downloaded one."""
+    context = ssl.create_default_context()
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise fields.FieldError("vast_ca_file", f"cannot load certificates from {ca_file!r}: "
+                                                f"{getattr(e, 'strerror', None) or e}") from None
+    context.verify_flags &= ~ssl.VERIFY_X509_STRICT  # Vast's root lacks keyCertSign (see the SDK)
+    return context
+
+
+async def _search(args, api_key: str, ca_context: ssl.SSLContext | None, search: Search, bar) -> tuple[str, dict]:
+    async with _client(api_key, args, ca_context) as client:
         try:
             endpoint = await client.get_endpoint(args.endpoint)
         except Exception as e:  # noqa: BLE001 — the SDK raises plain exceptions
@@ -431,6 +432,7 @@ def run(args) -> int:
         fields.integer(vars(args), "cost")
     for name in ("stall_timeout", "wait_timeout"):
         fields.number(vars(args), name)
+    ca_context = None if args.vast_ca_file is None else _ca_context(args.vast_ca_file)
     api_key = os.environ.get("VAST_API_KEY", "")
     if not api_key:
         print("error: VAST_API_KEY is not set (the API key of the Vast.ai account that owns the endpoint)",
@@ -439,7 +441,7 @@ def run(args) -> int:
     with tqdm(total=search.max_nonces, unit="nonce", file=sys.stderr, dynamic_ncols=True, desc="remote") as bar, \
             logging_redirect_tqdm():
         try:
-            reason, summary = asyncio.run(_search(args, api_key, search, bar))
+            reason, summary = asyncio.run(_search(args, api_key, ca_context, search, bar))
         except RemoteError as e:
             bar.write(f"error: {e}", file=sys.stderr)
             return EXIT_FAILED

@@ -102,7 +102,9 @@ def test_bad_input_is_one_line_and_status_2():
                         (["--max-nonces", "10", "--params", '{"dim": 63}'], "--params: dim"),
                         (["--max-nonces", "10", "--params", '{"dim": ' + "9" * 5000 + "}"], "--params"),
                         (["--max-nonces", "10", "--max-attempts", "0"], "--max-attempts"),
-                        (["--max-nonces", "10", "--stall-timeout", "nan"], "--stall-timeout")):
+                        (["--max-nonces", "10", "--stall-timeout", "nan"], "--stall-timeout"),
+                        (["--max-nonces", "10", "--vast-ca-file", "/nonexistent.pem"], "--vast-ca-file"),
+                        (["--max-nonces", "10", "--vast-ca-file", __file__], "--vast-ca-file")):
         out = subprocess.run([sys.executable, "-m", "jaxbench", "remote", "search", "--endpoint", "e", *SEARCH, *args],
                              env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and out.stderr.startswith(f"error: {field}:"), out.stderr
