@@ -22,18 +22,20 @@ if [ -e "$MODEL_LOG" ]; then
 fi
 : > "$MODEL_LOG"
 
-fatal() {
-    local marker
-    marker=$(sed -n 's/^FATAL_MARKER = "\(.*\)"$/\1/p' service/signals.py)
-    echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $marker $*" | tee -a "$MODEL_LOG"
+signal_text() {  # the text of service/signals.py's constant $1
+    sed -n "s/^$1 = \"\(.*\)\"\( *#.*\)\{0,1\}\$/\1/p" service/signals.py
+}
+
+fatal() {  # fatal CAUSE DETAIL: the fatal line of signals.py's cause CAUSE, in the log and on stdout
+    echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $(signal_text FATAL_MARKER) $(signal_text "$1"): $2" | tee -a "$MODEL_LOG"
 }
 
 if ! command -v "$python" >/dev/null; then
-    fatal "jax is not installed: there is no $python"
+    fatal JAX_NOT_INSTALLED "there is no $python"
     exit 1
 fi
 if ! "$python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("jax") is None)'; then
-    fatal "jax is not installed for $python ($(command -v "$python"))"
+    fatal JAX_NOT_INSTALLED "no jax module for $python ($(command -v "$python"))"
     exit 1
 fi
 
@@ -50,6 +52,6 @@ while :; do
 done
 
 if [ "$stopping" = 0 ]; then
-    fatal "model server exited unexpectedly (status $status)"
+    fatal SERVER_EXITED "status $status"
 fi
 exit "$status"

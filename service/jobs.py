@@ -38,6 +38,7 @@ from jaxbench.engine import Engine, SearchJob, StepResult, is_out_of_memory
 from jaxbench.params import Params
 from jaxbench.results import SearchTally
 
+from . import signals
 from .config import DRAIN_MARGIN_S, Settings
 from .logsetup import log_fatal
 
@@ -449,7 +450,7 @@ class JobManager:
     def mark_broken(self, reason: str) -> None:
         if self.broken is None:
             self.broken = reason[:2000]
-            log_fatal("device failure, the worker must be replaced: %s", self.broken)
+            log_fatal(signals.DEVICE_FAILURE, "the worker must be replaced: %s", self.broken)
 
     # Batch size and compilation (run in worker threads) ----------------------------------------
 

@@ -79,5 +79,6 @@ def log_ready() -> None:
     log.info(signals.READY_LINE, extra={_SIGNAL: True})
 
 
-def log_fatal(message: str, *args) -> None:
-    log.critical(signals.FATAL_MARKER + " " + message, *args, extra={_SIGNAL: True})
+def log_fatal(cause: str, detail: str, *args) -> None:
+    """The fatal line of `cause` (one of service/signals.py's), with `detail % args` after it."""
+    log.critical("%s %s: " + detail, signals.FATAL_MARKER, cause, *args, extra={_SIGNAL: True})

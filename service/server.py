@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 
-from . import config
+from . import config, signals
 from .config import DRAIN_MARGIN_S
 from .logsetup import log_fatal, log_ready, setup_logging
 
@@ -107,10 +107,10 @@ async def serve(app, settings: config.Settings) -> int:
     listening = await _wait_serving(_probe_host(settings.host), settings.port, manager.instance, serve_task)
     if serve_task.done():
         exc = serve_task.exception()
-        log_fatal("the server could not start: %s", f"{type(exc).__name__}: {exc}" if exc else "it stopped")
+        log_fatal(signals.SERVER_DID_NOT_START, "%s", f"{type(exc).__name__}: {exc}" if exc else "it stopped")
         return 1
     if not listening:
-        log_fatal("the server did not accept connections on port %d within %.0f s", settings.port, READY_WAIT_S)
+        log_fatal(signals.SERVER_NOT_LISTENING, "none on port %d within %.0f s", settings.port, READY_WAIT_S)
         stop_serving.set()
         await asyncio.wait({serve_task}, timeout=settings.graceful_timeout_s + 5)
         return 1
@@ -128,7 +128,7 @@ async def serve(app, settings: config.Settings) -> int:
         log.warning("hypercorn did not stop in time; exiting anyway")
         serve_task.cancel()
     except Exception as e:  # noqa: BLE001
-        log_fatal("the server failed: %s: %s", type(e).__name__, e)
+        log_fatal(signals.SERVER_FAILED, "%s: %s", type(e).__name__, e)
         return 1
     log.info("stopped")
     return 0
@@ -142,13 +142,13 @@ def main() -> int:
             setup_logging(os.environ.get("MODEL_LOG") or config.Settings.log_path)
         except OSError:
             setup_logging("")
-        log_fatal("bad configuration: %s", e)
+        log_fatal(signals.BAD_CONFIGURATION, "%s", e)
         return 2
     try:
         setup_logging(settings.log_path, settings.log_level)
     except OSError as e:
         setup_logging("", settings.log_level)  # stdout only
-        log_fatal("cannot write the log file %s: %s", settings.log_path, e)
+        log_fatal(signals.LOG_NOT_WRITABLE, "%s: %s", settings.log_path, e)
         return 1
     log.info("starting the model server on %s:%d (pid %d, Python %s)", settings.host, settings.port, os.getpid(),
              sys.version.split()[0])
@@ -156,7 +156,7 @@ def main() -> int:
         engine = create_engine(settings)
     except Exception as e:  # noqa: BLE001
         log.exception("engine start failed")
-        log_fatal("no usable device: %s: %s", type(e).__name__, e)
+        log_fatal(signals.NO_USABLE_DEVICE, "%s: %s", type(e).__name__, e)
         return 1
     log.info("engine: %d device(s) %s, %s draws", engine.n_groups,
              ", ".join(sorted({d["kind"] for d in engine.describe()})), engine.draws_mode)
@@ -166,7 +166,7 @@ def main() -> int:
         return asyncio.run(serve(create_app(engine, settings), settings))
     except Exception as e:  # noqa: BLE001 — whatever stops the server must reach the PyWorker's log watch
         log.exception("the server failed")
-        log_fatal("the server failed: %s: %s", type(e).__name__, e)
+        log_fatal(signals.SERVER_FAILED, "%s: %s", type(e).__name__, e)
         return 1
     finally:
         engine.close()

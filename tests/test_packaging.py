@@ -20,6 +20,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from service_helpers import FakeHTTPServer, free_port
 
+from service import signals
 from service.signals import FATAL_CAUSES, FATAL_MARKER, READY_LINE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,14 +254,14 @@ def test_start_script_logs_the_fatal_marker_when_the_server_exits(tmp_path):
     assert status != 0
     last = log.read_text().splitlines()[-1]
     assert fatal_cause(last) == f"{FATAL_MARKER} model server exited unexpectedly"
-    assert last.endswith(f"(status {status})")
+    assert last.endswith(f": status {status}")
 
 
 def test_start_script_reports_a_python_without_jax_as_such(tmp_path):
     no_jax = tmp_path / "python-without-jax"  # this Python with its site-packages (jax among them) hidden
     no_jax.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
     no_jax.chmod(0o755)
-    for python, says in ((str(no_jax), f"jax is not installed for {no_jax} ({no_jax})"),
+    for python, says in ((str(no_jax), f"jax is not installed: no jax module for {no_jax} ({no_jax})"),
                          ("python3.0-nowhere", "jax is not installed: there is no python3.0-nowhere")):
         log = tmp_path / "server.log"
         assert finished(start_script(log, free_port(), tmp_path, {"MODEL_SERVER_PYTHON": python}), 30) == 1
@@ -271,10 +272,12 @@ def test_start_script_reports_a_python_without_jax_as_such(tmp_path):
 
 def test_every_fatal_line_starts_with_a_listed_cause():
     """The PyWorker reports the pattern that matched; each fatal line must match a specific one."""
-    messages = [m for path in sorted((ROOT / "service").glob("*.py"))
-                for m in re.findall(r'log_fatal\(\s*"([^"]*)"', path.read_text())]
-    assert len(messages) >= 5, messages
-    script = (ROOT / "start_server.sh").read_text()
-    messages += re.findall(r'^\s*fatal "([^"]*)"', script, flags=re.M)
-    for message in messages:
-        assert fatal_cause(f"time {FATAL_MARKER} {message}"), f"no cause in service.signals.FATAL_CAUSES for {message!r}"
+    calls = [path.read_text().count("log_fatal(") for path in sorted((ROOT / "service").glob("*.py"))]
+    names = [name for path in sorted((ROOT / "service").glob("*.py"))
+             for name in re.findall(r'log_fatal\(\s*signals\.([A-Z_]+),', path.read_text())]
+    assert len(names) >= 5 and len(names) == sum(calls) - 1, names  # every call but the definition names a cause
+    names += re.findall(r'^\s*fatal ([A-Z_]+) "', (ROOT / "start_server.sh").read_text(), flags=re.M)
+    assert {"JAX_NOT_INSTALLED", "SERVER_EXITED"} <= set(names)
+    for name in names:
+        cause = getattr(signals, name, None)
+        assert isinstance(cause, str) and f"{FATAL_MARKER} {cause}" in FATAL_CAUSES, name
