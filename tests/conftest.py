@@ -100,25 +100,16 @@ def device_draws_engine():
     e.close()
 
 
-@pytest.fixture(scope="session")
-def cache_dir(compile_cache):
-    """The XLA compile cache that server processes share (the run's)."""
-    return compile_cache
-
-
 @pytest.fixture(scope="module")
-def server(request, tmp_path_factory, cache_dir):
+def server(request, tmp_path_factory, compile_cache):
     """A live `python -m service` on 127.0.0.1 for a test module; it must stop cleanly, having
     logged its ready line once and no fatal marker."""
-    from service import signals
-    from service_helpers import ServiceProcess
+    from service_helpers import ServiceProcess, assert_clean_log
 
-    proc = ServiceProcess(tmp_path_factory.mktemp(request.module.__name__), cache_dir).start()
+    proc = ServiceProcess(tmp_path_factory.mktemp(request.module.__name__), compile_cache).start()
     yield proc
     assert proc.stop() == 0
-    log = proc.log()
-    assert log.count(signals.READY_LINE) == 1
-    assert signals.FATAL_MARKER not in log
+    assert_clean_log(proc.log())
 
 
 @pytest.fixture

@@ -57,6 +57,19 @@ FAST_ENV = {
 }
 
 
+def assert_clean_log(log: str) -> None:
+    """A model server's whole log after a run that went as meant: ready once, nothing fatal."""
+    from service import signals
+
+    assert log.count(signals.READY_LINE) == 1, log[-4000:]
+    assert signals.FATAL_MARKER not in log, log[-4000:]
+
+
+def host_devices_env(n: int) -> dict[str, str]:
+    """The environment that gives a child process `n` JAX CPU devices."""
+    return {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()}
+
+
 def _ephemeral_ports() -> range:
     """The ports the kernel gives outgoing connections (and bind to port 0)."""
     try:
@@ -112,6 +125,24 @@ def free_port() -> int:
             return port
 
 
+def model_server_env(log: Path, port: int, compile_cache: Path, extra: dict | None = None) -> dict:
+    """The environment of a model server under test, `python -m service` or start_server.sh (whose
+    python3 is this Python): this checkout, on 127.0.0.1:`port`, its log, the compile cache, and
+    the tiny set for a PyWorker's benchmark."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": PYTHONPATH,
+        **PLATFORM_ENV,
+        "MODEL_SERVER_HOST": "127.0.0.1",
+        "MODEL_SERVER_PORT": str(port),
+        "MODEL_LOG": str(log),
+        "JAXBENCH_CACHE_DIR": str(compile_cache),
+        "JAXBENCH_BENCHMARK_PARAMS": "tiny",
+        **(extra or {}),
+    }
+
+
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.02, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:
@@ -126,25 +157,14 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
 class ServiceProcess:
     """`python -m service` on 127.0.0.1:<free port>, ready once READY_LINE is in its log."""
 
-    def __init__(self, workdir: Path, cache_dir: Path, env: dict | None = None):
+    def __init__(self, workdir: Path, compile_cache: Path, env: dict | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.log_path = self.workdir / "model" / "server.log"  # the directory does not exist yet
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": PYTHONPATH,
-            "MODEL_SERVER_HOST": "127.0.0.1",
-            "MODEL_SERVER_PORT": str(self.port),
-            "MODEL_LOG": str(self.log_path),
-            "LOG_LEVEL": "INFO",
-            "JAXBENCH_CACHE_DIR": str(cache_dir),
-            **PLATFORM_ENV,
-            "MODEL_DRAWS": DRAWS,
-            **FAST_ENV,
-            **(env or {}),
-        }
+        self.env = model_server_env(self.log_path, self.port, compile_cache,
+                                    {"LOG_LEVEL": "INFO", "MODEL_DRAWS": DRAWS, **FAST_ENV, **(env or {})})
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90.0) -> "ServiceProcess":
@@ -213,13 +233,13 @@ def read_stream(client: httpx.Client, path: str, body, on_line: Callable[[dict],
     return out
 
 
-def cli_distances(block_hash: str, public_key: str, nonces: str, cache_dir: Path, params: str = "tiny",
+def cli_distances(block_hash: str, public_key: str, nonces: str, compile_cache: Path, params: str = "tiny",
                   dtype: str = "float16", batch: int = 8) -> dict[int, float]:
     """Distances from `python -m jaxbench distances` (a subprocess, like a user would run it)."""
     out = subprocess.run(
         [sys.executable, "-m", "jaxbench", "distances", "--params", params, "--block-hash", block_hash,
          "--public-key", public_key, "--nonces", nonces, "--dtype", dtype, "--batch", str(batch), "--draws", DRAWS,
-         "--cache-dir", str(cache_dir)],
+         "--cache-dir", str(compile_cache)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": PYTHONPATH, **PLATFORM_ENV},
         capture_output=True, text=True, timeout=120,
     )
@@ -245,6 +265,25 @@ class RawReply:
 
     def __init__(self, write: Callable[[BaseHTTPRequestHandler], None]):
         self.write = write
+
+
+class Peer:
+    """A peer's handler for FakeHTTPServer, scripted by path suffix: an answer (status, body) or a
+    RawReply, a function of the request body giving one, or 'hang' (block until `release`, or a
+    minute). Any other path answers 200 {"status": "ok"}."""
+
+    def __init__(self, routes: dict):
+        self.routes = routes
+        self.release = threading.Event()
+
+    def __call__(self, method, path, query, body):
+        for suffix, answer in self.routes.items():
+            if path.endswith(suffix):
+                if answer == "hang":
+                    self.release.wait(60)
+                    return 503, {"error": "released"}
+                return answer(body) if callable(answer) else answer
+        return 200, {"status": "ok"}
 
 
 class FakeHTTPServer:

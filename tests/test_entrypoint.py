@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from service_helpers import free_port, wait_until
-from vast_helpers import (ROOT, FakeVast, kill_after_a_health_check, listening, model_server_env, model_server_pid,
-                          pyworker_env)
+from service_helpers import assert_clean_log, free_port, model_server_env, wait_until
+from vast_helpers import ROOT, FakeVast, kill_after_a_health_check, listening, model_server_pid, pyworker_env
 
-from service.signals import FATAL_MARKER, READY_LINE
+from service.signals import FATAL_MARKER, READY_LINE, SERVER_EXITED
 
 START_TIMEOUT_S = 120
 
@@ -47,7 +46,7 @@ class Container:
     """What Vast gives a worker container: the template's environment (JAXBENCH_PYWORKER, the
     bootstrap's variables) and the PyWorker's, with the bootstrap replaced by the stand-in."""
 
-    def __init__(self, tmp: Path, vast: FakeVast, start_pyworker: bool = True):
+    def __init__(self, tmp: Path, vast: FakeVast, compile_cache: Path, start_pyworker: bool = True):
         self.tmp = tmp
         self.vast = vast
         self.workspace = tmp / "workspace"
@@ -57,7 +56,7 @@ class Container:
         self.model_port, self.worker_port = free_port(), free_port()
         self.worker_url = f"http://127.0.0.1:{self.worker_port}"
         self.log = tmp / "model" / "server.log"
-        self.env = model_server_env(tmp, self.model_port, {
+        self.env = model_server_env(self.log, self.model_port, compile_cache, {
             "MODEL_BATCH": "8",
             "MODEL_ACCESS_LOG": "1",
             "MODEL_BENCHMARK_NONCES": "16",
@@ -95,8 +94,8 @@ def vast():
 
 
 @pytest.fixture
-def container(tmp_path, vast):
-    box = Container(tmp_path, vast)
+def container(tmp_path, vast, compile_cache):
+    box = Container(tmp_path, vast, compile_cache)
     try:
         yield box
     except BaseException:
@@ -123,8 +122,7 @@ def test_entrypoint_mode_runs_both_and_stops_both(container):
     assert script.wait(30) == 0
     wait_until(lambda: not alive(pyworker), 15, what="the PyWorker to stop")
     assert not listening(container.model_port) and not listening(container.worker_port)
-    log = container.log.read_text()
-    assert log.count(READY_LINE) == 1 and FATAL_MARKER not in log
+    assert_clean_log(container.log.read_text())
 
 
 def test_on_start_mode_keeps_the_pyworker_to_report_a_dead_model_server(container):
@@ -141,7 +139,7 @@ def test_on_start_mode_keeps_the_pyworker_to_report_a_dead_model_server(containe
     pyworker = container.pyworker_pid()
 
     kill_after_a_health_check(container.log, model_server_pid(container.log))
-    assert container.vast.reports_cause(container.worker_url, f"{FATAL_MARKER} model server exited unexpectedly")
+    assert container.vast.reports_cause(container.worker_url, f"{FATAL_MARKER} {SERVER_EXITED}")
     assert alive(script) and alive(pyworker)
 
     os.kill(script, signal.SIGTERM)
@@ -149,8 +147,8 @@ def test_on_start_mode_keeps_the_pyworker_to_report_a_dead_model_server(containe
     assert not listening(container.worker_port)
 
 
-def test_without_the_switch_only_the_model_server_runs(tmp_path, vast):
-    box = Container(tmp_path, vast, start_pyworker=False)
+def test_without_the_switch_only_the_model_server_runs(tmp_path, vast, compile_cache):
+    box = Container(tmp_path, vast, compile_cache, start_pyworker=False)
     with (tmp_path / "entrypoint.out").open("wb") as out:
         script = subprocess.Popen([str(ROOT / "entrypoint.sh")], env=box.env, start_new_session=True,
                                   stdout=out, stderr=subprocess.STDOUT)

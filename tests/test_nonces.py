@@ -1,10 +1,13 @@
 """Nonce assignment (spec §7): the groups of a step, and results that do not depend on the device count."""
 
 import json
+import os
 import subprocess
 import sys
 
 from conftest import ROOT
+from service_helpers import host_devices_env
+
 from jaxbench.nonces import NonceSchedule, device_major
 
 
@@ -50,9 +53,9 @@ print(json.dumps(out))
 
 
 def test_results_are_identical_whatever_the_device_count():
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(ROOT)}
+    env = {**host_devices_env(4), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, **env})
+                          env={**os.environ, **env})
     assert proc.returncode == 0, proc.stderr
     by_devices = json.loads(proc.stdout)
     assert set(by_devices["1"]) == {str(n) for n in range(5, 42)}

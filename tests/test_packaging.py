@@ -18,7 +18,7 @@ import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from service_helpers import FakeHTTPServer, free_port
+from service_helpers import FakeHTTPServer, assert_clean_log, free_port, model_server_env
 
 from service import signals
 from service.signals import FATAL_CAUSES, FATAL_MARKER, READY_LINE
@@ -198,12 +198,9 @@ def test_healthcheck_probes_the_model_server_with_python(status):
 # start_server.sh ----------------------------------------------------------------------------------
 
 
-def start_script(log: Path, port: int, tmp: Path, env: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "MODEL_SERVER_HOST": "127.0.0.1", "MODEL_SERVER_PORT": str(port), "MODEL_LOG": str(log),
-           "JAXBENCH_CACHE_DIR": str(tmp / "xla-cache"), **(env or {})}
-    return subprocess.Popen([str(ROOT / "start_server.sh")], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_script(log: Path, port: int, compile_cache: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([str(ROOT / "start_server.sh")], env=model_server_env(log, port, compile_cache, env),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def finished(proc: subprocess.Popen, timeout: float) -> int:
@@ -221,13 +218,13 @@ def fatal_cause(line: str) -> str | None:
     return next((cause for cause in FATAL_CAUSES if text.startswith(cause)), None)
 
 
-def test_start_script_logs_only_this_runs_lines_and_stops_on_sigterm(tmp_path):
+def test_start_script_logs_only_this_runs_lines_and_stops_on_sigterm(tmp_path, compile_cache):
     log = tmp_path / "model" / "server.log"
     log.parent.mkdir()
     log.write_text(f"a line of the last run: {READY_LINE}\n")
     last_run = log.stat().st_ino
     port = free_port()
-    proc = start_script(log, port, tmp_path)
+    proc = start_script(log, port, compile_cache)
     try:
         deadline = time.monotonic() + 120
         while READY_LINE not in log.read_text() or "the last run" in log.read_text():
@@ -241,32 +238,32 @@ def test_start_script_logs_only_this_runs_lines_and_stops_on_sigterm(tmp_path):
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-        assert FATAL_MARKER not in log.read_text()
+        assert_clean_log(log.read_text())
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
     finally:
         finished(proc, 0)
 
 
-def test_start_script_logs_the_fatal_marker_when_the_server_exits(tmp_path):
+def test_start_script_logs_the_fatal_marker_when_the_server_exits(tmp_path, compile_cache):
     log = tmp_path / "server.log"
-    status = finished(start_script(log, 0, tmp_path), 120)  # port 0: a configuration the server refuses
+    status = finished(start_script(log, 0, compile_cache), 120)  # port 0: a configuration the server refuses
     assert status != 0
     last = log.read_text().splitlines()[-1]
-    assert fatal_cause(last) == f"{FATAL_MARKER} model server exited unexpectedly"
+    assert fatal_cause(last) == f"{FATAL_MARKER} {signals.SERVER_EXITED}"
     assert last.endswith(f": status {status}")
 
 
-def test_start_script_reports_a_python_without_jax_as_such(tmp_path):
+def test_start_script_reports_a_python_without_jax_as_such(tmp_path, compile_cache):
     no_jax = tmp_path / "python-without-jax"  # this Python with its site-packages (jax among them) hidden
     no_jax.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
     no_jax.chmod(0o755)
     for python, says in ((str(no_jax), f"jax is not installed: no jax module for {no_jax} ({no_jax})"),
                          ("python3.0-nowhere", "jax is not installed: there is no python3.0-nowhere")):
         log = tmp_path / "server.log"
-        assert finished(start_script(log, free_port(), tmp_path, {"MODEL_SERVER_PYTHON": python}), 30) == 1
+        assert finished(start_script(log, free_port(), compile_cache, {"MODEL_SERVER_PYTHON": python}), 30) == 1
         (line,) = log.read_text().splitlines()  # the server was never started
-        assert fatal_cause(line) == f"{FATAL_MARKER} jax is not installed"
+        assert fatal_cause(line) == f"{FATAL_MARKER} {signals.JAX_NOT_INSTALLED}"
         assert line.endswith(f"{FATAL_MARKER} {says}")
 
 

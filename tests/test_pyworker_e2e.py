@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import FakeHTTPServer, wait_until
+from service_helpers import FakeHTTPServer, host_devices_env, wait_until
 from vast_helpers import FakeVast, WorkerStack, kill_after_a_health_check
 
-from service.signals import FATAL_CAUSES, FATAL_MARKER, READY_LINE
+from service.signals import FATAL_CAUSES, FATAL_MARKER, READY_LINE, SERVER_EXITED
 
 DEVICES = 2
 BATCH = 64
@@ -124,15 +123,15 @@ def test_workload_is_nonces(pyworker):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, compile_cache):
     """One worker whose model server has two (CPU) devices, reporting to a fake autoscaler."""
     vast = FakeVast()
-    stack = WorkerStack(tmp_path_factory.mktemp("e2e"), vast, env={
+    stack = WorkerStack(tmp_path_factory.mktemp("e2e"), vast, compile_cache, env={
         "MODEL_BATCH": str(BATCH),
         "MODEL_ACCESS_LOG": "1",
         "MODEL_BENCHMARK_NONCES": str(WARMUP_NONCES),
         "JAXBENCH_BENCHMARK_STEPS": str(BENCHMARK_STEPS),
-        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}",
+        **host_devices_env(DEVICES),
     })
     try:
         stack.wait_loaded(START_TIMEOUT_S)
@@ -231,7 +230,7 @@ def test_model_server_crash_is_reported_as_an_error(stack):
     """Runs last: kills the model server; start_server.sh logs a fatal line, and the PyWorker reports
     its cause (the pattern that matched), not just the marker."""
     kill_after_a_health_check(stack.log, stack.model_server_pid())
-    cause = f"{FATAL_MARKER} model server exited unexpectedly"
+    cause = f"{FATAL_MARKER} {SERVER_EXITED}"
     assert cause in FATAL_CAUSES
     assert stack.vast.reports_cause(stack.worker_url, cause)
     assert stack.server.wait(10) != 0

@@ -13,7 +13,7 @@ import sys
 import threading
 
 import pytest
-from service_helpers import PLATFORM_ENV, wait_until
+from service_helpers import PLATFORM_ENV, host_devices_env, wait_until
 from vast_helpers import ACCOUNT_API_KEY, ENDPOINT_API_KEY, ENDPOINT_NAME, ROOT, FakeVast, WorkerStack
 
 from jaxbench.remote import Part, RemoteError
@@ -119,13 +119,13 @@ def test_bad_input_is_one_line_and_status_2():
 
 
 @pytest.fixture(scope="module")
-def truth(tmp_path_factory):
+def truth(compile_cache):
     """The valid nonces among 0 … 29999, from a local search with the workers' devices and batch."""
     out = subprocess.run(
         [sys.executable, "-m", "jaxbench", "search", *SEARCH, "--max-nonces", "30000", "--batch", str(BATCH),
-         "--cache-dir", str(tmp_path_factory.mktemp("xla"))],
+         "--cache-dir", str(compile_cache)],
         env={**os.environ, "PYTHONPATH": str(ROOT), **PLATFORM_ENV,
-             "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}"},
+             **host_devices_env(DEVICES)},
         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [json.loads(line) for line in out.stdout.splitlines()]
@@ -133,13 +133,14 @@ def truth(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def endpoint(tmp_path_factory, truth):
+def endpoint(tmp_path_factory, truth, compile_cache):
     """Two workers of two (CPU) devices each, loaded, behind a fake autoscaler that makes each
     request wait one poll before it routes it."""
     vast = FakeVast(unready_polls=1)
     env = {"MODEL_BATCH": str(BATCH), "MODEL_BENCHMARK_NONCES": "128", "JAXBENCH_BENCHMARK_STEPS": "2",
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}"}
-    stacks = [WorkerStack(tmp_path_factory.mktemp(f"worker{i}"), vast, container_id=i + 1, env=env) for i in range(2)]
+           **host_devices_env(DEVICES)}
+    stacks = [WorkerStack(tmp_path_factory.mktemp(f"worker{i}"), vast, compile_cache, container_id=i + 1, env=env)
+              for i in range(2)]
     try:
         for stack in stacks:
             stack.wait_loaded(START_TIMEOUT_S)

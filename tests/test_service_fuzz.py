@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from conftest import UNFITTABLE_PARAMS
-from service_helpers import TINY_BODY, FakeHTTPServer, wait_until
+from service_helpers import TINY_BODY, FakeHTTPServer, Peer, wait_until
 
 TINY = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 1000, "ffn_dim_multiplier": 1.3,
         "multiple_of": 64, "seq_len": 8}
@@ -155,23 +155,13 @@ def body_cases(route: str, base: dict) -> list[Case]:
             for name, content in raw]
 
 
-class FakePeers:
-    """The MLNode callback (never ready) and an orchestrator that says shutdown at once: accepted
-    /warmup and /pooled requests end by themselves within a second."""
-
-    def __call__(self, method, path, query, body):
-        if path.endswith("/warmup/params"):
-            return 200, {"status": "waiting"}
-        if path == "/api/workers/connect":
-            return 200, {"status": "wait"}
-        if path.endswith("/config"):
-            return 200, {"type": "shutdown"}
-        return 200, {"status": "ok"}
-
-
 @pytest.fixture(scope="module")
 def peers():
-    with FakeHTTPServer(FakePeers()) as http:
+    """The MLNode callback (never ready) and an orchestrator that says shutdown at once: accepted
+    /warmup and /pooled requests end by themselves within a second."""
+    with FakeHTTPServer(Peer({"/warmup/params": (200, {"status": "waiting"}),
+                              "/api/workers/connect": (200, {"status": "wait"}),
+                              "/config": (200, {"type": "shutdown"})})) as http:
         yield http
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service_helpers import JAX_PLATFORMS, TINY_BODY, cli_distances, read_stream, wait_until
+from service_helpers import JAX_PLATFORMS, TINY_BODY, assert_clean_log, cli_distances, read_stream, wait_until
 from service import signals
 
 RESULT_FIELDS = {
@@ -34,7 +34,7 @@ def test_health_get_and_post(client):
         assert isinstance(h["compiled"], list) and isinstance(h["steps_completed"], int)
 
 
-def test_results_match_the_cli(client, cache_dir):
+def test_results_match_the_cli(client, compile_cache):
     start, n = 1000, 48
     lines = [line for _, line in read_stream(client, "/generate",
                                              {"payload": body(start_nonce=start, max_nonces=n, block_height=11)})]
@@ -55,7 +55,7 @@ def test_results_match_the_cli(client, cache_dir):
     assert summary["status"] == "done" and summary["reason"] == "completed"
     assert summary["total_computed"] == n and summary["total_valid"] == n
 
-    cli = cli_distances(TINY_BODY["block_hash"], TINY_BODY["public_key"], f"{start}-{start + n - 1}", cache_dir)
+    cli = cli_distances(TINY_BODY["block_hash"], TINY_BODY["public_key"], f"{start}-{start + n - 1}", compile_cache)
     assert sorted(cli) == sorted(got)
     assert max(abs(cli[k] - got[k]) for k in got) <= 1e-6
 
@@ -194,8 +194,8 @@ def test_benchmark_runs_to_completion(client):
     assert r.status_code == 200 and r.json()["workload"] == 32
 
 
-def test_validate(client, cache_dir):
-    cli = cli_distances("vbh", "vpk", "0-15", cache_dir)
+def test_validate(client, compile_cache):
+    cli = cli_distances("vbh", "vpk", "0-15", compile_cache)
     nonces = sorted(cli)
     claim = {"params": "tiny", "block_hash": "vbh", "public_key": "vpk", "nonces": nonces,
              "dist": [cli[n] for n in nonces], "r_target": 2.0}
@@ -220,4 +220,4 @@ def test_signal_strings_from_requests_are_defused_in_the_log(server, client):
     assert lines[-1]["reason"] == "completed" and lines[0]["block_hash"] == hostile
     log = server.log()
     assert "jaxbench.engine: built weights for JAXBENCH-FATAL(quoted)" in log
-    assert signals.FATAL_MARKER not in log and log.count(signals.READY_LINE) == 1
+    assert_clean_log(log)

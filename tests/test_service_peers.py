@@ -12,34 +12,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 
 import httpx
 import pytest
 
 from conftest import UNFITTABLE_PARAMS
-from service_helpers import TINY_BODY, FakeHTTPServer, RawReply, ServiceProcess, read_stream, wait_until
+from service_helpers import TINY_BODY, FakeHTTPServer, Peer, RawReply, ServiceProcess, read_stream, wait_until
 
 TIMEOUT = 1.0  # the requests' http_timeout_s
 SLACK = 2.0
-
-
-class Peer:
-    """Scripted answers by path suffix; 'hang' blocks until `release` (or the end of the test)."""
-
-    def __init__(self, routes: dict):
-        self.routes = routes
-        self.release = threading.Event()
-
-    def __call__(self, method, path, query, body):
-        for suffix, answer in self.routes.items():
-            if path.endswith(suffix):
-                if answer == "hang":
-                    self.release.wait(60)
-                    return 503, {"error": "released"}
-                return answer(body) if callable(answer) else answer
-        return 200, {"status": "ok"}
 
 
 def trickle(handler):
@@ -366,9 +348,9 @@ def test_validate_stops_when_its_client_leaves(server):
 
 
 @pytest.mark.parametrize("route", ["/warmup", "/pooled"])
-def test_sigterm_with_a_hung_peer_exits_within_the_drain_timeout(tmp_path, cache_dir, peer_server, route):
+def test_sigterm_with_a_hung_peer_exits_within_the_drain_timeout(tmp_path, compile_cache, peer_server, route):
     drain = 5.0
-    proc = ServiceProcess(tmp_path, cache_dir, env={"MODEL_DRAIN_TIMEOUT_S": str(drain), "MODEL_HTTP_TIMEOUT_S": "30"})
+    proc = ServiceProcess(tmp_path, compile_cache, env={"MODEL_DRAIN_TIMEOUT_S": str(drain), "MODEL_HTTP_TIMEOUT_S": "30"})
     proc.start()
     try:
         if route == "/warmup":

@@ -81,7 +81,7 @@ def status_lines(lines):
     return [line["status"] for line in lines if "status" in line]
 
 
-def test_full_pooled_flow(client, server, cache_dir):
+def test_full_pooled_flow(client, server, compile_cache):
     orch = FakeOrchestrator(ready_reply={"status": "ok", "public_key": "pk-A", "nonce_range_start": 100,
                                          "nonce_range_end": 340, "r_target": 2.0, "block_height": 9})
     idles = []
@@ -134,7 +134,7 @@ def test_full_pooled_flow(client, server, cache_dir):
         assert first_b["batch_number"] == 1 and first_b["total_computed"] == 8
         # The new block hash really changed the weights: distances are the CLI's for that hash.
         new = {n: d for r in orch.results if r["block_hash"] == "bh-pool-2" for n, d in zip(r["nonces"], r["dist"])}
-        cli = cli_distances("bh-pool-2", "pk-B", "1100-1115", cache_dir)
+        cli = cli_distances("bh-pool-2", "pk-B", "1100-1115", compile_cache)
         assert max(abs(new[n] - cli[n]) for n in cli) <= 1e-6
         old = {n: d for r in orch.results if r["block_hash"] == "bh-pool" and r["public_key"] == "pk-B"
                for n, d in zip(r["nonces"], r["dist"])}

@@ -24,7 +24,7 @@ from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
 from Crypto.Signature import pkcs1_15
 from conftest import ROOT
-from service_helpers import PLATFORM_ENV, free_port
+from service_helpers import free_port, model_server_env
 
 ENDPOINT_NAME = "jaxbench-test"
 ENDPOINT_ID = 4242
@@ -218,22 +218,6 @@ def stop(proc: subprocess.Popen, timeout: float = 15):
             proc.wait(timeout)
 
 
-def model_server_env(tmp: Path, model_port: int, extra: dict | None = None) -> dict:
-    """The environment of start_server.sh for a test: loopback, its own log and cache, the tiny benchmark."""
-    return {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(ROOT),
-        **PLATFORM_ENV,
-        "MODEL_SERVER_HOST": "127.0.0.1",
-        "MODEL_SERVER_PORT": str(model_port),
-        "MODEL_LOG": str(tmp / "model" / "server.log"),
-        "JAXBENCH_BENCHMARK_PARAMS": "tiny",
-        "JAXBENCH_CACHE_DIR": str(tmp / "xla-cache"),
-        **(extra or {}),
-    }
-
-
 def pyworker_env(vast: FakeVast, worker_port: int, container_id: int) -> dict:
     """What Vast and its bootstrap give the PyWorker, with reports going to the fake."""
     return {
@@ -272,7 +256,7 @@ class WorkerStack:
     """One Vast worker: start_server.sh (the model server) and the PyWorker, each in its own session,
     outputs in `tmp`; the PyWorker runs in a scratch working directory (for .has_benchmark)."""
 
-    def __init__(self, tmp: Path, vast: FakeVast, container_id: int = 7, env: dict | None = None):
+    def __init__(self, tmp: Path, vast: FakeVast, compile_cache: Path, container_id: int = 7, env: dict | None = None):
         self.tmp = tmp
         self.vast = vast
         self.model_port, self.worker_port = free_port(), free_port()
@@ -282,7 +266,7 @@ class WorkerStack:
         self.scratch = tmp / "pyworker"
         self.scratch.mkdir()
         self.requests_sent = 0
-        server_env = model_server_env(tmp, self.model_port, env)
+        server_env = model_server_env(self.log, self.model_port, compile_cache, env)
         with (tmp / "server.out").open("wb") as out:
             self.server = subprocess.Popen([str(ROOT / "start_server.sh")], env=server_env, start_new_session=True,
                                            stdout=out, stderr=subprocess.STDOUT)
