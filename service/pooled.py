@@ -405,8 +405,7 @@ class PooledSession:
             if self.stopped():
                 return
             if reg is None:
-                await self.chan.emit({"error": "Failed to register with orchestrator", "error_type": "ConnectionError"})
-                self.reason, self.error = "register_failed", "Failed to register with orchestrator"
+                await self._end_on_peer_failure("register_failed", "Failed to register with orchestrator")
                 return
             self.copy_fields(reg)
             await self.chan.emit({"status": "registered", "worker_id": self.req.worker_id})
@@ -421,8 +420,7 @@ class PooledSession:
             if self.stopped():
                 return
             if ready is None:
-                await self.chan.emit({"error": "Failed to notify ready", "error_type": "ConnectionError"})
-                self.reason, self.error = "ready_failed", "Failed to notify ready"
+                await self._end_on_peer_failure("ready_failed", "Failed to notify ready")
                 return
             self.copy_fields(ready)
             await self.chan.emit({"status": "ready", "public_key": _str16(self.cfg["public_key"])})
@@ -491,9 +489,14 @@ class PooledSession:
         if why is None:
             return False
         log.warning("pooled %s: the orchestrator is lost: %s", self.job.id, why)
-        await self.chan.emit({"error": f"orchestrator lost: {why}", "error_type": "ConnectionError"})
-        self.reason, self.error = "orchestrator_lost", why
+        await self._end_on_peer_failure("orchestrator_lost", f"orchestrator lost: {why}", error=why)
         return True
+
+    async def _end_on_peer_failure(self, reason: str, message: str, error: str | None = None) -> None:
+        """The orchestrator failed the session: an error line with `message`, then the summary's
+        reason and error (`message` unless given)."""
+        await self.chan.emit({"error": message, "error_type": "ConnectionError"})
+        self.reason, self.error = reason, error or message
 
     async def _poller(self) -> None:
         while True:
