@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from . import fields, remote
-from .params import DEFAULT_R_TARGET, MAX_INPUT_FILE_BYTES, PRESETS, ParamsError, params_from_text
+from .params import DEFAULT_R_TARGET, PRESETS, InputFileError, ParamsError, params_from_text, read_input_file
 
 EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
@@ -170,12 +170,9 @@ def _engine(args, params, dtype: str):
 def _read_json_file(path: str, field: str):
     """A JSON file's content; unreadable, oversized or malformed files are a FieldError on `field`."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_INPUT_FILE_BYTES + 1)
-    except OSError as e:
-        raise fields.FieldError(field, f"cannot read {path!r}: {e.strerror or e}") from None
-    if len(raw) > MAX_INPUT_FILE_BYTES:
-        raise fields.FieldError(field, f"{path!r} is larger than {MAX_INPUT_FILE_BYTES >> 20} MiB")
+        raw = read_input_file(path)
+    except InputFileError as e:
+        raise fields.FieldError(field, str(e)) from None
     try:
         return json.loads(raw)
     except UnicodeDecodeError:

@@ -205,6 +205,22 @@ def resolve_params(spec: str | Mapping[str, Any] | Params) -> Params:
     raise ParamsError("params", f"unknown preset {spec!r:.60} (presets: {', '.join(PRESETS)})")
 
 
+class InputFileError(ValueError):
+    """A file named on the command line cannot be read whole; the message names it and says why."""
+
+
+def read_input_file(path: str | Path) -> bytes:
+    """The bytes of a file named on the command line, at most MAX_INPUT_FILE_BYTES of them."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_INPUT_FILE_BYTES + 1)
+    except OSError as e:
+        raise InputFileError(f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    if len(raw) > MAX_INPUT_FILE_BYTES:
+        raise InputFileError(f"{str(path)!r} is larger than {MAX_INPUT_FILE_BYTES >> 20} MiB")
+    return raw
+
+
 def params_from_text(text: str) -> Params:
     """The command line's form: a preset name, a JSON object, or `@file.json` holding one."""
     text = text.strip()
@@ -213,13 +229,11 @@ def params_from_text(text: str) -> Params:
         if path.exists() and not path.is_file():
             raise ParamsError("params", f"{str(path)!r} is not a regular file")
         try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_INPUT_FILE_BYTES + 1)
-            if len(raw) > MAX_INPUT_FILE_BYTES:
-                raise ParamsError("params", f"{str(path)!r} is larger than {MAX_INPUT_FILE_BYTES >> 20} MiB")
-            text = raw.decode()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ParamsError("params", f"cannot read {str(path)!r}: {getattr(e, 'strerror', None) or e}") from None
+            text = read_input_file(path).decode()
+        except InputFileError as e:
+            raise ParamsError("params", str(e)) from None
+        except UnicodeDecodeError as e:
+            raise ParamsError("params", f"cannot read {str(path)!r}: {e}") from None
     if text.startswith("{"):
         try:
             data = json.loads(text)
