@@ -12,7 +12,7 @@ FATAL_MARKER = "JAXBENCH-FATAL:"
 
 # The causes: a fatal line is "<marker> <cause>: <detail>".
 DEVICE_FAILURE = "device failure"  # a job hit a broken device (service/jobs.py)
-NO_USABLE_DEVICE = "no usable device"  # the engine could not start (service/server.py, as the rest)
+NO_USABLE_DEVICE = "no usable device"  # the engine could not start (service/server.py, like the five below)
 BAD_CONFIGURATION = "bad configuration"
 LOG_NOT_WRITABLE = "cannot write the log file"
 SERVER_DID_NOT_START = "the server could not start"

@@ -350,7 +350,8 @@ def test_validate_stops_when_its_client_leaves(server):
 @pytest.mark.parametrize("route", ["/warmup", "/pooled"])
 def test_sigterm_with_a_hung_peer_exits_within_the_drain_timeout(tmp_path, compile_cache, peer_server, route):
     drain = 5.0
-    proc = ServiceProcess(tmp_path, compile_cache, env={"MODEL_DRAIN_TIMEOUT_S": str(drain), "MODEL_HTTP_TIMEOUT_S": "30"})
+    proc = ServiceProcess(tmp_path, compile_cache,
+                          env={"MODEL_DRAIN_TIMEOUT_S": str(drain), "MODEL_HTTP_TIMEOUT_S": "30"})
     proc.start()
     try:
         if route == "/warmup":
