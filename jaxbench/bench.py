@@ -11,11 +11,12 @@ import jax
 import numpy as np
 
 from . import device_draws
-from .engine import Engine, SearchJob
+from .engine import Engine
+from .job import SearchJob
 from .nonces import NonceSchedule
 from .params import Params
 
-# Dense fp16/bf16 matrix rate measured on these cards (shared/reference-numbers.md): the floor's clock.
+# Dense fp16/bf16 matrix rate measured on these cards (docs/benchmarks.md, "Reference points"): the floor's clock.
 MATRIX_PEAK_FLOPS = {"H100": 800e12, "H200": 800e12}
 
 

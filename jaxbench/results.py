@@ -1,11 +1,11 @@
-"""Result lines of a search, as the predecessor's /generate streams them (seed-service spec §1.4),
+"""Result lines of a search, as the predecessor's /generate streams them (docs/protocol.md §1.4),
 and the summary line that ends every stream. Shared by the CLI and the service."""
 
 from __future__ import annotations
 
 import time
 
-from .engine import GroupResult, SearchJob, StepResult
+from .job import GroupResult, SearchJob, StepResult
 
 
 def batch_result(
@@ -13,8 +13,8 @@ def batch_result(
     batch_number: int, total_computed: int, total_valid: int, elapsed_seconds: float, node_id: int | None = None,
 ) -> dict:
     """One worker batch's result object: the fields /generate lines and /pooled results share
-    (seed-service spec §1.4, §3.7); `nonces` and `dist` are its valid ones. `node_id` is the node of
-    the search (spec §7); None gives the predecessor's value, the worker's index. docs/output.md
+    (docs/protocol.md §1.4, §3.7); `nonces` and `dist` are its valid ones. `node_id` is the node of
+    the search (docs/algorithm.md §7); None gives the predecessor's value, the worker's index. docs/output.md
     describes every field."""
     return {
         "worker_id": group.group,

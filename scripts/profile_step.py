@@ -17,7 +17,8 @@ import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxbench.engine import Engine, SearchJob  # noqa: E402
+from jaxbench.engine import Engine  # noqa: E402
+from jaxbench.job import SearchJob  # noqa: E402
 from jaxbench.nonces import NonceSchedule  # noqa: E402
 from jaxbench.params import params_from_text  # noqa: E402
 

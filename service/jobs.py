@@ -34,7 +34,8 @@ from typing import Any, Awaitable, Callable
 
 import jax
 
-from jaxbench.engine import Engine, SearchJob, StepResult, is_out_of_memory
+from jaxbench.engine import Engine, is_out_of_memory
+from jaxbench.job import SearchJob, StepResult
 from jaxbench.params import Params
 from jaxbench.results import SearchTally
 

@@ -1,4 +1,4 @@
-"""/pooled: the orchestrator protocol of seed-service spec §3, streamed live, with the §9 bugs fixed.
+"""/pooled: the orchestrator protocol of docs/protocol.md §3, streamed live, with the bugs of docs/protocol.md §9 fixed.
 
 Orchestrator calls (base = `orchestrator_url`, all JSON, one shared httpx.AsyncClient):
   POST /api/workers/connect {"worker_id", "gpu_count", "gpu_info"}      register   (retried)
@@ -13,7 +13,7 @@ call or pause in flight is abandoned the moment the job stops (client gone, SIGT
 
 Lines streamed back: registering, registered, waiting_block_hash, received_block_hash,
 loading_model, model_loaded, ready, computing, then one result object per device group and step
-with ≥1 valid nonce (spec §3.7 fields; also the empty ones with `send_empty_results`),
+with ≥1 valid nonce (docs/protocol.md §3.7 fields; also the empty ones with `send_empty_results`),
 `switched_public_key`, `idle` (once per state; `reason`: range_complete, empty_range, no_public_key,
 no_r_target — the predecessor computed on with r_target 0, where nothing is valid), error lines,
 and at the end
@@ -21,7 +21,7 @@ and at the end
 "unsent_results", "reason"}` and the summary line `{"status": "done", …}`.
 
 Computation:
-* Nonce ranges are half-open, `[nonce_range_start, nonce_range_end)` (poc-algorithm.md §7, which
+* Nonce ranges are half-open, `[nonce_range_start, nonce_range_end)` (docs/algorithm.md §7, which
   wins over the predecessor's inclusive range), computed in order, each nonce exactly once per
   (block_hash, params, dtype, public_key): the nonces already computed for that job are
   remembered as intervals, so a changed or repeated range only computes what is new.
@@ -59,7 +59,7 @@ from typing import Any
 import httpx
 
 from jaxbench import fields
-from jaxbench.engine import SearchJob, StepResult
+from jaxbench.job import SearchJob, StepResult
 from jaxbench.nonces import NonceSchedule
 from jaxbench.params import Params
 from jaxbench.results import SearchTally, batch_result

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from jaxbench import fields
-from jaxbench.engine import SearchJob
+from jaxbench.job import SearchJob
 from jaxbench.nonces import NonceSchedule
 from jaxbench.params import Params
 
@@ -228,7 +228,7 @@ class GenerateRequest:
 def generate_request(data: Mapping[str, Any], settings: Settings, default_max_nonces: int | None = None) -> GenerateRequest:
     """Spec §1.1 fields, all required and type/range-checked, plus the optional extensions
     `max_nonces`, `duration_s` (default MODEL_DURATION_S = 420), `dtype` (default float16) and
-    `node_id`/`n_nodes` (default 0 of 1: the spec §7 schedule)."""
+    `node_id`/`n_nodes` (default 0 of 1: the schedule of docs/algorithm.md §7)."""
     search = fields.search_fields(data)
     batch_size = fields.integer(data, "batch_size", minimum=1)
     n_nodes = fields.integer(data, "n_nodes", 1, minimum=1)

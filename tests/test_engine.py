@@ -4,7 +4,8 @@ import threading
 
 import numpy as np
 
-from jaxbench.engine import Engine, SearchJob
+from jaxbench.engine import Engine
+from jaxbench.job import SearchJob
 from jaxbench.nonces import NonceSchedule
 from jaxbench.params import PRESETS
 

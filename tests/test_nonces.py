@@ -1,4 +1,4 @@
-"""Nonce assignment (spec §7): the groups of a step, and results that do not depend on the device count."""
+"""Nonce assignment (docs/algorithm.md §7): the groups of a step, and results that do not depend on the device count."""
 
 import json
 import os
@@ -36,7 +36,8 @@ def test_a_short_last_step_pads_with_real_nonces_but_reports_only_its_own():
 
 SCRIPT = """
 import json, sys
-from jaxbench.engine import Engine, SearchJob
+from jaxbench.engine import Engine
+from jaxbench.job import SearchJob
 from jaxbench.nonces import NonceSchedule
 from jaxbench.params import PRESETS
 out = {}

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from service_helpers import REPO, TINY_BODY, FakeHTTPServer, ServiceProcess, assert_clean_log, wait_until
-from jaxbench.engine import GroupResult, StepResult
+from jaxbench.job import GroupResult, StepResult
 from service import signals
 from service.app import create_app
 from service.config import Settings
