@@ -59,6 +59,11 @@ def _add_runtime(p: argparse.ArgumentParser):
     p.add_argument("--batch", type=int, default=None, metavar="B",
                    help="nonces per device per step (default: measured once per configuration on a GPU, 8 on the "
                         "CPU; never more than the work or the memory allows)")
+    p.add_argument("--group-size", type=int, default=None, metavar="S",
+                   help="devices that share one replica of the weights, each running a share of the layers "
+                        "(1, 2, 4 or 8; default: the fewest whose memory holds the parameter set)")
+    p.add_argument("--device-memory", default=None, metavar="SIZE",
+                   help="memory the engine may use on each device, e.g. 24GiB (default: what the device reports)")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="XLA compilation cache directory (default $JAXBENCH_CACHE_DIR or ~/.cache/jaxbench/xla; "
                         "'' turns it off)")
@@ -162,9 +167,21 @@ def _engine(args, params, dtype: str):
     cache = _cache_dir(args)
     if args.devices is not None and args.devices > len(jax.devices()):
         raise fields.FieldError("devices", f"only {len(jax.devices())} device(s) here, asked for {args.devices}")
-    engine = Engine(devices=args.devices, draws_mode=args.draws, compile_cache_dir=cache)
+    engine = Engine(devices=args.devices, draws_mode=args.draws, compile_cache_dir=cache,
+                    group_size=args.group_size, device_memory=_device_memory(args))
     engine.check_fits(params, dtype)
     return engine
+
+
+def _device_memory(args) -> int | None:
+    from .memory import parse_size
+
+    if args.device_memory is None:
+        return None
+    try:
+        return parse_size(args.device_memory)
+    except ValueError as e:
+        raise fields.FieldError("device_memory", str(e)) from None
 
 
 def _read_json_file(path: str, field: str):
@@ -194,7 +211,7 @@ def _checked(args) -> dict:
 
 
 def _check_runtime(args) -> None:
-    for name in ("batch", "devices"):
+    for name in ("batch", "devices", "group_size"):
         if getattr(args, name) is not None:
             fields.integer(vars(args), name, minimum=1)
 
@@ -249,7 +266,7 @@ def cmd_search(args) -> int:
     except OSError as e:
         raise fields.FieldError("out", f"cannot write {path!r}: {e.strerror or e}") from None
 
-    from .engine import SearchJob
+    from .job import SearchJob
     from .nonces import NonceSchedule
     from .results import SearchTally
 

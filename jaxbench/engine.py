@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from . import batch_choice, device_draws, draws, gated_ffn, weights as weights_mod
 from .distance import distances as distances_on_device, split_target
 from .fields import FieldError
+from .job import GroupResult, SearchJob, StepResult
 from .memory import GiB, MemoryNeed, device_free_bytes
 from .model import FFN_IMPLEMENTATIONS, Block, forward_fn, rope_tables
 from .nonces import NonceSchedule, device_major
@@ -56,45 +57,6 @@ def enable_compile_cache(directory: str | os.PathLike | None = DEFAULT_CACHE_DIR
 def is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc)
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchJob:
-    params: Params
-    block_hash: str
-    public_key: str
-    r_target: float
-    schedule: NonceSchedule
-    dtype: str = "float16"
-    duration_s: float | None = None
-
-
-@dataclasses.dataclass
-class GroupResult:
-    """One device group's share of a step: every nonce it computed and its distance."""
-
-    group: int
-    nonces: list[int]
-    dist: np.ndarray
-
-    def valid(self, r_target: float) -> tuple[list[int], list[float]]:
-        keep = np.flatnonzero(self.dist < r_target)
-        return [self.nonces[i] for i in keep], [float(self.dist[i]) for i in keep]
-
-
-@dataclasses.dataclass
-class StepResult:
-    step: int
-    flat_start: int  # schedule index of the step's first nonce; the step spans batch × groups of them
-    batch: int
-    groups: list[GroupResult]
-    draw_seconds: float  # host time spent preparing this step's inputs (overlapped with the devices)
-    wait_seconds: float  # time the dispatching thread waited for those inputs: the draws not overlapped
-    seconds: float  # dispatch to distances on the host
-
-    @property
-    def computed(self) -> int:
-        return sum(len(g.nonces) for g in self.groups)
 
 
 @dataclasses.dataclass
@@ -126,6 +88,8 @@ class Engine:
         host_threads: int | None = None,
         attention: str | None = None,
         ffn: str | None = None,
+        group_size: int | None = None,
+        device_memory: int | None = None,
     ):
         all_devices = jax.devices()
         if devices is None:
@@ -135,6 +99,8 @@ class Engine:
                 raise ValueError(f"devices must be in [1, {len(all_devices)}], got {devices}")
             devices = all_devices[:devices]
         self.devices = list(devices)
+        self.group_size = group_size or 1  # devices holding one replica of the weights
+        self.device_memory = device_memory  # bytes each device may use; None: what it reports
         self.mesh = jax.sharding.Mesh(np.array(self.devices), (AXIS,))
         self.replicated = NamedSharding(self.mesh, P())
         self.split = NamedSharding(self.mesh, P(AXIS))
@@ -284,6 +250,8 @@ class Engine:
         """What each device could give a parameter set: its free memory plus the weights now loaded,
         which go before any other set's are built. None where the device does not say."""
         free = [device_free_bytes(d) for d in self.devices]
+        if self.device_memory is not None:
+            free = [self.device_memory if f is None else min(f, self.device_memory) for f in free]
         if any(f is None for f in free):
             return None
         m = self._model

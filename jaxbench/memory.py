@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import jax
 
@@ -42,6 +43,22 @@ class MemoryNeed:
         return (f"{self.total(batch) / GiB:.2f} GiB on each device (weights {self.weights / GiB:.2f} GiB, "
                 f"weight pool {self.build / GiB:.2f} GiB while building, {batch} nonce(s) of activations "
                 f"{batch * self.per_nonce / GiB:.2f} GiB)")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "24GiB", "24 GB", "512MiB" or a plain number of bytes; ValueError otherwise."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match and _UNITS.get(match.group(2).lower())
+    if not unit:
+        raise ValueError(f"{text!r:.40} is not a size (e.g. 24GiB, 24000MB, or bytes)")
+    size = int(float(match.group(1)) * unit)
+    if size <= 0:
+        raise ValueError(f"{text!r:.40} is not a positive size")
+    return size
 
 
 def activation_bytes(params: Params, dtype: str) -> int:
