@@ -1,4 +1,4 @@
-"""Validation of a claimed batch of nonces, as a network validator does it (spec §7)."""
+"""Validation of a claimed batch of nonces, as a network validator does it (docs/algorithm.md §7)."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ _LIMB_MASK = 0xFFFF
 
 
 def _pcg64_state(seed: str, n_digests: int) -> tuple[int, int]:
-    """The (state, inc) numpy's PCG64 holds right after seeding from rng(seed, n_digests) (spec §1)."""
+    """The (state, inc) numpy's PCG64 holds right after seeding from rng(seed, n_digests) (docs/algorithm.md §1)."""
     state = np.random.PCG64(np.random.SeedSequence(seed_entropy(seed, n_digests))).state["state"]
     return state["state"], state["inc"]
 
@@ -60,7 +60,7 @@ STATE_SHAPE = (8,)
 
 
 def initial_states(block_hash: str, public_key: str, nonces: Sequence[int]) -> np.ndarray:
-    """The PCG64 states of the nonces' input generators (spec §5), shape (len(nonces), 8) uint32."""
+    """The PCG64 states of the nonces' input generators (docs/algorithm.md §5), shape (len(nonces), 8) uint32."""
     return _state_words([_pcg64_state(input_seed(block_hash, public_key, n), 4) for n in nonces])
 
 
@@ -355,7 +355,7 @@ def _float32_as_double(bits: jax.Array) -> _Double:
 
 
 # The reference casts an input with torch.tensor(x, dtype=...): float64 to float32 first, then to a
-# half-precision dtype (spec §5). Both roundings are to nearest even, done here in integers.
+# half-precision dtype (docs/algorithm.md §5). Both roundings are to nearest even, done here in integers.
 def _via_float32(x: _Double, precision: int, min_exponent: int) -> jax.Array:
     return _round_to_format(_float32_as_double(_round_to_format(x, 24, -126, 32)), precision, min_exponent, 16)
 
@@ -838,7 +838,7 @@ def draw_inputs_on_device(block_hash: str, public_key: str, nonces: Sequence[int
     return _jitted_input_drawer(seq_len, dim, dtype)(states)
 
 
-# The weight pool (spec §3) is one stream of up to ~888 M normals: drawn in chunks, each chunk
+# The weight pool (docs/algorithm.md §3) is one stream of up to ~888 M normals: drawn in chunks, each chunk
 # starting from the state the previous one left.
 POOL_CHUNK = 1 << 24
 

@@ -1,4 +1,4 @@
-"""Distances to the target (spec §6) and the network's fraud test of a claimed batch (spec §7)."""
+"""Distances to the target (docs/algorithm.md §6) and the network's fraud test of a claimed batch (docs/algorithm.md §7)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The seeded random draws of the PoC search on the host, bit-identical to the network's reference.
 
-Every generator is numpy's PCG64 seeded from SHA-256 digests of a seed string (spec §1).
+Every generator is numpy's PCG64 seeded from SHA-256 digests of a seed string (docs/algorithm.md §1).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def input_generator(block_hash: str, public_key: str, nonce: int) -> np.random.G
 
 
 def cast_input(x: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
-    """A float64 draw in the model dtype as the reference casts it (spec §5): `torch.tensor(x,
+    """A float64 draw in the model dtype as the reference casts it (docs/algorithm.md §5): `torch.tensor(x,
     dtype=...)` rounds to float32 first, then to float16 or bfloat16 (two roundings, both to nearest
     even). A direct float64 cast differs for about one element in 16k."""
     if out is None:
@@ -97,7 +97,7 @@ def draw_target(block_hash: str, vocab_size: int) -> np.ndarray:
 
 
 def draw_pool(block_hash: str, pool_size: int) -> np.ndarray:
-    """The weight pool as float32: normal(0, 0.02) in float64, cast to float32 (spec §3)."""
+    """The weight pool as float32: normal(0, 0.02) in float64, cast to float32 (docs/algorithm.md §3)."""
     g = rng(block_hash, 4)
     pool = np.empty(pool_size, dtype=np.float32)
     scratch = np.empty(min(pool_size, 1 << 22), dtype=np.float64)
@@ -112,7 +112,7 @@ def draw_pool(block_hash: str, pool_size: int) -> np.ndarray:
 
 
 def parameter_offset(block_hash: str, name: str) -> int:
-    """k of spec §3: the first 8 hex digits of SHA-256(f"{block_hash}_{name}")."""
+    """k of docs/algorithm.md §3: the first 8 hex digits of SHA-256(f"{block_hash}_{name}")."""
     return int(hashlib.sha256(f"{block_hash}_{name}".encode()).hexdigest()[:8], 16)
 
 

@@ -1,6 +1,6 @@
 """The PoC transformer: a LLaMA fed with embeddings, returning the last position's logits.
 
-Numerics follow the network's reference (spec §4) so that distances agree within the fidelity rule:
+Numerics follow the network's reference (docs/algorithm.md §4) so that distances agree within the fidelity rule:
 every matrix product accumulates in float32 and rounds to the model dtype; RMSNorm, RoPE and the
 softmax run in float32; the RoPE tables are rounded to the model dtype; the head's output is rounded
 to the model dtype before it is widened to float32.

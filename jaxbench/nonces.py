@@ -1,7 +1,7 @@
-"""Which nonces a search computes, and which device group computes each (spec §7).
+"""Which nonces a search computes, and which device group computes each (docs/algorithm.md §7).
 
 A schedule is a sequence of nonces in a fixed "flat" order. A step takes the next G×B of them;
-device group g gets flat indices f0 + x·G + g. For the arithmetic schedule of spec §7
+device group g gets flat indices f0 + x·G + g. For the arithmetic schedule of docs/algorithm.md §7
 (nonce = start + node_id + i·n_nodes) that gives group g the nonces
 start + node_id + g·n_nodes + x·(G·n_nodes), and the set computed after any number of steps
 does not depend on G.

@@ -1,4 +1,4 @@
-"""Weights from the block hash (spec §3): one pool drawn on the CPU, every tensor built on the device.
+"""Weights from the block hash (docs/algorithm.md §3): one pool drawn on the CPU, every tensor built on the device.
 
 A parameter of `n` elements is `pool[s : s+n]` when it fits in the pool, else the pool tiled to `n`
 values and rotated left by `r`; in both cases element `i` is `pool[index(i)]`, so the device only

@@ -1,4 +1,4 @@
-"""/generate and /benchmark: a search streamed as spec §1.4 result lines, ended by a summary line.
+"""/generate and /benchmark: a search streamed as docs/protocol.md §1.4 result lines, ended by a summary line.
 
 The lines and counts come from `jaxbench.results.SearchTally` (every computed nonce is counted,
 also in batches with no valid nonce). Summary reasons: "completed" (max_nonces reached),

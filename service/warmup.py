@@ -1,4 +1,4 @@
-"""/warmup (seed-service spec §2), streamed live, with the predecessor's bugs fixed.
+"""/warmup (docs/protocol.md §2), streamed live, with the predecessor's bugs fixed.
 
 Lines, in order:
 1. `{"status": "warmup_ready", "job_id"}` at once.

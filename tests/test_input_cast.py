@@ -1,4 +1,4 @@
-"""The input cast of spec §5: float64 → float32 → float16 or bfloat16, both roundings to nearest even,
+"""The input cast of docs/algorithm.md §5: float64 → float32 → float16 or bfloat16, both roundings to nearest even,
 on the host (draws.cast_input) and on the device (device_draws' encoders), against the rule computed
 in exact rationals."""
 
@@ -84,7 +84,7 @@ def _bits(a: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_the_headline_cases_as_torch_gives_them(dtype):
-    """Measured with torch 2.11 (spec §5); a direct float64 cast gives the other value."""
+    """Measured with torch 2.11 (docs/algorithm.md §5); a direct float64 cast gives the other value."""
     x = {"float16": 1 + 2**-11 + 2**-40, "bfloat16": 1 + 2**-8 + 2**-30}[dtype]
     assert float(cast_input(np.array([x, -x]), dtype)[0]) == 1.0
     assert float(cast_input(np.array([x, -x]), dtype)[1]) == -1.0

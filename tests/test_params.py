@@ -16,7 +16,7 @@ def test_presets_have_the_spec_shapes():
 
 
 def test_flops_per_nonce_match_the_floor_counts():
-    # shared/reference-numbers.md: 1.81 TFLOP (bench) and 8.96 TFLOP (mainnet) per nonce.
+    # docs/benchmarks.md, "Reference points": 1.81 TFLOP (bench) and 8.96 TFLOP (mainnet) per nonce.
     assert round(PRESETS["bench"].flops_per_nonce() / 1e12, 2) == 1.81
     assert round(PRESETS["mainnet"].flops_per_nonce() / 1e12, 2) == 8.96
 

@@ -45,7 +45,7 @@ def test_every_weight_tensor_matches_its_digest(case):
 
 def test_inputs_match_their_digests_and_cast_through_float32(case):
     """The float64 draw matches the reference's digest; in each model dtype, the host's and the
-    device's inputs are the float64 draw cast to float32 and then to that dtype (spec §5)."""
+    device's inputs are the float64 draw cast to float32 and then to that dtype (docs/algorithm.md §5)."""
     p, bh, pk = case["p"], case["block_hash"], case["public_key"]
     nonces = [entry["nonce"] for entry in case["inputs"]]
     x64 = {}
