@@ -1,4 +1,5 @@
-"""The per-device batch, chosen by measurement and remembered on disk beside the compile cache.
+"""The batch of a step (nonces per group), chosen by measurement and remembered on disk beside the
+compile cache, within what memory and the job allow.
 
 The fastest batch is not the largest that fits: the matrix units' efficiency moves with the shapes
 of the products, which the batch sets. The first time a configuration is seen (parameters, dtype,
@@ -8,6 +9,10 @@ paths — at each candidate batch that fits in memory, and keeps the one with th
 second (the smaller one when two are within 1 %). A block is where nearly all of a step's time goes,
 and it compiles in seconds where the whole step takes longer, so the sweep stays short. The choice
 goes into a JSON record that every later engine reads (the CLI, the model server, the notebooks).
+
+`BatchPolicy` is the engine's whole rule: the largest batch memory allows beside the weights of a
+device's stage (on the CPU at most CPU_BATCH), the measured choice under it on GPUs, and the bound
+of the work a job asks for.
 """
 
 from __future__ import annotations
@@ -25,11 +30,15 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from .job import SearchJob
+from .memory import MemoryNeed
 from .params import Params
 
 log = logging.getLogger("jaxbench.batch")
 
-CANDIDATES = (32, 64, 128, 256)  # engine.MAX_BATCH bounds them
+CANDIDATES = (32, 64, 128, 256)  # MAX_BATCH bounds them
+MAX_BATCH = 256
+CPU_BATCH = 8  # the CPU backend gains nothing from larger steps
 RECORD_NAME = "batch-choices.json"
 WITHIN = 0.01  # a smaller batch within 1 % of the fastest wins
 
@@ -114,3 +123,78 @@ def block_timer(block_fn: Callable, layer_shapes: dict, params: Params, dtype, d
         return (time.perf_counter() - t0) / (reps * batch)
 
     return seconds_per_nonce
+
+
+class BatchPolicy:
+    """The batch rule of one engine, which it asks for memory (`available_bytes`, `stage_need`), its
+    configuration (for the record's key) and the sweep's single block (`block_timer_for`)."""
+
+    def __init__(self, engine, record: BatchRecord):
+        self.engine = engine
+        self.record = record
+        self._sweep_lock = threading.Lock()
+
+    def max_batch(self, params: Params, dtype: str) -> int | None:
+        """The largest batch whose activations fit beside a device's weights (None: unknown)."""
+        available = self.engine.available_bytes()
+        if available is None:
+            return None
+        need: MemoryNeed = self.engine.stage_need(params, dtype)
+        return max(1, int((available - need.weights) // need.per_nonce))
+
+    def memory_batch(self, params: Params, dtype: str) -> int:
+        """The largest batch worth considering: 80 % of what fits in memory, at most MAX_BATCH
+        (CPU_BATCH on the CPU)."""
+        fits = self.max_batch(params, dtype)
+        if self.engine.platform == "cpu":
+            return min(CPU_BATCH, fits or CPU_BATCH)
+        if fits is None:
+            return 32
+        batch = int(0.8 * fits)
+        if batch >= 16:
+            batch -= batch % 8
+        return int(max(1, min(MAX_BATCH, batch)))
+
+    def default(self, params: Params, dtype: str) -> int:
+        """On GPUs the fastest measured (a short sweep the first time this configuration is seen, then
+        the record on disk); on the CPU `memory_batch`."""
+        limit = self.memory_batch(params, dtype)
+        if self.engine.platform == "cpu":
+            return limit
+        entry = self.choice(params, dtype, sweep=True)
+        return min(entry["batch"], limit) if entry else limit
+
+    def choice(self, params: Params, dtype: str, sweep: bool = False) -> dict | None:
+        """The recorded choice for this configuration, swept first if asked and none is recorded."""
+        key = self.engine.batch_key(params, dtype)
+        entry = self.record.get(key)
+        if entry is not None or not sweep:
+            return entry
+        with self._sweep_lock:
+            entry = self.record.get(key)
+            if entry is None:
+                entry = self.sweep(params, dtype)
+                self.record.put(key, entry)
+        return entry
+
+    def sweep(self, params: Params, dtype: str, candidates: list[int] | None = None) -> dict:
+        """Time one block at each candidate batch up to `memory_batch`; the entry `choice` records."""
+        limit = self.memory_batch(params, dtype)
+        candidates = [b for b in (candidates or CANDIDATES) if b <= limit] or [limit]
+        entry = sweep(self.engine.block_timer(params, dtype), candidates)
+        log.info("batch %d chosen for %s (%s) by a %.1f s sweep: %s", entry["batch"], params.describe(), dtype,
+                 entry["sweep_seconds"], entry["block_nonces_per_s"])
+        return entry
+
+    def fit(self, job: SearchJob, batch: int, n_groups: int) -> int:
+        """`batch` bounded by the work the job asks for and by memory, saying so when it shrinks."""
+        bounded = batch
+        if job.schedule.count is not None:
+            bounded = min(bounded, max(1, -(-job.schedule.count // n_groups)))
+        fits = self.max_batch(job.params, job.dtype)
+        if fits is not None:
+            bounded = min(bounded, fits)
+        if bounded < batch:
+            log.info("batch %d lowered to %d (the job's %s nonces, memory for %s a device)", batch, bounded,
+                     job.schedule.count, fits)
+        return bounded

@@ -12,6 +12,7 @@ import numpy as np
 
 from . import device_draws
 from .engine import Engine
+from .feeder import prepare_step
 from .job import SearchJob
 from .nonces import NonceSchedule
 from .params import Params
@@ -42,31 +43,32 @@ def run_bench(
     batch: int | None = None,
 ) -> dict:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    groups = engine.n_groups
 
     t0 = time.perf_counter()
     model = engine.load(params, block_hash, dtype)
     build_seconds = time.perf_counter() - t0
+    groups, group_size = model.placement.n_groups, model.placement.group_size
+    devices = groups * group_size
     if batch is None:
-        recorded = engine.batch_choice(params, dtype)
+        recorded = engine.batches.choice(params, dtype)
         t0 = time.perf_counter()
-        batch = engine.default_batch(params, dtype)
-        entry = recorded or engine.batch_choice(params, dtype)  # the sweep's, where default_batch ran one
+        batch = engine.batches.default(params, dtype)
+        entry = recorded or engine.batches.choice(params, dtype)  # the sweep's, where the default ran one
         choice = {"source": "record" if recorded else "sweep", "seconds": round(time.perf_counter() - t0, 2),
                   "block_nonces_per_s": (entry or {}).get("block_nonces_per_s")}
     else:
         choice = {"source": "given", "seconds": 0.0, "block_nonces_per_s": None}
     step_fn = engine.compiled_step(params, dtype, batch)
-    compile_seconds = engine.compile_seconds(params, dtype, batch)
+    compile_seconds = step_fn.compile_seconds
     log(f"weights {build_seconds:.2f} s, batch {batch} ({choice['source']}, {choice['seconds']:.2f} s), "
-        f"compile {compile_seconds:.2f} s, {groups} device(s)")
+        f"compile {compile_seconds:.2f} s, {groups} group(s) of {group_size} device(s)")
 
     # Draws alone: one step's inputs and permutations prepared on the host (and sent).
     job = SearchJob(params, block_hash, public_key, 0.0, NonceSchedule.for_node(0), dtype)
-    prepared = engine.prepare_step(job, 0, 0, batch)
+    prepared = prepare_step(engine.drawer, engine.draws_mode, model.stages, job, 0, 0, batch)
     jax.block_until_ready((prepared.inputs, prepared.permutations))
     t0 = time.perf_counter()
-    prepared = engine.prepare_step(job, 1, batch * groups, batch)
+    prepared = prepare_step(engine.drawer, engine.draws_mode, model.stages, job, 1, batch * groups, batch)
     jax.block_until_ready((prepared.inputs, prepared.permutations))
     draw_rate = batch * groups / (time.perf_counter() - t0)
 
@@ -113,17 +115,19 @@ def run_bench(
         "dtype": dtype,
         "draws": engine.draws_mode,
         "attention": engine.attention_for(dtype),
-        "ffn": engine.ffn,
+        "ffn": engine.config.ffn,
         "device_kind": kind,
-        "devices": groups,
-        "batch_per_device": batch,
+        "devices": devices,
+        "groups": groups,
+        "group_size": group_size,
+        "batch_per_device": batch,  # nonces a group takes per step, passed from stage to stage
         "end_to_end_nonces_per_s": round(e2e_rate, 2),
-        "end_to_end_nonces_per_s_per_device": round(e2e_rate / groups, 2),
+        "end_to_end_nonces_per_s_per_device": round(e2e_rate / devices, 2),
         "device_only_nonces_per_s": round(device_rate, 2),
-        "achieved_tflops_per_device": round(e2e_rate / groups * flops / 1e12, 1),
-        "device_only_tflops_per_device": round(device_rate / groups * flops / 1e12, 1),
+        "achieved_tflops_per_device": round(e2e_rate / devices * flops / 1e12, 1),
+        "device_only_tflops_per_device": round(device_rate / devices * flops / 1e12, 1),
         "floor_nonces_per_s_per_device": round(peak / flops, 1) if peak else None,
-        "percent_of_floor": round(100 * e2e_rate / groups * flops / peak, 1) if peak else None,
+        "percent_of_floor": round(100 * e2e_rate / devices * flops / peak, 1) if peak else None,
         # Host side of a step: inputs and permutations (host draws), or states and permutations.
         "draw_nonces_per_s": round(draw_rate, 1),
         "device_draw_nonces_per_s_alone": None if device_draw_rate is None else round(device_draw_rate, 1),

@@ -174,7 +174,7 @@ def _engine(args, params, dtype: str):
 
 
 def _device_memory(args) -> int | None:
-    from .memory import parse_size
+    from .sizes import parse_size
 
     if args.device_memory is None:
         return None
@@ -223,9 +223,12 @@ def _progress(total: int | None, desc: str):
 
 
 def _ready_message(engine, model, batch: int, compile_seconds: float) -> str:
+    placement = model.placement
+    groups = (f"each of {placement.n_groups} {engine.platform} device(s)" if placement.group_size == 1 else
+              f"each of {placement.n_groups} group(s) of {placement.group_size} {engine.platform} devices "
+              f"(the layers split in {placement.group_size} stages)")
     return (f"weights built in {model.build_seconds:.1f} s, step compiled in {compile_seconds:.1f} s: "
-            f"{batch} nonces a step on each of {engine.n_groups} {engine.platform} device(s), "
-            f"{engine.draws_mode} draws")
+            f"{batch} nonces a step on {groups}, {engine.draws_mode} draws")
 
 
 def cmd_distances(args) -> int:
@@ -274,7 +277,7 @@ def cmd_search(args) -> int:
         engine = _engine(args, v["params"], v["dtype"])
         job = SearchJob(v["params"], v["block_hash"], v["public_key"], v["r_target"],
                         NonceSchedule.for_node(v["start_nonce"], node_id, n_nodes, limit=limit), v["dtype"], duration)
-        tally = SearchTally(job, engine.n_groups, v["block_height"], node_id)
+        tally = SearchTally(job, block_height=v["block_height"], node_id=node_id)
         with _progress(limit, "search") as bar:
             on_ready = lambda *ready: bar.write(_ready_message(engine, *ready), file=sys.stderr)
             for step in engine.search(job, stop, batch=args.batch, on_ready=on_ready):

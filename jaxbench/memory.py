@@ -9,56 +9,51 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 
 import jax
 
 from .draws import NUMPY_DTYPES
 from .params import Params
-
-GiB = 2**30
+from .sizes import format_size
 
 
 @dataclasses.dataclass(frozen=True)
 class MemoryNeed:
-    """Bytes on each device: the weights stay, the build's pool and a step's activations come and go."""
+    """Bytes on one device: the weights stay, the weight pool and a step's activations come and go.
+
+    The pool is drawn in float32 on the first device and cast there to the model dtype (both at once,
+    before any weight exists); each device then holds the model-dtype pool while its weights are
+    gathered from it, and frees it before the first step."""
 
     weights: int
-    build: int  # the pool in float32 and in the model dtype, while the weights are gathered from it
+    pool: int  # the pool in the model dtype, while the weights are gathered from it
+    pool_draw: int  # the pool in float32 and in the model dtype, while it is drawn and cast
     per_nonce: int  # one nonce's live activations, inputs and permutation inside a step
 
     @classmethod
-    def of(cls, params: Params, dtype: str) -> "MemoryNeed":
+    def of(cls, params: Params, dtype: str, layers: range | None = None) -> "MemoryNeed":
+        """The need of a device holding `layers` (a run of the model's layers, None: all of them), and the
+        final norm and head when the run ends the model."""
         item = NUMPY_DTYPES[dtype].itemsize
+        layers = range(params.n_layers) if layers is None else layers
+        n_weights = len(layers) * params.layer_parameters()
+        if layers.stop == params.n_layers:
+            n_weights += params.head_parameters()
         return cls(
-            weights=params.weight_bytes(item),
-            build=params.pool_size * (4 + item),
+            weights=n_weights * item,
+            pool=params.pool_size * item,
+            pool_draw=params.pool_size * (4 + item),
             per_nonce=activation_bytes(params, dtype),
         )
 
     def total(self, batch: int) -> int:
-        return self.weights + max(self.build, batch * self.per_nonce)
+        return max(self.pool_draw, self.weights + max(self.pool, batch * self.per_nonce))
 
     def describe(self, batch: int = 1) -> str:
-        return (f"{self.total(batch) / GiB:.2f} GiB on each device (weights {self.weights / GiB:.2f} GiB, "
-                f"weight pool {self.build / GiB:.2f} GiB while building, {batch} nonce(s) of activations "
-                f"{batch * self.per_nonce / GiB:.2f} GiB)")
+        return (f"{format_size(self.total(batch))} on each device (weights {format_size(self.weights)}, "
+                f"weight pool {format_size(self.pool)} while building, {batch} nonce(s) of activations "
+                f"{format_size(batch * self.per_nonce)})")
 
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from "24GiB", "24 GB", "512MiB" or a plain number of bytes; ValueError otherwise."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = match and _UNITS.get(match.group(2).lower())
-    if not unit:
-        raise ValueError(f"{text!r:.40} is not a size (e.g. 24GiB, 24000MB, or bytes)")
-    size = int(float(match.group(1)) * unit)
-    if size <= 0:
-        raise ValueError(f"{text!r:.40} is not a positive size")
-    return size
 
 
 def activation_bytes(params: Params, dtype: str) -> int:

@@ -7,15 +7,20 @@ to the model dtype before it is widened to float32.
 
 Written with Flax NNX: each part is an `nnx.Module` holding its weights as `nnx.Param`s. The weights
 are not initialised by Flax but built from the block hash (weights.py), so the modules take arrays.
-The per-layer weights carry a leading layer axis, and the blocks run under `lax.scan`, so compile
-time does not grow with depth. Only the last position goes through the last block's query path,
-the final norm and the head.
+The full-sequence blocks' weights are stacked along a leading layer axis and scanned (`lax.scan`
+over the stacked tree), so compile time does not grow with depth. The last block is stored apart:
+only its last position goes through the query path, the final norm and the head.
+
+A forward pass may be split into stages (placement.py): a `Stage` runs a contiguous run of the
+blocks, and the one that holds the last block also ends the model. Each block computes the same
+products on the same shapes whichever stage runs it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -81,9 +86,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * c[:, None, :] + swapped * s[:, None, :]).astype(x.dtype)
 
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
-
-
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "cudnn") -> jax.Array:
     """Causal attention through cuDNN's fused kernel; q (B, S, H, hd), k and v (B, S, KV, hd).
 
@@ -97,6 +99,42 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: st
     q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
     out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(hd), is_causal=True, implementation=implementation)
     return out[..., :hd]
+
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+# "xla": two products and the SwiGLU (over w1 and w3, or one product over w13); "pallas": with w13, gate, up
+# and SwiGLU in one Hopper kernel (gated_ffn.py) where the shape allows, one XLA product over w13 elsewhere.
+FFN_IMPLEMENTATIONS = ("xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """What a forward pass computes and how: the parameter set, the model dtype, and the implementation of
+    each part. The implementation names are checked here, once.
+
+    `attention`: "xla" follows the reference's rounding step by step; "cudnn" is the fused kernel (GPUs,
+    float16/bfloat16) for the full-sequence blocks. `ffn`: "pallas" runs the gated half of the FFN as one
+    Hopper kernel (needs the interleaved w13 of `layout`), "xla" as XLA's products. `layout`: how the
+    weights are arranged (weights.WeightLayout).
+    """
+
+    params: Params
+    dtype: str
+    attention: str = "xla"
+    ffn: str = "xla"
+    layout: WeightLayout = REFERENCE_LAYOUT
+
+    def __post_init__(self):
+        if self.dtype not in JNP_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(JNP_DTYPES)}, got {self.dtype!r}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {self.attention!r}")
+        if self.ffn not in FFN_IMPLEMENTATIONS:
+            raise ValueError(f"ffn must be one of {', '.join(FFN_IMPLEMENTATIONS)}, got {self.ffn!r}")
+
+    @property
+    def jnp_dtype(self):
+        return JNP_DTYPES[self.dtype]
 
 
 class Attention(nnx.Module):
@@ -129,11 +167,6 @@ class Attention(nnx.Module):
         return matmul("bse,ed->bsd", out, self.wo[...])
 
 
-# "xla": two products and the SwiGLU (over w1 and w3, or one product over w13); "pallas": with w13, gate, up
-# and SwiGLU in one Hopper kernel (gated_ffn.py) where the shape allows, one XLA product over w13 elsewhere.
-FFN_IMPLEMENTATIONS = ("xla", "pallas")
-
-
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     """silu(gate) ⊙ up: silu in float32 on the rounded gate, rounded, times the rounded up product."""
     return jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype) * up
@@ -152,8 +185,6 @@ class FeedForward(nnx.Module):
     def __init__(self, w: dict, gate_up_block: int | None = None, implementation: str = "xla"):
         """`w` holds w1, w2 and w3, or w13 (w1 and w3 interleaved in blocks of `gate_up_block`) and w2.
         With w13, `implementation` "pallas" runs the gated half as one kernel where it applies."""
-        if implementation not in FFN_IMPLEMENTATIONS:
-            raise ValueError(f"ffn must be one of {FFN_IMPLEMENTATIONS}, got {implementation!r}")
         self.w13 = nnx.Param(w["w13"]) if "w13" in w else None
         if self.w13 is None:
             self.w1, self.w3 = nnx.Param(w["w1"]), nnx.Param(w["w3"])
@@ -176,13 +207,14 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, w: dict, params: Params, attention: str = "xla", layout: WeightLayout = REFERENCE_LAYOUT,
-                 ffn: str = "xla"):
-        self.attention = Attention(w, params, attention)
-        self.feed_forward = FeedForward(w, layout.gate_up_block, ffn)
+    """One transformer block: h + attention(norm(h)), then + feed_forward(norm(h))."""
+
+    def __init__(self, w: dict, config: ModelConfig):
+        self.attention = Attention(w, config.params, config.attention)
+        self.feed_forward = FeedForward(w, config.layout.gate_up_block, config.ffn)
         self.attention_norm = nnx.Param(w["attention_norm"])
         self.ffn_norm = nnx.Param(w["ffn_norm"])
-        self.eps = params.norm_eps
+        self.eps = config.params.norm_eps
 
     def __call__(self, h: jax.Array, cos, sin, last_only: bool = False) -> jax.Array:
         a = self.attention(rms_norm(h, self.attention_norm[...], self.eps), cos, sin, last_only)
@@ -190,46 +222,52 @@ class Block(nnx.Module):
         return h + self.feed_forward(rms_norm(h, self.ffn_norm[...], self.eps))
 
 
-class Transformer(nnx.Module):
-    """Built from the weight pytree of weights.build_weights; `layers` holds every block stacked."""
+class Stage(nnx.Module):
+    """A contiguous run of the model's blocks, from the weight pytree of weights.build_weights.
 
-    def __init__(self, weights: dict, params: Params, dtype: str, attention: str = "xla",
-                 layout: WeightLayout = REFERENCE_LAYOUT, ffn: str = "xla"):
-        if attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
-        self.params = params
-        self.dtype = JNP_DTYPES[dtype]
-        self.layers = Block(weights["layers"], params, attention, layout, ffn)
-        self.norm = nnx.Param(weights["norm"])
-        self.output = nnx.Param(weights["output"])
+    `blocks` holds full-sequence blocks stacked along a leading layer axis (possibly none). When the
+    weights also hold `last`, `norm` and `output`, the stage ends the model: the last block runs for
+    the last position only, then the final norm and the head.
+    """
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (B, seq_len, dim) in the model dtype -> last-position logits (B, vocab), float32."""
-        cos, sin = rope_tables(self.params, self.dtype)
-        block_def, stacked = nnx.split(self.layers)
-        layer = lambda i: nnx.merge(block_def, jax.tree.map(lambda w: w[i], stacked))
+    def __init__(self, weights: dict, config: ModelConfig):
+        self.config = config
+        self.blocks = nnx.data(weights["blocks"])  # stacked along the layer axis: scanned, a Block per slice
+        self.ends_model = "last" in weights
+        if self.ends_model:
+            self.last = Block(weights["last"], config)
+            self.norm = nnx.Param(weights["norm"])
+            self.output = nnx.Param(weights["output"])
 
-        def run_block(h, i):
-            return layer(i)(h, cos, sin), None
+    def __call__(self, h: jax.Array) -> jax.Array:
+        """h: (B, seq_len, dim) -> the hidden state after these blocks, or, when the stage ends the model,
+        the last position's logits (B, vocab) in float32."""
+        config = self.config
+        cos, sin = rope_tables(config.params, config.jnp_dtype)
 
-        n = self.params.n_layers
-        h, _ = jax.lax.scan(run_block, x.astype(self.dtype), jnp.arange(n - 1))
-        h = layer(n - 1)(h, cos, sin, last_only=True)[:, 0]
-        h = rms_norm(h, self.norm[...], self.params.norm_eps)
+        def run_block(h, layer_weights):
+            return Block(layer_weights, config)(h, cos, sin), None
+
+        h, _ = jax.lax.scan(run_block, h.astype(config.jnp_dtype), self.blocks)
+        if not self.ends_model:
+            return h
+        h = self.last(h, cos, sin, last_only=True)[:, 0]
+        h = rms_norm(h, self.norm[...], config.params.norm_eps)
         return matmul("bd,dv->bv", h, self.output[...]).astype(jnp.float32)
+
+
+def stage_fn(config: ModelConfig):
+    """A pure function (stage weights, h) -> h or logits, for jit: the NNX module rebuilt around traced
+    weights. Given the whole model's weights (weights.build_weights without a stage), it is the forward
+    pass: embeddings-sized inputs (B, seq_len, dim) in, last-position logits out."""
+
+    def forward(weights: dict[str, Any], h: jax.Array) -> jax.Array:
+        return Stage(weights, config)(h)
+
+    return forward
 
 
 def forward_fn(params: Params, dtype: str, attention: str = "xla", layout: WeightLayout = REFERENCE_LAYOUT,
                ffn: str = "xla"):
-    """A pure function (weights, x) -> logits, for jit: the NNX module rebuilt around traced weights.
-
-    `attention`: "xla" follows the reference's rounding step by step; "cudnn" is the fused kernel
-    (GPUs, float16/bfloat16) for the full-sequence layers. `layout`: how the weights are arranged
-    (weights.WeightLayout). `ffn`: "pallas" runs the gated half of the FFN as one Hopper kernel
-    (gated_ffn.py; needs the interleaved w13), "xla" as XLA's products.
-    """
-
-    def forward(weights: dict, x: jax.Array) -> jax.Array:
-        return Transformer(weights, params, dtype, attention, layout, ffn)(x)
-
-    return forward
+    """The whole forward pass (weights, x) -> logits, for jit (see ModelConfig for the options)."""
+    return stage_fn(ModelConfig(params, dtype, attention, ffn, layout))

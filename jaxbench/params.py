@@ -106,6 +106,10 @@ class Params:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def describe(self) -> str:
+        """A short description for log lines."""
+        return f"dim {self.dim}, {self.n_layers} layers, seq {self.seq_len}, vocab {self.vocab_size}"
+
     # Derived sizes.
     @property
     def head_dim(self) -> int:
@@ -149,9 +153,19 @@ class Params:
         """Bytes of the weights the forward pass needs (no embedding table) in a dtype of that width."""
         return (self.n_params - self.vocab_size * self.dim) * dtype_bytes
 
-    def flops_per_nonce(self) -> int:
-        """The arithmetic floor: linear layers, causal attention counted once, and only the last
-        position through the last block's query/output/FFN and the head."""
+    def layer_parameters(self) -> int:
+        """Parameters of one transformer block."""
+        d, hd = self.dim, self.head_dim
+        return 2 * d * self.n_heads * hd + 2 * d * self.n_kv_heads * hd + 3 * d * self.hidden_dim + 2 * d
+
+    def head_parameters(self) -> int:
+        """Parameters after the last block: the final norm and the output projection."""
+        return self.dim + self.vocab_size * self.dim
+
+    def layer_flops(self) -> list[int]:
+        """FLOPs per nonce of each block, the last one with the final norm and head: linear layers,
+        causal attention counted once, and only the last position through the last block's
+        query/output/FFN and the head."""
         d, hd, s = self.dim, self.head_dim, self.seq_len
         kv = self.n_kv_heads * hd
         qo = 2 * d * self.n_heads * hd  # wq + wo, per position
@@ -163,7 +177,11 @@ class Params:
         full_layer = 2 * s * (qo + kv_proj + ffn) + 2 * attn
         last_layer = 2 * s * kv_proj + 2 * (qo + ffn) + 2 * 2 * self.n_heads * hd * s
         head = 2 * d * self.vocab_size
-        return (self.n_layers - 1) * full_layer + last_layer + head
+        return [full_layer] * (self.n_layers - 1) + [last_layer + head]
+
+    def flops_per_nonce(self) -> int:
+        """The arithmetic floor of one nonce (layer_flops summed)."""
+        return sum(self.layer_flops())
 
 
 PRESETS: dict[str, Params] = {

@@ -40,16 +40,27 @@ class SearchTally:
     aggregate only counted emitted lines).
     """
 
-    def __init__(self, job: SearchJob, n_workers: int, block_height: int = 0, node_id: int | None = None):
+    def __init__(self, job: SearchJob | None, n_workers: int | None = None, block_height: int = 0,
+                 node_id: int | None = None):
+        """`n_workers`: the device groups of the search; None takes them from its first step."""
         self.job = job
-        self.n_workers = n_workers
+        self.n_workers = 0
         self.block_height = block_height
         self.node_id = node_id
         self.started = time.monotonic()
-        self.worker_computed = [0] * n_workers
-        self.worker_valid = [0] * n_workers
-        self.worker_batches = [0] * n_workers
+        self.worker_computed: list[int] = []
+        self.worker_valid: list[int] = []
+        self.worker_batches: list[int] = []
         self.lines_emitted = 0
+        if n_workers is not None:
+            self._size(n_workers)
+
+    def _size(self, n_workers: int) -> None:
+        grow = n_workers - self.n_workers
+        if grow > 0:
+            self.n_workers = n_workers
+            for counts in (self.worker_computed, self.worker_valid, self.worker_batches):
+                counts.extend([0] * grow)
 
     @property
     def total_computed(self) -> int:
@@ -65,6 +76,8 @@ class SearchTally:
     def add(self, step: StepResult) -> list[dict]:
         """Count a step; return one line per worker batch with at least one valid nonce."""
         lines = []
+        n_groups = len(step.groups)
+        self._size(n_groups)
         for g in step.groups:
             nonces, dist = g.valid(self.job.r_target)
             w = g.group
@@ -74,7 +87,7 @@ class SearchTally:
             if not nonces:
                 continue
             self.lines_emitted += 1
-            following = self.job.schedule.take(step.flat_start + step.batch * self.n_workers + w, 1)
+            following = self.job.schedule.take(step.flat_start + step.batch * n_groups + w, 1)
             lines.append({
                 **batch_result(self.job, self.block_height, g, nonces, dist, self.worker_batches[w],
                                self.worker_computed[w], self.worker_valid[w], self.elapsed(), self.node_id),
@@ -82,7 +95,7 @@ class SearchTally:
                 "aggregated_batch_number": self.lines_emitted,
                 "aggregated_total_computed": self.total_computed,
                 "aggregated_total_valid": self.total_valid,
-                "n_workers": self.n_workers,
+                "n_workers": n_groups,
             })
         return lines
 

@@ -2,8 +2,12 @@
 
 A parameter of `n` elements is `pool[s : s+n]` when it fits in the pool, else the pool tiled to `n`
 values and rotated left by `r`; in both cases element `i` is `pool[index(i)]`, so the device only
-gathers. Tensors come out in the model's layout: linear weights transposed to (in, out) and the
-per-layer tensors stacked along a leading layer axis.
+gathers. Tensors come out in the model's layout (model.py): linear weights transposed to (in, out),
+the full-sequence blocks' tensors stacked along a leading layer axis, the last block's apart. A run of
+layers (one pipeline stage of a device group, placement.py) is built alone, on its own devices.
+
+Beside the tensor list stands its abstract description (`weight_specs`: shape, dtype, logical axes),
+from which steps are compiled before any weight exists and placement derives where each tensor lives.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,19 +27,29 @@ from .params import Params
 
 JNP_DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
-# Per-layer tensors: model name -> reference name inside `layers.{i}.`.
+
+class Tensor(NamedTuple):
+    """A weight tensor: its name in the reference (inside `layers.{i}.` for a layer's), and the logical
+    axes of its dimensions in the model's layout (placement.py maps logical axes to devices)."""
+
+    reference: str
+    axes: tuple[str, ...]
+
+
+# Every tensor of a layer, and of the model's end, by the model's name. Linear weights are (in, out).
 LAYER_TENSORS = {
-    "wq": "attention.wq.weight",
-    "wk": "attention.wk.weight",
-    "wv": "attention.wv.weight",
-    "wo": "attention.wo.weight",
-    "w1": "feed_forward.w1.weight",
-    "w2": "feed_forward.w2.weight",
-    "w3": "feed_forward.w3.weight",
-    "attention_norm": "attention_norm.weight",
-    "ffn_norm": "ffn_norm.weight",
+    "wq": Tensor("attention.wq.weight", ("embed", "q_heads")),
+    "wk": Tensor("attention.wk.weight", ("embed", "kv_heads")),
+    "wv": Tensor("attention.wv.weight", ("embed", "kv_heads")),
+    "wo": Tensor("attention.wo.weight", ("q_heads", "embed")),
+    "w1": Tensor("feed_forward.w1.weight", ("embed", "ffn")),
+    "w2": Tensor("feed_forward.w2.weight", ("ffn", "embed")),
+    "w3": Tensor("feed_forward.w3.weight", ("embed", "ffn")),
+    "attention_norm": Tensor("attention_norm.weight", ("embed",)),
+    "ffn_norm": Tensor("ffn_norm.weight", ("embed",)),
 }
-TOP_TENSORS = {"norm": "norm.weight", "output": "output.weight"}
+TOP_TENSORS = {"norm": Tensor("norm.weight", ("embed",)), "output": Tensor("output.weight", ("embed", "vocab"))}
+LAYERS_AXIS = "layers"  # the leading axis of the stacked blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,19 +110,30 @@ def _to_model_layout(flat: jax.Array, torch_shape: tuple[int, ...]) -> jax.Array
     return t.T if t.ndim == 2 else t  # (out, in) -> (in, out)
 
 
+def _layer_shape(params: Params, key: str) -> tuple[int, ...]:
+    return params.parameter_shapes()[f"layers.0.{LAYER_TENSORS[key].reference}"]
+
+
 @partial(jax.jit, static_argnames=("params", "layout"))
 def _build(pool: jax.Array, rotations: dict, params: Params, layout: WeightLayout) -> dict:
+    """The tensors `rotations` names (see build_weights), gathered from the pool."""
     shapes = params.parameter_shapes()
-    layers = {}
-    for key, ref in LAYER_TENSORS.items():
-        shape = shapes[f"layers.0.{ref}"]
-        build_one = lambda r, shape=shape: _to_model_layout(_gather(pool, math.prod(shape), r), shape)
-        layers[key] = jax.vmap(build_one)(rotations["layers"][key])
-    top = {}
-    for key, ref in TOP_TENSORS.items():
-        shape = shapes[ref]
-        top[key] = _to_model_layout(_gather(pool, math.prod(shape), rotations[key]), shape)
-    return {"layers": arrange(layers, layout), **top}
+
+    def layer(rotation_of: dict, stacked: bool) -> dict:
+        tensors = {}
+        for key, r in rotation_of.items():
+            shape = _layer_shape(params, key)
+            build_one = lambda r, shape=shape: _to_model_layout(_gather(pool, math.prod(shape), r), shape)
+            tensors[key] = jax.vmap(build_one)(r) if stacked else build_one(r)
+        return arrange(tensors, layout)
+
+    out = {"blocks": layer(rotations["blocks"], stacked=True)}
+    if "last" in rotations:
+        out["last"] = layer(rotations["last"], stacked=False)
+        for key, tensor in TOP_TENSORS.items():
+            shape = shapes[tensor.reference]
+            out[key] = _to_model_layout(_gather(pool, math.prod(shape), rotations[key]), shape)
+    return out
 
 
 def placements(params: Params, block_hash: str) -> dict[str, PoolPlacement]:
@@ -118,26 +144,72 @@ def placements(params: Params, block_hash: str) -> dict[str, PoolPlacement]:
     }
 
 
-def build_weights(pool: jax.Array, params: Params, block_hash: str, layout: WeightLayout = REFERENCE_LAYOUT
-                  ) -> dict:
-    """The model's weight pytree from a pool already on the device in the model dtype.
+def stage_layers(params: Params, layers: range | None) -> tuple[range, bool]:
+    """The full-sequence blocks of a run of layers (all of them when None), and whether it ends the
+    model, holding the last block, the final norm and the head."""
+    layers = range(params.n_layers) if layers is None else layers
+    if not (0 <= layers.start < layers.stop <= params.n_layers and layers.step == 1):
+        raise ValueError(f"layers {layers} are not a run of the model's {params.n_layers} layers")
+    ends = layers.stop == params.n_layers
+    return (range(layers.start, layers.stop - 1) if ends else layers), ends
 
-    Output: {"layers": {wq, wk, wv, wo, w1, w2, w3 (L, in, out); attention_norm, ffn_norm (L, dim)},
-             "norm": (dim,), "output": (dim, vocab)}, with w1 and w3 as one w13 if `layout` says so;
-    the unused embedding table is not built.
+
+def build_weights(pool: jax.Array, params: Params, block_hash: str, layout: WeightLayout = REFERENCE_LAYOUT,
+                  layers: range | None = None) -> dict:
+    """The weight pytree of a run of layers (the whole model when `layers` is None) from a pool already
+    on the device in the model dtype.
+
+    Output: {"blocks": {wq, wk, wv, wo, w1, w2, w3 (n, in, out); attention_norm, ffn_norm (n, dim)}}: the
+    run's full-sequence blocks stacked (n may be 0); when the run ends the model also "last" (the last
+    block's tensors, unstacked), "norm" (dim,) and "output" (dim, vocab). w1 and w3 become one w13 if
+    `layout` says so; the unused embedding table is not built.
     """
     where = placements(params, block_hash)
     for name, p in where.items():
         if p.numel >= 2**31:
             raise ValueError(f"parameter {name} has {p.numel} elements; at most 2**31 - 1 are supported")
-    rotations = {
-        "layers": {
-            key: np.array([where[f"layers.{i}.{ref}"].rotation for i in range(params.n_layers)], np.int32)
-            for key, ref in LAYER_TENSORS.items()
-        },
-        **{key: np.int32(where[ref].rotation) for key, ref in TOP_TENSORS.items()},
-    }
+    blocks, ends = stage_layers(params, layers)
+
+    def rotation(i: int, key: str) -> int:
+        return where[f"layers.{i}.{LAYER_TENSORS[key].reference}"].rotation
+
+    rotations: dict = {"blocks": {key: np.array([rotation(i, key) for i in blocks], np.int32) for key in LAYER_TENSORS}}
+    if ends:
+        rotations["last"] = {key: np.int32(rotation(params.n_layers - 1, key)) for key in LAYER_TENSORS}
+        rotations.update({key: np.int32(where[t.reference].rotation) for key, t in TOP_TENSORS.items()})
     return _build(pool, rotations, params, layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """A weight tensor before it exists: enough to compile a step and to place it."""
+
+    shape: tuple[int, ...]
+    dtype: object
+    axes: tuple[str, ...]  # logical axes, one per dimension
+
+
+def weight_specs(params: Params, dtype: str, layout: WeightLayout = REFERENCE_LAYOUT, layers: range | None = None
+                 ) -> dict:
+    """The pytree build_weights returns for these arguments, as TensorSpecs."""
+    blocks, ends = stage_layers(params, layers)
+    jnp_dtype = JNP_DTYPES[dtype]
+
+    def layer(lead: tuple[int, ...], lead_axes: tuple[str, ...]) -> dict:
+        tensors = {key: TensorSpec((*lead, *_layer_shape(params, key)[::-1]), jnp_dtype, (*lead_axes, *t.axes))
+                   for key, t in LAYER_TENSORS.items()}
+        if layout.gate_up_block:
+            w1 = tensors.pop("w1")
+            tensors.pop("w3")
+            tensors["w13"] = TensorSpec((*w1.shape[:-1], 2 * w1.shape[-1]), jnp_dtype, w1.axes)  # w1 and w3 side by side
+        return tensors
+
+    out = {"blocks": layer((len(blocks),), (LAYERS_AXIS,))}
+    if ends:
+        out["last"] = layer((), ())
+        shapes = params.parameter_shapes()
+        out.update({key: TensorSpec(shapes[t.reference][::-1], jnp_dtype, t.axes) for key, t in TOP_TENSORS.items()})
+    return out
 
 
 def pool_on_device(block_hash: str, params: Params, dtype: str, placement=None, drawn_on_device: bool = False
@@ -159,14 +231,15 @@ def build_parameter(pool: jax.Array, params: Params, block_hash: str, name: str)
 
 
 def reference_layout(weights: dict, params: Params) -> dict[str, np.ndarray]:
-    """Weights built in the reference layout, back in the reference's names and PyTorch layout (for tests)."""
+    """The whole model's weights built in the reference layout, back in the reference's names and
+    PyTorch layout (for tests)."""
     out = {}
-    for key, ref in LAYER_TENSORS.items():
-        stacked = np.asarray(weights["layers"][key])
+    for key, tensor in LAYER_TENSORS.items():
+        stacked = np.concatenate([np.asarray(weights["blocks"][key]), np.asarray(weights["last"][key])[None]])
         for i in range(params.n_layers):
             t = stacked[i]
-            out[f"layers.{i}.{ref}"] = t.T if t.ndim == 2 else t
-    for key, ref in TOP_TENSORS.items():
+            out[f"layers.{i}.{tensor.reference}"] = t.T if t.ndim == 2 else t
+    for key, tensor in TOP_TENSORS.items():
         t = np.asarray(weights[key])
-        out[ref] = t.T if t.ndim == 2 else t
+        out[tensor.reference] = t.T if t.ndim == 2 else t
     return out

@@ -18,6 +18,7 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jaxbench.engine import Engine  # noqa: E402
+from jaxbench.feeder import prepare_step  # noqa: E402
 from jaxbench.job import SearchJob  # noqa: E402
 from jaxbench.nonces import NonceSchedule  # noqa: E402
 from jaxbench.params import params_from_text  # noqa: E402
@@ -52,10 +53,10 @@ def main() -> int:
     params = params_from_text(args.params)
     engine = Engine(draws_mode=args.draws)
     model = engine.load(params, "profile", args.dtype)
-    batch = args.batch or engine.default_batch(params, args.dtype)
+    batch = args.batch or engine.batches.default(params, args.dtype)
     step = engine.compiled_step(params, args.dtype, batch)
     job = SearchJob(params, "profile", "pk", 0.0, NonceSchedule.for_node(0), args.dtype)
-    prepared = engine.prepare_step(job, 0, 0, batch)
+    prepared = prepare_step(engine.drawer, engine.draws_mode, model.stages, job, 0, 0, batch)
     run = lambda: step(model.weights, prepared.inputs, prepared.permutations, model.target).block_until_ready()
     run()
     out = Path(args.out)
@@ -65,8 +66,9 @@ def main() -> int:
             run()
     wall = time.perf_counter() - t0
     by_name, total = device_time_by_kernel(out)
-    nonces = args.steps * batch * engine.n_groups
-    print(f"{args.steps} steps × {batch} × {engine.n_groups} devices: wall {wall:.3f} s "
+    groups = model.placement.n_groups
+    nonces = args.steps * batch * groups
+    print(f"{args.steps} steps × {batch} × {groups} group(s): wall {wall:.3f} s "
           f"({nonces / wall:.1f} nonces/s), device events {total:.3f} s")
     for name, seconds in by_name.most_common(args.top):
         print(f"{100 * seconds / total:6.2f}%  {seconds:8.4f} s  {name[:110]}")

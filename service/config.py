@@ -12,7 +12,9 @@ Every duration the protocol uses has a module-level default here, an environment
 | MODEL_ACCESS_LOG | 0 | 1 = log every HTTP request (hypercorn's access log) |
 | MODEL_DEVICES | all | use the first N local devices |
 | MODEL_DRAWS | auto | where inputs are drawn: auto, host or device (jaxbench.engine) |
-| MODEL_BATCH | from free memory | nonces per device per step |
+| MODEL_BATCH | from free memory | nonces per device group per step |
+| MODEL_GROUP_SIZE | chosen per parameter set | devices sharing one replica of the weights: 1, 2, 4 or 8 |
+| MODEL_DEVICE_MEMORY | what each device reports | memory the engine may use on each device (e.g. 24GiB) |
 | JAXBENCH_CACHE_DIR | ~/.cache/jaxbench/xla | persistent XLA compile cache (read by jaxbench.engine) |
 | MODEL_MAX_BODY_BYTES | 1048576 | largest request body (413 above it) and largest answer read from a peer |
 | MODEL_DURATION_S | 420 | /generate `duration_s` default (the predecessor's window) |
@@ -41,6 +43,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+
+from jaxbench.sizes import parse_size
 
 
 DRAIN_MARGIN_S = 1.0  # the drain: jobs end by deadline - 2 margins, the server stops waiting at deadline - 1, then exits
@@ -79,6 +83,8 @@ class Settings:
     devices: int | None = None
     draws: str = "auto"
     batch: int | None = None
+    group_size: int | None = None
+    device_memory: int | None = None
     max_body_bytes: int = 1 << 20
     duration_s: float = 420.0
     benchmark_nonces: int = 1024
@@ -112,6 +118,8 @@ class Settings:
             devices=_env("MODEL_DEVICES", d.devices, int),
             draws=_env("MODEL_DRAWS", d.draws, str),
             batch=_env("MODEL_BATCH", d.batch, int),
+            group_size=_env("MODEL_GROUP_SIZE", d.group_size, int),
+            device_memory=_env("MODEL_DEVICE_MEMORY", d.device_memory, parse_size),
             max_body_bytes=_env("MODEL_MAX_BODY_BYTES", d.max_body_bytes, int),
             duration_s=_env("MODEL_DURATION_S", d.duration_s, float),
             benchmark_nonces=_env("MODEL_BENCHMARK_NONCES", d.benchmark_nonces, int),

@@ -23,7 +23,7 @@ async def run_generation(job: Job, chan: LineChannel, req: GenerateRequest,
     """Run the search, emitting result lines (and an error line on failure); returns the tally and
     the summary reason. The caller emits the summary."""
     sjob = req.search_job()
-    tally = SearchTally(sjob, job.manager.engine.n_groups, req.block_height)
+    tally = SearchTally(sjob, block_height=req.block_height)
     job.phase = "computing"
     job.detail.update({"block_hash": req.block_hash[:16], "public_key": req.public_key[:16],
                        "start_nonce": req.start_nonce, "max_nonces": req.max_nonces})

@@ -403,7 +403,7 @@ class JobManager:
                 log.exception("job %s: driver failed", job.id)
                 await chan.emit(error_line(e))
                 if job.summary is None:  # every stream ends with a summary line
-                    job.summary = SearchTally(None, self.engine.n_groups).summary("error")
+                    job.summary = SearchTally(None).summary("error")
                     await chan.emit(job.summary)
             finally:
                 job.finish()
@@ -462,9 +462,9 @@ class JobManager:
             key = (params, dtype)
             if key not in self._batches:
                 if self.settings.batch:  # MODEL_BATCH, but never more than fits beside the weights
-                    self._batches[key] = min(self.settings.batch, self.engine.max_batch(params, dtype) or self.settings.batch)
+                    self._batches[key] = min(self.settings.batch, self.engine.batches.max_batch(params, dtype) or self.settings.batch)
                 else:
-                    self._batches[key] = self.engine.default_batch(params, dtype)
+                    self._batches[key] = self.engine.batches.default(params, dtype)
             return self._batches[key]
 
     def remember_batch(self, params: Params, dtype: str, batch: int) -> None:
@@ -476,16 +476,13 @@ class JobManager:
         the engine); the compiled step depends on the shapes only."""
         t0 = time.perf_counter()
         batch = self.batch_for(params, dtype)
-        was_compiled = self._is_compiled(params, dtype, batch)
-        self.engine.compiled_step(params, dtype, batch)
+        was_compiled = self.engine.is_compiled(params, dtype, batch)
+        step = self.engine.compiled_step(params, dtype, batch)
         if block_hash is not None:
             self.engine.load(params, block_hash, dtype)
         return {"seconds": round(time.perf_counter() - t0, 3), "batch": batch, "cached": was_compiled,
-                "devices": self.engine.n_groups}
-
-    def _is_compiled(self, params: Params, dtype: str, batch: int) -> bool:
-        return any(k["params"] == params.to_dict() and k["dtype"] == dtype and k["batch"] == batch
-                   for k in self.compiled())
+                "devices": step.key.groups * step.key.group_size, "groups": step.key.groups,
+                "group_size": step.key.group_size}
 
     # Reporting -------------------------------------------------------------------------------
 

@@ -327,8 +327,8 @@ class PooledSession:
         self.orch = Orchestrator(http, req, job)
         self.sender = ResultSender(self.orch, req.result_buffer, req.retry_base_s, req.retry_max_s)
         self.cfg: dict[str, Any] = dict(self.DEFAULTS)
-        self.tally = SearchTally(None, self.engine.n_groups)  # session totals and the summary line
-        self.counters = GroupCounters(self.engine.n_groups)
+        self.tally = SearchTally(None)  # session totals and the summary line
+        self.counters = GroupCounters(len(self.engine.devices))
         self.covered: dict[tuple, list[list[int]]] = {}
         self.model_key: tuple | None = None
         self.segment: _Segment | None = None
@@ -399,9 +399,9 @@ class PooledSession:
         heartbeat = poller = None
         try:
             await self.chan.emit({"status": "registering", "worker_id": self.req.worker_id,
-                                  "gpu_count": self.engine.n_groups})
+                                  "gpu_count": len(self.engine.devices)})
             self.job.phase = "registering"
-            reg = await self.orch.register(self.engine.n_groups, self.engine.describe())
+            reg = await self.orch.register(len(self.engine.devices), self.engine.describe())
             if self.stopped():
                 return
             if reg is None:
@@ -416,7 +416,7 @@ class PooledSession:
             await self._ensure_model()
             if self.stopped():
                 return
-            ready = await self.orch.ready(self.engine.n_groups)
+            ready = await self.orch.ready(len(self.engine.devices))
             if self.stopped():
                 return
             if ready is None:
@@ -644,7 +644,7 @@ class PooledSession:
             await self.sender.flush(self.req.final_flush_s)
             new_key = data.get("public_key")
             if isinstance(new_key, str) and new_key:
-                self.counters = GroupCounters(self.engine.n_groups)
+                self.counters = GroupCounters(len(self.engine.devices))
                 await self.chan.emit({"status": "switched_public_key", "public_key": _str16(new_key)})
                 log.info("pooled %s: switched public key %s… -> %s…", self.job.id, old_key[:16], new_key[:16])
             return

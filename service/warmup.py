@@ -104,7 +104,7 @@ async def post_complete(http: httpx.AsyncClient, job: Job, req: rq.WarmupRequest
 
 async def warmup_driver(job: Job, chan: LineChannel, req: rq.WarmupRequest, http: httpx.AsyncClient) -> None:
     settings = job.manager.settings
-    tally = SearchTally(None, job.manager.engine.n_groups)  # replaced by the generation's tally
+    tally = SearchTally(None)  # replaced by the generation's tally
     reason, error = "error", None
     job.detail.update({"job_id": req.job_id, "callback_url": rq.url_origin(req.callback_url)})
     await chan.emit({"status": "warmup_ready", "job_id": req.job_id})

@@ -79,14 +79,16 @@ def test_compiled_steps_persist_across_processes(tmp_path):
 def test_a_failing_draw_reaches_the_caller(monkeypatch):
     engine = Engine(devices=1, draws_mode="host", compile_cache_dir=None)
     job = SearchJob(TINY, "fail", "pk", 1.41, NonceSchedule.for_node(0), "float16")
-    real = engine.prepare_step
+    import jaxbench.feeder as feeder_mod
 
-    def prepare_step(job, step, flat_start, batch):
+    real = feeder_mod.prepare_step
+
+    def prepare_step(drawer, draws, stages, job, step, flat_start, batch):
         if step == 2:
             raise OSError("disk on fire")
-        return real(job, step, flat_start, batch)
+        return real(drawer, draws, stages, job, step, flat_start, batch)
 
-    monkeypatch.setattr(engine, "prepare_step", prepare_step)
+    monkeypatch.setattr(feeder_mod, "prepare_step", prepare_step)
     seen = []
     try:
         for step in engine.search(job, batch=4):
@@ -101,7 +103,7 @@ def test_a_failing_draw_reaches_the_caller(monkeypatch):
 def test_a_set_that_cannot_fit_is_refused_before_anything_is_built(monkeypatch):
     import jaxbench.engine as engine_mod
     from jaxbench.fields import FieldError
-    from jaxbench.memory import GiB
+    from jaxbench.sizes import GiB
 
     engine = Engine(devices=1, draws_mode="host", compile_cache_dir=None)
     monkeypatch.setattr(engine_mod, "device_free_bytes", lambda device: 8 * GiB)
@@ -127,12 +129,12 @@ def test_the_batch_is_bounded_by_the_work_and_by_memory(monkeypatch):
 
     engine = Engine(devices=1, draws_mode="host", compile_cache_dir=None)
     small = SearchJob(TINY, "b", "pk", 1.41, NonceSchedule.for_node(0, limit=16), "float16")
-    assert engine.fit_batch(small, 2_000_000) == 16
+    assert engine.batches.fit(small, 2_000_000, 1) == 16
     need = MemoryNeed.of(TINY, "float16")
     monkeypatch.setattr(engine_mod, "device_free_bytes", lambda device: need.weights + 5 * need.per_nonce)
     unbounded = SearchJob(TINY, "b", "pk", 1.41, NonceSchedule.for_node(0), "float16")
-    assert engine.fit_batch(unbounded, 2_000_000) == 5
-    assert engine.default_batch(TINY, "float16") == 5
+    assert engine.batches.fit(unbounded, 2_000_000, 1) == 5
+    assert engine.batches.default(TINY, "float16") == 5
 
 
 def test_the_batch_choice_is_swept_once_and_remembered_beside_the_compile_cache(tmp_path, monkeypatch):
@@ -142,16 +144,16 @@ def test_the_batch_choice_is_swept_once_and_remembered_beside_the_compile_cache(
 
     monkeypatch.setattr(batch_choice, "CANDIDATES", (2, 4))
     first = Engine(devices=1, draws_mode="host", compile_cache_dir=tmp_path / "xla")
-    assert first.batch_choice(TINY, "float16") is None
-    entry = first.batch_choice(TINY, "float16", sweep=True)
+    assert first.batches.choice(TINY, "float16") is None
+    entry = first.batches.choice(TINY, "float16", sweep=True)
     assert entry["batch"] in (2, 4) and set(entry["block_nonces_per_s"]) == {"2", "4"}
     record = json.loads((tmp_path / batch_choice.RECORD_NAME).read_text())
     assert list(record.values()) == [entry]
 
     second = Engine(devices=1, draws_mode="host", compile_cache_dir=tmp_path / "xla")
-    monkeypatch.setattr(second, "sweep_batch", lambda *a, **k: (_ for _ in ()).throw(AssertionError("swept again")))
-    assert second.batch_choice(TINY, "float16", sweep=True) == entry
-    assert second.batch_choice(TINY, "bfloat16") is None  # another configuration, another choice
+    monkeypatch.setattr(second.batches, "sweep", lambda *a, **k: (_ for _ in ()).throw(AssertionError("swept again")))
+    assert second.batches.choice(TINY, "float16", sweep=True) == entry
+    assert second.batches.choice(TINY, "bfloat16") is None  # another configuration, another choice
 
 
 def test_the_sweep_keeps_the_smallest_batch_within_one_percent_of_the_fastest():
@@ -165,9 +167,9 @@ def test_the_sweep_keeps_the_smallest_batch_within_one_percent_of_the_fastest():
 
 
 def test_compiled_steps_are_bounded_least_recently_used_first(monkeypatch):
-    import jaxbench.engine as engine_mod
+    import jaxbench.steps as steps_mod
 
-    monkeypatch.setattr(engine_mod, "MAX_COMPILED_STEPS", 2)
+    monkeypatch.setattr(steps_mod, "MAX_COMPILED_STEPS", 2)
     engine = Engine(devices=1, draws_mode="host", compile_cache_dir=None)
     one = engine.compiled_step(TINY, "float16", 1)
     engine.compiled_step(TINY, "float16", 2)

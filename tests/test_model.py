@@ -49,10 +49,14 @@ def test_the_interleaved_ffn_layout_computes_the_reference_layouts_logits(block,
     got = jax.jit(forward_fn(p, "float32", layout=layout))(fused, x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-6, atol=1e-6)
     h = p.hidden_dim
-    pairs = np.asarray(fused["layers"]["w13"]).reshape(p.n_layers, p.dim, h // block, 2, block)
-    np.testing.assert_array_equal(pairs[:, :, :, 0].reshape(p.n_layers, p.dim, h), reference["layers"]["w1"])
-    np.testing.assert_array_equal(pairs[:, :, :, 1].reshape(p.n_layers, p.dim, h), reference["layers"]["w3"])
-    assert "w1" not in fused["layers"] and "w3" not in fused["layers"]
+
+    def every_layer(tree, key):  # the stacked full-sequence blocks, then the last block
+        return np.concatenate([np.asarray(tree["blocks"][key]), np.asarray(tree["last"][key])[None]])
+
+    pairs = every_layer(fused, "w13").reshape(p.n_layers, p.dim, h // block, 2, block)
+    np.testing.assert_array_equal(pairs[:, :, :, 0].reshape(p.n_layers, p.dim, h), every_layer(reference, "w1"))
+    np.testing.assert_array_equal(pairs[:, :, :, 1].reshape(p.n_layers, p.dim, h), every_layer(reference, "w3"))
+    assert not {"w1", "w3"} & (set(fused["blocks"]) | set(fused["last"]))
 
 
 @pytest.mark.parametrize("block", [64, 128])

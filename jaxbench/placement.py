@@ -1,0 +1,158 @@
+"""Where the weights and each step live: device groups, pipeline stages, and the rules from logical axes to them.
+
+The local devices form a grid of G groups × S stages (mesh axes "group" and "stage"). Each group holds
+one replica of the weights with its layers cut into S contiguous runs, run s on the group's s-th
+device, and the groups run data-parallel, each on its own nonces of every step (nonces.py). With
+S = 1 every device holds the whole model.
+
+Choosing S: the smallest of GROUP_SIZES whose fullest stage fits each device's memory at batch 1
+(memory.py's generous estimate); a forced size must fit too. Devices beyond G·S stay idle.
+
+How a step crosses a group: each group's whole batch runs through stage 0, its activation
+(batch, seq_len, dim) moves to the group's next device (`jax.device_put` between the two stages'
+shardings), and so on; the last stage ends the model and computes the distances. The host dispatches
+every stage of a step before it waits for an earlier one, so JAX's asynchronous dispatch keeps each
+stage busy with a different step. A micro-batch is a whole step's batch, so every layer computes
+the same products on the same shapes as on one device, and a group's distances are bit-identical
+to one device's for the same per-step batch. Across stages only activations move: about
+seq_len·dim·2 bytes a nonce per boundary in float16, where splitting each product across the cards
+(tensor parallelism) would move the activations of every layer (docs/architecture.md).
+
+The layers are cut where the FLOPs balance (Params.layer_flops: the last block runs one query
+position and carries the head, so it costs less than a full one).
+
+Logical axes map to mesh axes by RULES: "batch" (a step's nonces) → "group"; "layers" (the stacked
+layer axis) → "stage", realised by giving each stage its own run of layers; every other axis is
+replicated. Everything the engine places goes through `Placement.sharding`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .fields import FieldError
+from .memory import MemoryNeed
+from .sizes import format_size
+from .params import Params
+
+GROUP_SIZES = (1, 2, 4, 8)
+MESH_AXES = ("group", "stage")
+RULES = {"batch": "group", "layers": "stage"}  # logical axis → mesh axis; the others are replicated
+
+
+def partition_spec(axes: Sequence[str | None]) -> P:
+    """The spec of an array with these logical axes inside one stage's mesh (axis "group"): the
+    stage axis is already realised by each stage holding its own run of layers."""
+    return P(*(RULES.get(a) if RULES.get(a) == "group" else None for a in axes))
+
+
+def balanced_runs(costs: Sequence[int], n_runs: int) -> list[range]:
+    """`costs` cut into `n_runs` contiguous non-empty runs, the largest run's sum as small as it can be."""
+    if not 1 <= n_runs <= len(costs):
+        raise ValueError(f"cannot cut {len(costs)} layers into {n_runs} runs")
+
+    def cut(limit: float) -> list[int]:  # greedy: each run as long as it stays within limit
+        starts, total = [0], 0
+        for i, c in enumerate(costs):
+            if total + c > limit and total > 0:
+                starts.append(i)
+                total = 0
+            total += c
+        return starts
+
+    low, high = max(costs), sum(costs)
+    while low < high:  # the smallest limit the greedy cut meets with n_runs runs or fewer
+        mid = (low + high) // 2
+        if len(cut(mid)) <= n_runs:
+            high = mid
+        else:
+            low = mid + 1
+    starts = cut(low)
+    bounds = starts + [len(costs)]
+    runs = [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    while len(runs) < n_runs:  # fewer runs than asked: split the longest, which cannot raise the largest sum
+        longest = max(range(len(runs)), key=lambda i: len(runs[i]))
+        r = runs[longest]
+        half = r.start + len(r) // 2
+        runs[longest : longest + 1] = [range(r.start, half), range(half, r.stop)]
+    return runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    index: int
+    layers: range  # the run of the model's layers this stage holds
+    mesh: Mesh  # the stage's device in every group, one mesh axis "group"
+    is_first: bool
+    is_last: bool
+
+    def sharding(self, axes: Sequence[str | None]) -> NamedSharding:
+        """Where an array with these logical axes lives on this stage's devices."""
+        return NamedSharding(self.mesh, partition_spec(axes))
+
+
+class Placement:
+    """G groups × S stages of the engine's devices, and each parameter set's stages on them."""
+
+    def __init__(self, devices: Sequence[jax.Device], group_size: int):
+        if group_size not in GROUP_SIZES or group_size > len(devices):
+            raise ValueError(f"no groups of {group_size} from {len(devices)} device(s)")
+        self.group_size = group_size
+        self.n_groups = len(devices) // group_size
+        self.grid = np.array(devices[: self.n_groups * group_size]).reshape(self.n_groups, group_size)
+        self.mesh = Mesh(self.grid, MESH_AXES)
+        self._stage_meshes = [Mesh(self.grid[:, s], ("group",)) for s in range(group_size)]
+
+    @property
+    def devices(self) -> list[jax.Device]:
+        return list(self.grid.flat)
+
+    def stages(self, params: Params) -> list[Stage]:
+        """The stages of a parameter set: each group's layers cut where the FLOPs balance."""
+        runs = balanced_runs(params.layer_flops(), self.group_size)
+        last = self.group_size - 1
+        return [Stage(s, layers, self._stage_meshes[s], s == 0, s == last) for s, layers in enumerate(runs)]
+
+    def describe(self) -> dict:
+        return {"groups": self.n_groups, "group_size": self.group_size}
+
+
+def stage_need(params: Params, dtype: str, group_size: int) -> MemoryNeed:
+    """The memory of the fullest stage's device in a group of `group_size`: what each device must have."""
+    runs = balanced_runs(params.layer_flops(), group_size)
+    return max((MemoryNeed.of(params, dtype, r) for r in runs), key=lambda need: need.total(1))
+
+
+def choose_group_size(n_devices: int, params: Params, dtype: str, available: int | None,
+                      forced: int | None = None) -> int:
+    """The group size for a parameter set: `forced` if it fits, else the smallest of GROUP_SIZES whose
+    fullest stage fits `available` bytes a device (None: unknown, 1). Refuses (FieldError on `params`)
+    with what the set needs and what the devices have."""
+    if forced is not None:
+        if forced not in GROUP_SIZES:
+            raise FieldError("group_size", f"must be one of {', '.join(map(str, GROUP_SIZES))}, got {forced}")
+        if forced > n_devices:
+            raise FieldError("group_size", f"a group of {forced} needs {forced} devices; {n_devices} here")
+        if forced > params.n_layers:
+            raise FieldError("group_size", f"a group of {forced} needs at least {forced} layers; "
+                                           f"the parameter set has {params.n_layers}")
+    sizes = [forced] if forced else [s for s in GROUP_SIZES if s <= min(n_devices, params.n_layers)]
+    if available is None:
+        return sizes[0]
+    for size in sizes:
+        if stage_need(params, dtype, size).total(1) <= available:
+            return size
+    size = sizes[-1]
+    where = "on each device" if size == 1 else f"on each device of a group of {size}"
+    message = (f"needs {stage_need(params, dtype, size).describe().replace('on each device', where)}; "
+               f"each device has {format_size(available)} available")
+    larger = [s for s in GROUP_SIZES if s > size]
+    if not forced and larger and larger[0] <= params.n_layers:
+        message += f"; a group of {larger[0]} would need {larger[0]} devices, {n_devices} here"
+    raise FieldError("params", message)
