@@ -67,7 +67,7 @@ from jaxbench.results import SearchTally, batch_result
 from . import peers
 from .coverage import add_interval, first_gap
 from .jobs import Job, LineChannel, SearchRun, error_line
-from .requests import PooledRequest, url_origin
+from .requests import ORCHESTRATOR_CONFIG, PooledRequest, copy_orchestrator_config, url_origin
 
 log = logging.getLogger("service.pooled")
 
@@ -277,10 +277,6 @@ class _Segment:
 
 
 class PooledSession:
-    # The config fields an orchestrator answer may carry, and their values before any answer (or when null).
-    DEFAULTS = {"block_hash": "", "block_height": 0, "r_target": 0.0, "params": {}, "public_key": "",
-                "nonce_range_start": 0, "nonce_range_end": 0}
-
     def __init__(self, job: Job, chan: LineChannel, req: PooledRequest, http: httpx.AsyncClient):
         self.job = job
         self.chan = chan
@@ -288,7 +284,7 @@ class PooledSession:
         self.engine = job.manager.engine
         self.orch = Orchestrator(http, req, job)
         self.sender = ResultSender(self.orch, req.result_buffer, req.retry_base_s, req.retry_max_s)
-        self.cfg: dict[str, Any] = dict(self.DEFAULTS)
+        self.cfg: dict[str, Any] = dict(ORCHESTRATOR_CONFIG)
         self.tally = SearchTally(None, self.engine.n_groups)  # session totals and the summary line
         self.counters = GroupCounters(self.engine.n_groups)
         self.covered: dict[tuple, list[list[int]]] = {}
@@ -305,29 +301,9 @@ class PooledSession:
 
     # Config ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def _acceptable(name: str, value: Any) -> bool:
-        if name in ("block_hash", "public_key"):
-            return isinstance(value, str) and len(value) <= fields.MAX_SEED_TEXT
-        if name == "params":
-            return isinstance(value, (dict, str))  # checked in full when used
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            return False  # parse_json already refused non-finite numbers and huge integers
-        return name == "r_target" or isinstance(value, int)
-
     def copy_fields(self, data: dict) -> None:
-        """Copy the config fields present in an orchestrator answer (null means the default; values
-        of a wrong type or range are ignored)."""
-        for name in self.DEFAULTS:
-            if name not in data:
-                continue
-            value = data[name]
-            if value is None:
-                value = self.DEFAULTS[name]
-            if not self._acceptable(name, value):
-                log.warning("pooled %s: ignoring %s=%.60r from the orchestrator", self.job.id, name, value)
-                continue
-            self.cfg[name] = value
+        for name, value in copy_orchestrator_config(self.cfg, data):
+            log.warning("pooled %s: ignoring %s=%.60r from the orchestrator", self.job.id, name, value)
 
     def params(self) -> Params:
         return fields.params({"params": self.cfg["params"]})
