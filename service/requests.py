@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from jaxbench import fields
+from jaxbench.backoff import Backoff
 from jaxbench.job import SearchJob
 from jaxbench.nonces import NonceSchedule
 from jaxbench.params import Params
@@ -299,6 +300,11 @@ class PooledRequest:
     final_flush_s: float
     peer_grace_s: float
     send_empty_results: bool
+
+    @property
+    def backoff(self) -> Backoff:
+        """The pauses between the attempts of a retried orchestrator call and of result posts."""
+        return Backoff(self.retry_base_s, self.retry_max_s)
 
 
 def pooled_request(data: Mapping[str, Any], settings: Settings) -> PooledRequest:

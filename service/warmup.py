@@ -32,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from jaxbench.backoff import Backoff
 from jaxbench.params import Params
 from jaxbench.results import SearchTally
 
@@ -87,15 +88,15 @@ async def post_complete(http: httpx.AsyncClient, job: Job, req: rq.WarmupRequest
     """The completion callback: a few attempts, all within one goodbye budget."""
     url = req.callback_url + "/warmup/complete"
     budget = peers.Budget(job.goodbye_budget(req.http_timeout_s))
-    retry_base_s = job.manager.settings.retry_base_s
-    for attempt in range(COMPLETE_ATTEMPTS):
+    backoff = Backoff(job.manager.settings.retry_base_s, job.manager.settings.retry_max_s)
+    for failures in range(1, COMPLETE_ATTEMPTS + 1):
         answer = await peers.call(http, "POST", url, json=payload, timeout=budget.left(req.http_timeout_s),
                                   max_bytes=job.manager.settings.max_body_bytes, parse=False)
         if answer.delivered:
             log.info("warmup %s: completion sent (%s)", req.job_id, payload.get("reason"))
             return True
         log.warning("warmup %s: completion callback failed: %s", req.job_id, answer.describe())
-        pause = budget.retry_pause(attempt, COMPLETE_ATTEMPTS, retry_base_s)
+        pause = budget.retry_pause(backoff, failures, COMPLETE_ATTEMPTS)
         if pause is None:
             break
         await asyncio.sleep(pause)
