@@ -32,16 +32,16 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable
 
-import jax
-
-from jaxbench.engine import Engine, is_out_of_memory
+from jaxbench.engine import Engine
 from jaxbench.job import SearchJob, StepResult
 from jaxbench.params import Params
 from jaxbench.results import SearchTally
 
 from . import signals
 from .config import DRAIN_MARGIN_S, Settings
+from .context import BatchPlan
 from .logsetup import log_fatal
+from .outcome import Outcome, error_line, is_device_failure
 
 log = logging.getLogger("service.jobs")
 
@@ -59,29 +59,6 @@ class Refused(Exception):
         super().__init__(body.get("error"))
         self.status = status
         self.body = body
-
-
-# XLA statuses of runtime errors that say "this request was wrong", not "the device is bad".
-_REQUEST_ERRORS = ("INVALID_ARGUMENT", "UNIMPLEMENTED", "CANCELLED", "OUT_OF_RANGE")
-
-
-def is_device_failure(exc: BaseException) -> bool:
-    """A runtime error from the device that is not an out-of-memory (the job reports those and
-    retreats) nor a rejected request: the device can't be trusted any more."""
-    runtime_error = getattr(jax.errors, "JaxRuntimeError", None)
-    if runtime_error is None or not isinstance(exc, runtime_error) or is_out_of_memory(exc):
-        return False
-    return not str(exc).lstrip().startswith(_REQUEST_ERRORS)
-
-
-def error_line(exc: BaseException) -> dict:
-    line = {"error": str(exc) or type(exc).__name__, "error_type": type(exc).__name__}
-    field = getattr(exc, "field", None)
-    if isinstance(field, str):
-        line["field"] = field
-    if is_device_failure(exc):
-        line["fatal"] = True
-    return line
 
 
 class LineChannel:
@@ -156,11 +133,11 @@ class SearchRun:
         manager = self.job.manager
         end = _End(None)
         try:
-            batch = self.batch or manager.batch_for(self.sjob.params, self.sjob.dtype)
+            batch = self.batch or manager.batches.batch_for(self.sjob.params, self.sjob.dtype)
             for step in manager.engine.search(self.sjob, self.stop, batch=batch):
                 self.job.computed += step.computed
                 if step.batch < batch:  # the engine retreated after an out-of-memory
-                    manager.remember_batch(self.sjob.params, self.sjob.dtype, step.batch)
+                    manager.batches.remember(self.sjob.params, self.sjob.dtype, step.batch)
                     batch = step.batch
                 credited = self._take_credit()
                 self.job.post(self.queue.put_nowait, (step, credited))
@@ -347,17 +324,16 @@ class Job:
 
 
 class JobManager:
-    def __init__(self, engine: Engine, settings: Settings):
+    def __init__(self, engine: Engine, settings: Settings, batches: BatchPlan):
         self.engine = engine
         self.settings = settings
+        self.batches = batches  # what every search of a job runs with
         self.instance = uuid.uuid4().hex  # tells this process's /health from anything else on the port
         self.job: Job | None = None
         self.last_job: dict | None = None
         self.broken: str | None = None
         self.draining = False
         self.drain_deadline: float | None = None  # monotonic time by which the server must be gone
-        self._batch_lock = threading.Lock()
-        self._batches: dict[tuple[Params, str], int] = {}
         self._tasks: set[asyncio.Task] = set()
 
     # The one-job lock ------------------------------------------------------------------------
@@ -403,7 +379,7 @@ class JobManager:
                 log.exception("job %s: driver failed", job.id)
                 await chan.emit(error_line(e))
                 if job.summary is None:  # every stream ends with a summary line
-                    job.summary = SearchTally(None, self.engine.n_groups).summary("error")
+                    job.summary = Outcome(SearchTally(None, self.engine.n_groups)).summary()
                     await chan.emit(job.summary)
             finally:
                 job.finish()
@@ -452,40 +428,6 @@ class JobManager:
         if self.broken is None:
             self.broken = reason[:2000]
             log_fatal(signals.DEVICE_FAILURE, "the worker must be replaced: %s", self.broken)
-
-    # Batch size and compilation (run in worker threads) ----------------------------------------
-
-    def batch_for(self, params: Params, dtype: str) -> int:
-        """The per-device batch, chosen once per (params, dtype) so warmup and the searches that
-        follow use the same compiled step."""
-        with self._batch_lock:
-            key = (params, dtype)
-            if key not in self._batches:
-                if self.settings.batch:  # MODEL_BATCH, but never more than fits beside the weights
-                    self._batches[key] = min(self.settings.batch, self.engine.max_batch(params, dtype) or self.settings.batch)
-                else:
-                    self._batches[key] = self.engine.default_batch(params, dtype)
-            return self._batches[key]
-
-    def remember_batch(self, params: Params, dtype: str, batch: int) -> None:
-        with self._batch_lock:
-            self._batches[(params, dtype)] = batch
-
-    def prepare(self, params: Params, block_hash: str | None, dtype: str) -> dict:
-        """The step compiled and, when the block hash is known, the weights built (both cached by
-        the engine); the compiled step depends on the shapes only."""
-        t0 = time.perf_counter()
-        batch = self.batch_for(params, dtype)
-        was_compiled = self._is_compiled(params, dtype, batch)
-        self.engine.compiled_step(params, dtype, batch)
-        if block_hash is not None:
-            self.engine.load(params, block_hash, dtype)
-        return {"seconds": round(time.perf_counter() - t0, 3), "batch": batch, "cached": was_compiled,
-                "devices": self.engine.n_groups}
-
-    def _is_compiled(self, params: Params, dtype: str, batch: int) -> bool:
-        return any(k["params"] == params.to_dict() and k["dtype"] == dtype and k["batch"] == batch
-                   for k in self.compiled())
 
     # Reporting -------------------------------------------------------------------------------
 

@@ -47,6 +47,12 @@ class Answer:
         return self.problem or f"HTTP {self.status}"
 
 
+def client() -> httpx.AsyncClient:
+    """The client of every call to a peer. No timeouts of its own: `call` gives each call one total
+    deadline (httpx's are per read, which a trickling peer never trips)."""
+    return httpx.AsyncClient(timeout=None, follow_redirects=False, trust_env=False)
+
+
 async def _exchange(http: httpx.AsyncClient, method: str, url: str, body: Any, params: dict | None,
                     max_bytes: int, parse: bool) -> Answer:
     try:

@@ -50,8 +50,6 @@ import logging
 import time
 from typing import Any
 
-import httpx
-
 from jaxbench import fields
 from jaxbench.job import SearchJob, StepResult
 from jaxbench.nonces import NonceSchedule
@@ -60,8 +58,10 @@ from jaxbench.results import SearchTally, batch_result
 
 from . import peers
 from .coverage import add_interval, first_gap
-from .jobs import Job, LineChannel, SearchRun, error_line
+from .context import Context
+from .jobs import Job, LineChannel, SearchRun
 from .orchestrator import Orchestrator, ResultSender
+from .outcome import Outcome, error_line
 from .requests import ORCHESTRATOR_CONFIG, PooledRequest, copy_orchestrator_config, url_origin
 
 log = logging.getLogger("service.pooled")
@@ -83,15 +83,16 @@ class _Segment:
 
 
 class PooledSession:
-    def __init__(self, job: Job, chan: LineChannel, req: PooledRequest, http: httpx.AsyncClient):
+    def __init__(self, ctx: Context, job: Job, chan: LineChannel, req: PooledRequest):
+        self.ctx = ctx
         self.job = job
         self.chan = chan
         self.req = req
-        self.engine = job.manager.engine
-        self.orch = Orchestrator(http, req, job, job.manager.settings.max_body_bytes)
+        self.engine = ctx.engine
+        self.orch = Orchestrator(ctx.http, req, job, ctx.settings.max_body_bytes)
         self.sender = ResultSender(self.orch, req.result_buffer, req.backoff)
         self.cfg: dict[str, Any] = dict(ORCHESTRATOR_CONFIG)
-        self.tally = SearchTally(None, self.engine.n_groups)  # session totals and the summary line
+        self.outcome = Outcome(SearchTally(None, self.engine.n_groups))  # session totals and the summary line
         self.counts = SearchTally(None, self.engine.n_groups)  # the result objects' counters, reset by switch_job
         self.covered: dict[tuple, list[list[int]]] = {}
         self.model_key: tuple | None = None
@@ -100,8 +101,6 @@ class PooledSession:
         self.commands: asyncio.Queue = asyncio.Queue()
         self.shutdown_requested = False
         self.idle_state: tuple | None = None
-        self.reason = "error"
-        self.error: str | None = None
         self.started = time.monotonic()
         self.results_produced = 0
 
@@ -127,7 +126,7 @@ class PooledSession:
     def stopped(self) -> bool:
         """The job was stopped (client gone, SIGTERM): the session ends with that reason."""
         if self.job.stop_reason:
-            self.reason = self.job.stop_reason
+            self.outcome.reason = self.job.stop_reason
             return True
         return False
 
@@ -174,11 +173,11 @@ class PooledSession:
         except fields.FieldError as e:  # the orchestrator's config: the request itself was checked
             log.warning("pooled %s: bad config from the orchestrator: %s", self.job.id, e)
             await self.chan.emit({**error_line(e), "source": "orchestrator"})
-            self.reason, self.error = "error", str(e)
+            self.outcome.fail("error", str(e))
         except Exception as e:  # noqa: BLE001 — an error line; the end sequence still runs
             log.warning("pooled %s: failed: %s: %s", self.job.id, type(e).__name__, e)
             await self.chan.emit(error_line(e))
-            self.reason, self.error = "error", f"{type(e).__name__}: {e}"
+            self.outcome.fail("error", f"{type(e).__name__}: {e}")
         finally:
             for task in (poller, heartbeat):
                 if task is not None:
@@ -196,14 +195,14 @@ class PooledSession:
                 return False
             if time.monotonic() > deadline:
                 await self.chan.emit({"status": "timeout", "message": "No block_hash received"})
-                self.reason = "timeout_waiting_block_hash"
+                self.outcome.reason = "timeout_waiting_block_hash"
                 return False
             if await self._check_lost():
                 return False
             data = await self.orch.poll(interruptible=True)
             if data:
                 if data.get("type") == "shutdown":
-                    self.reason = "shutdown_command"
+                    self.outcome.reason = "shutdown_command"
                     return False
                 self.copy_fields(data)
                 if self.cfg["block_hash"]:
@@ -222,7 +221,7 @@ class PooledSession:
         await self.chan.emit({"status": "loading_model"})
         self.job.phase = "loading_model"
         t0 = time.monotonic()
-        info = await self.job.call(self.job.manager.prepare, params, self.cfg["block_hash"], self.req.dtype)
+        info = await self.job.call(self.ctx.batches.prepare, params, self.cfg["block_hash"], self.req.dtype)
         self.model_key = key
         await self.chan.emit({"status": "model_loaded", "load_time": int(time.monotonic() - t0), **info})
         return params
@@ -240,7 +239,7 @@ class PooledSession:
         """The orchestrator failed the session: an error line with `message`, then the summary's
         reason and error (`message` unless given)."""
         await self.chan.emit({"error": message, "error_type": "ConnectionError"})
-        self.reason, self.error = reason, error or message
+        self.outcome.fail(reason, error or message)
 
     async def _poller(self) -> None:
         while True:
@@ -266,11 +265,11 @@ class PooledSession:
                 if self.stopped():
                     break
                 if self.shutdown_requested:
-                    self.reason = "shutdown_command"
+                    self.outcome.reason = "shutdown_command"
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    self.reason = "session_timeout"
+                    self.outcome.reason = "session_timeout"
                     break
                 if await self._check_lost():
                     break
@@ -343,7 +342,7 @@ class PooledSession:
         self.job.detail.update({"public_key": c["public_key"][:16], "nonce_range": [lo, hi], "segment": [a, b]})
         log.info("pooled %s: computing [%d, %d) of [%d, %d) for %s…", self.job.id, a, b, lo, hi, c["public_key"][:16])
         self.segment = _Segment(self.job.search(sjob), sjob, a, key)
-        self.tally.job = sjob
+        self.outcome.tally.job = sjob
 
     async def _idle(self, why: str) -> None:
         state = (why, self.cfg["nonce_range_start"], self.cfg["nonce_range_end"], self.cfg["public_key"])
@@ -359,7 +358,7 @@ class PooledSession:
         lo = seg.first + step.flat_start
         add_interval(self.covered.setdefault(seg.key, []), lo, lo + step.computed)
         counts = self.counts
-        for tally in (self.tally, counts):
+        for tally in (self.outcome.tally, counts):
             tally.job = sjob
             tally.add(step)
         for g in step.groups:
@@ -397,46 +396,46 @@ class PooledSession:
 
     async def _end(self) -> None:
         self.job.phase = "shutting_down"
-        bounded = self.job.stop_reason is not None or self.reason in PEER_FAILED
+        bounded = self.job.stop_reason is not None or self.outcome.reason in PEER_FAILED
         # Stopped or failed peer: flush and notice share one budget. Otherwise the flush gets
         # final_flush_s and the notice its own http_timeout_s (attempts included).
         budget = peers.Budget(self.job.goodbye_budget(self.req.http_timeout_s) if bounded else None)
         try:
             await self._finish_segment()
         except Exception as e:  # noqa: BLE001
-            if self.reason != "error":
+            if self.outcome.reason != "error":
                 await self.chan.emit(error_line(e))
-                self.reason, self.error = "error", f"{type(e).__name__}: {e}"
+                self.outcome.fail("error", f"{type(e).__name__}: {e}")
         if self.sender.running:
             await self.sender.flush(budget.left(self.req.final_flush_s) / (2 if bounded else 1))
         await self.sender.close()
         duration = int(time.monotonic() - self.started)
         stats = {
-            "reason": self.reason,
+            "reason": self.outcome.reason,
             "total_batches_sent": self.sender.sent,
             "session_duration": duration,
-            "total_computed": self.tally.total_computed,
-            "total_valid": self.tally.total_valid,
+            "total_computed": self.outcome.tally.total_computed,
+            "total_valid": self.outcome.tally.total_valid,
             "results_produced": self.results_produced,
             "dropped_results": self.sender.dropped,
             "unsent_results": self.sender.pending(),
         }
-        if self.error:
-            stats["error"] = self.error
+        if self.outcome.error:
+            stats["error"] = self.outcome.error
         notified = await self.orch.shutdown(stats, budget if bounded else peers.Budget(self.req.http_timeout_s))
         if not notified:
             log.warning("pooled %s: the shutdown notification could not be sent", self.job.id)
         await self.chan.emit({"status": "shutdown", "total_batches_sent": self.sender.sent,
                               "session_duration": duration, "dropped_results": self.sender.dropped,
-                              "unsent_results": self.sender.pending(), "reason": self.reason,
+                              "unsent_results": self.sender.pending(), "reason": self.outcome.reason,
                               "notified": notified})
-        self.job.summary = self.tally.summary(self.reason)
-        if self.error:
-            self.job.summary["detail"] = self.error
+        self.job.summary = self.outcome.summary()
+        if self.outcome.error:
+            self.job.summary["detail"] = self.outcome.error
         self.job.phase = "done"
         await self.chan.emit(self.job.summary)
 
 
-async def pooled_driver(job: Job, chan: LineChannel, req: PooledRequest, http: httpx.AsyncClient) -> None:
+async def pooled_driver(ctx: Context, job: Job, chan: LineChannel, req: PooledRequest) -> None:
     job.detail.update({"worker_id": req.worker_id, "orchestrator_url": url_origin(req.orchestrator_url)})
-    await PooledSession(job, chan, req, http).run()
+    await PooledSession(ctx, job, chan, req).run()
