@@ -442,6 +442,8 @@ class JobManager:
             "busy": self.job is not None,
             "draining": self.draining,
             "devices": self.engine.describe(),
+            "group_size": self.engine.group_size,  # devices holding one replica of the weights
+            "groups": self.engine.n_groups,  # what nonces are assigned to and result lines count
             "compiled": self.compiled(),
             "steps_completed": self.engine.steps_completed,
             "job": self.job.info() if self.job is not None else None,

@@ -37,7 +37,8 @@ def create_engine(settings: config.Settings):
 
     from jaxbench.engine import Engine
 
-    engine = Engine(devices=settings.devices, draws_mode=settings.draws)
+    engine = Engine(devices=settings.devices, draws_mode=settings.draws, group_size=settings.group_size,
+                    device_memory=settings.device_memory)
     # A tiny computation on every device: a device that can't run fails here, not in the first job.
     x = jax.device_put(jnp.arange(8 * engine.n_groups, dtype=jnp.float32), engine.split)
     total = float(jax.block_until_ready(jax.jit(lambda v: (v * 2).sum())(x)))
@@ -158,8 +159,9 @@ def main() -> int:
         log.exception("engine start failed")
         log_fatal(signals.NO_USABLE_DEVICE, "%s: %s", type(e).__name__, e)
         return 1
-    log.info("engine: %d device(s) %s, %s draws", engine.n_groups,
-             ", ".join(sorted({d["kind"] for d in engine.describe()})), engine.draws_mode)
+    log.info("engine: %d device(s) %s in %d group(s) of %d, %s draws", len(engine.devices),
+             ", ".join(sorted({d["kind"] for d in engine.describe()})), engine.n_groups, engine.group_size,
+             engine.draws_mode)
     try:
         from .app import create_app
 

@@ -121,6 +121,7 @@ class FailingEngine:
     """Yields one step, then raises `failure` (what a device runtime error looks like to the service)."""
 
     n_groups = 1
+    group_size = 1
     platform = "gpu"
 
     def __init__(self, failure: BaseException):
