@@ -3,9 +3,8 @@
 * `JobManager.acquire(kind)` hands out the single `Job`, or raises `Refused` (409 busy, 503 broken
   device or shutting down). It never waits.
 * A job's device work runs in worker threads (`Job.call` for one function, `Job.search` for
-  `engine.search`), never on the event loop. A search thread pushes each finished step to an
-  asyncio.Queue through `loop.call_soon_threadsafe`; a few steps may wait there unread, then the thread
-  waits (backpressure, nothing is dropped).
+  `engine.search`, read on the loop as a `SearchRun`: service/search_run.py), never on the event
+  loop. A few steps may wait unread, then the search thread waits (backpressure, nothing is dropped).
 * A job's driver (the /generate, /warmup or /pooled flow) runs as its own task and writes lines to a
   `LineChannel`; the HTTP response only relays them. A client that disconnects detaches the channel,
   which stops the job (`Job.stop("disconnected")`): the stop Event of every search is set, the engine
@@ -33,7 +32,7 @@ import uuid
 from typing import Any, Awaitable, Callable
 
 from jaxbench.engine import Engine
-from jaxbench.job import SearchJob, StepResult
+from jaxbench.job import SearchJob
 from jaxbench.params import Params
 from jaxbench.results import SearchTally
 
@@ -42,10 +41,10 @@ from .config import DRAIN_MARGIN_S, Settings
 from .context import BatchPlan
 from .logsetup import log_fatal
 from .outcome import Outcome, error_line, is_device_failure
+from .search_run import SearchRun
 
 log = logging.getLogger("service.jobs")
 
-MAX_UNREAD_STEPS = 8  # steps a search thread may run ahead of the driver before it waits
 LINE_QUEUE = 512  # lines a driver may run ahead of the HTTP client before it waits
 _ids = itertools.count(1)
 
@@ -103,75 +102,6 @@ class LineChannel:
             self.finished = True
             raise StopAsyncIteration
         return item
-
-
-class _End:
-    def __init__(self, exc: BaseException | None):
-        self.exc = exc
-
-
-class SearchRun:
-    """`engine.search` in a worker thread, read on the event loop: `await run.next()` gives the next
-    StepResult, None at the end, or raises the search's exception."""
-
-    def __init__(self, job: "Job", sjob: SearchJob, batch: int | None):
-        self.job = job
-        self.sjob = sjob
-        self.batch = batch
-        self.stop = threading.Event()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self._credits = threading.Semaphore(MAX_UNREAD_STEPS)
-        self._end: _End | None = None
-
-    def _take_credit(self) -> bool:
-        while not self.stop.is_set():
-            if self._credits.acquire(timeout=0.1):
-                return True
-        return False  # stopping: hand the step over anyway, the reader drains or is gone
-
-    def _target(self) -> Callable[[], None]:
-        manager = self.job.manager
-        end = _End(None)
-        try:
-            batch = self.batch or manager.batches.batch_for(self.sjob.params, self.sjob.dtype)
-            for step in manager.engine.search(self.sjob, self.stop, batch=batch):
-                self.job.computed += step.computed
-                if step.batch < batch:  # the engine retreated after an out-of-memory
-                    manager.batches.remember(self.sjob.params, self.sjob.dtype, step.batch)
-                    batch = step.batch
-                credited = self._take_credit()
-                self.job.post(self.queue.put_nowait, (step, credited))
-        except BaseException as e:  # noqa: BLE001 — handed to the reader
-            end = _End(e)
-            manager.note_failure(e)
-        return lambda: self.queue.put_nowait(end)
-
-    async def next(self) -> StepResult | None:
-        if self._end is not None:
-            if self._end.exc is not None:
-                raise self._end.exc
-            return None
-        item = await self.queue.get()
-        if isinstance(item, _End):
-            self._end = item
-            return await self.next()
-        step, credited = item
-        if credited:
-            self._credits.release()
-        return step
-
-    @property
-    def ended(self) -> bool:
-        return self._end is not None
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> StepResult:
-        step = await self.next()
-        if step is None:
-            raise StopAsyncIteration
-        return step
 
 
 class Job:

@@ -59,10 +59,11 @@ from jaxbench.results import SearchTally, batch_result
 from . import peers
 from .coverage import add_interval, first_gap
 from .context import Context
-from .jobs import Job, LineChannel, SearchRun
+from .jobs import Job, LineChannel
 from .orchestrator import Orchestrator, ResultSender
 from .outcome import Outcome, error_line
 from .requests import ORCHESTRATOR_CONFIG, PooledRequest, copy_orchestrator_config, url_origin
+from .search_run import SearchRun
 
 log = logging.getLogger("service.pooled")
 
