@@ -3,6 +3,7 @@ at start when bad, shown in README.md's table, and handed to the engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,8 +11,8 @@ import sys
 import httpx
 import pytest
 
-from service_helpers import REPO, TINY_BODY, ServiceProcess, assert_clean_log, model_server_env, free_port
-from service import config, signals
+from service_helpers import REPO, TINY_BODY, ServiceProcess, assert_clean_log, free_port, model_server_env
+from service import signals
 from service.config import Settings, SettingsError
 
 
@@ -25,12 +26,12 @@ def test_readme_table_is_the_declared_settings():
     table = section[section.index("\n|") + 1:section.index("\n\n", section.index("\n|")) + 1]
     assert table == printed
     envs = [row.split("`")[1] for row in printed.splitlines()[2:]]
-    assert envs == [f.metadata["env"] for f in config.dataclasses.fields(Settings)]
+    assert envs == [f.metadata["env"] for f in dataclasses.fields(Settings)]
     assert {"MODEL_GROUP_SIZE", "MODEL_DEVICE_MEMORY", "MODEL_POOLED_PEER_GRACE_S"} <= set(envs)
 
 
 def test_settings_are_read_from_their_variables(monkeypatch):
-    for f in config.dataclasses.fields(Settings):
+    for f in dataclasses.fields(Settings):
         monkeypatch.delenv(f.metadata["env"], raising=False)
     assert Settings.from_env() == Settings()
     assert Settings().group_size is None and Settings().device_memory is None
