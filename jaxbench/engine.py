@@ -108,11 +108,13 @@ class Engine:
         return [{"id": d.id, "kind": d.device_kind, "platform": d.platform} for d in self.devices]
 
     def groups(self) -> dict:
-        """The groups of the loaded parameter set; before any, the setting ("auto": chosen per set)."""
+        """The groups of the loaded parameter set; before any, what the setting gives ("auto" and no groups
+        yet: the size is chosen per parameter set)."""
         m = self._model
         if m is not None:
             return m.placement.describe()
-        return {"groups": None, "group_size": self.config.group_size or "auto"}
+        size = self.config.group_size
+        return {"groups": len(self.devices) // size if size else None, "group_size": size or "auto"}
 
     # Placement and memory --------------------------------------------------------------------
 

@@ -43,7 +43,8 @@ from vastai.serverless.server.worker import (
 from service.config import Settings
 from service.signals import FATAL_CAUSES, FATAL_MARKER, READY_LINE
 
-MODEL_SETTINGS = Settings.from_env()
+# Only the settings used here: the others may need what this venv lacks (MODEL_DEVICE_MEMORY, jaxbench).
+MODEL_SETTINGS = Settings.from_env(only=("port", "log_path", "duration_s", "pooled_session_s", "benchmark_nonces"))
 MODEL_SERVER_URL = "http://127.0.0.1"
 
 # Where the SDK writes the measured throughput; relative to its working directory, as the SDK reads it.

@@ -22,15 +22,16 @@ import json
 import logging
 import math
 
-import httpx
 from quart import Quart, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from jaxbench.claims import parse_claim, validate_claim
 from jaxbench.engine import Engine
 
+from . import peers
 from . import requests as rq
 from .config import Settings
+from .context import BatchPlan, Context
 from .generate import generate_driver
 from .jobs import JobManager, JobStopped, LineChannel, Refused
 from .pooled import pooled_driver
@@ -71,36 +72,20 @@ def ndjson(chan: LineChannel) -> Response:
     return resp
 
 
-def peer_client() -> httpx.AsyncClient:
-    """The client of every call to a peer. No timeouts of its own: service/peers.py gives each call
-    one total deadline (httpx's are per read, which a trickling peer never trips)."""
-    return httpx.AsyncClient(timeout=None, follow_redirects=False, trust_env=False)
-
-
 def create_app(engine: Engine, settings: Settings) -> Quart:
     app = Quart("service")
     app.config["RESPONSE_TIMEOUT"] = None  # streams run for minutes; jobs enforce their own limits
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["BODY_TIMEOUT"] = 60
-    manager = JobManager(engine, settings)
+    batches = BatchPlan(engine, settings.batch)
+    manager = JobManager(engine, settings, batches)
+    ctx = Context(engine, settings, peers.client(), batches)
     app.extensions["jobs"] = manager
-    state: dict = {}
-
-    @app.before_serving
-    async def _start():
-        state["http"] = peer_client()
 
     @app.after_serving
     async def _stop():
         await manager.cancel_all()
-        http = state.pop("http", None)
-        if http is not None:
-            await http.aclose()
-
-    def http() -> httpx.AsyncClient:
-        if "http" not in state:  # used outside `serve` (tests with app.test_client())
-            state["http"] = peer_client()
-        return state["http"]
+        await ctx.http.aclose()
 
     async def body() -> dict:
         return rq.parse_body(await request.get_data())
@@ -136,13 +121,13 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
     async def generate():
         req = rq.generate_request(await body(), settings)
         job = await manager.acquire("generate", ((req.params, req.dtype),))
-        return ndjson(manager.start_session(job, lambda chan: generate_driver(job, chan, req)))
+        return ndjson(manager.start_session(job, lambda chan: generate_driver(ctx, job, chan, req)))
 
     @app.post("/benchmark")
     async def benchmark():
         req = rq.generate_request(await body(), settings, default_max_nonces=settings.benchmark_nonces)
         job = await manager.acquire("benchmark", ((req.params, req.dtype),))
-        chan = manager.start_session(job, lambda chan: generate_driver(job, chan, req, emit_results=False))
+        chan = manager.start_session(job, lambda chan: generate_driver(ctx, job, chan, req, emit_results=False))
         errors, summary = [], None
         try:
             async for line in chan:
@@ -166,13 +151,13 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
     async def warmup():
         req = rq.warmup_request(await body(), settings)
         job = await manager.acquire("warmup", ((req.params, req.dtype),) if req.params is not None else ())
-        return ndjson(manager.start_session(job, lambda chan: warmup_driver(job, chan, req, http())))
+        return ndjson(manager.start_session(job, lambda chan: warmup_driver(ctx, job, chan, req)))
 
     @app.post("/pooled")
     async def pooled():
         req = rq.pooled_request(await body(), settings)
         job = await manager.acquire("pooled")
-        return ndjson(manager.start_session(job, lambda chan: pooled_driver(job, chan, req, http())))
+        return ndjson(manager.start_session(job, lambda chan: pooled_driver(ctx, job, chan, req)))
 
     @app.post("/validate")
     async def validate():
@@ -186,7 +171,7 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
             job.check_stop()
 
         try:
-            report = await job.call(validate_claim, manager.engine, claim, on_step)
+            report = await job.call(validate_claim, ctx.engine, claim, on_step)
             job.summary = {"reason": "completed", "n": report["n"], "n_invalid": report["n_invalid"]}
         except asyncio.CancelledError:  # the client left: the thread stops after its current step
             job.stop("disconnected")

@@ -12,39 +12,48 @@ import logging
 
 from jaxbench.results import SearchTally
 
-from .jobs import Job, LineChannel, error_line
+from .context import Context
+from .jobs import Job, LineChannel
+from .outcome import Outcome, error_line
 from .requests import GenerateRequest
 
 log = logging.getLogger("service.generate")
 
 
-async def run_generation(job: Job, chan: LineChannel, req: GenerateRequest,
-                         emit_results: bool = True) -> tuple[SearchTally, str]:
-    """Run the search, emitting result lines (and an error line on failure); returns the tally and
-    the summary reason. The caller emits the summary."""
+async def run_generation(ctx: Context, job: Job, chan: LineChannel, req: GenerateRequest,
+                         emit_results: bool = True) -> Outcome:
+    """Run the search, emitting result lines (and an error line on failure). The outcome's error
+    is "generation failed" after an error, "stopped (<reason>)" when the job was stopped. The
+    caller emits the summary."""
     sjob = req.search_job()
-    tally = SearchTally(sjob, block_height=req.block_height)
+    outcome = Outcome(SearchTally(sjob, block_height=req.block_height))
     job.phase = "computing"
     job.detail.update({"block_hash": req.block_hash[:16], "public_key": req.public_key[:16],
                        "start_nonce": req.start_nonce, "max_nonces": req.max_nonces})
     run = job.search(sjob)
     try:
         async for step in run:
-            lines = tally.add(step)
+            lines = outcome.tally.add(step)
             if emit_results:
                 for line in lines:
                     await chan.emit(line)
     except Exception as e:  # noqa: BLE001 — reported as a line; the stream still ends with its summary
         log.warning("job %s: search failed: %s: %s", job.id, type(e).__name__, e)
         await chan.emit(error_line(e))
-        return tally, "error"
+        outcome.fail("error", "generation failed")
+        return outcome
     finally:
         run.stop.set()
-    return tally, job.stop_reason or tally.end_reason(False)
+    if job.stop_reason:
+        outcome.fail(job.stop_reason, f"stopped ({job.stop_reason})")
+    else:
+        outcome.reason = outcome.tally.end_reason(False)
+    return outcome
 
 
-async def generate_driver(job: Job, chan: LineChannel, req: GenerateRequest, emit_results: bool = True) -> None:
-    tally, reason = await run_generation(job, chan, req, emit_results)
-    job.summary = tally.summary(reason)
+async def generate_driver(ctx: Context, job: Job, chan: LineChannel, req: GenerateRequest,
+                          emit_results: bool = True) -> None:
+    outcome = await run_generation(ctx, job, chan, req, emit_results)
+    job.summary = outcome.summary()
     job.phase = "done"
     await chan.emit(job.summary)

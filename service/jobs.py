@@ -3,9 +3,8 @@
 * `JobManager.acquire(kind)` hands out the single `Job`, or raises `Refused` (409 busy, 503 broken
   device or shutting down). It never waits.
 * A job's device work runs in worker threads (`Job.call` for one function, `Job.search` for
-  `engine.search`), never on the event loop. A search thread pushes each finished step to an
-  asyncio.Queue through `loop.call_soon_threadsafe`; a few steps may wait there unread, then the thread
-  waits (backpressure, nothing is dropped).
+  `engine.search`, read on the loop as a `SearchRun`: service/search_run.py), never on the event
+  loop. A few steps may wait unread, then the search thread waits (backpressure, nothing is dropped).
 * A job's driver (the /generate, /warmup or /pooled flow) runs as its own task and writes lines to a
   `LineChannel`; the HTTP response only relays them. A client that disconnects detaches the channel,
   which stops the job (`Job.stop("disconnected")`): the stop Event of every search is set, the engine
@@ -32,20 +31,20 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable
 
-import jax
-
-from jaxbench.engine import Engine, is_out_of_memory
-from jaxbench.job import SearchJob, StepResult
+from jaxbench.engine import Engine
+from jaxbench.job import SearchJob
 from jaxbench.params import Params
 from jaxbench.results import SearchTally
 
 from . import signals
 from .config import DRAIN_MARGIN_S, Settings
+from .context import BatchPlan
 from .logsetup import log_fatal
+from .outcome import Outcome, error_line, is_device_failure
+from .search_run import SearchRun
 
 log = logging.getLogger("service.jobs")
 
-MAX_UNREAD_STEPS = 8  # steps a search thread may run ahead of the driver before it waits
 LINE_QUEUE = 512  # lines a driver may run ahead of the HTTP client before it waits
 _ids = itertools.count(1)
 
@@ -59,29 +58,6 @@ class Refused(Exception):
         super().__init__(body.get("error"))
         self.status = status
         self.body = body
-
-
-# XLA statuses of runtime errors that say "this request was wrong", not "the device is bad".
-_REQUEST_ERRORS = ("INVALID_ARGUMENT", "UNIMPLEMENTED", "CANCELLED", "OUT_OF_RANGE")
-
-
-def is_device_failure(exc: BaseException) -> bool:
-    """A runtime error from the device that is not an out-of-memory (the job reports those and
-    retreats) nor a rejected request: the device can't be trusted any more."""
-    runtime_error = getattr(jax.errors, "JaxRuntimeError", None)
-    if runtime_error is None or not isinstance(exc, runtime_error) or is_out_of_memory(exc):
-        return False
-    return not str(exc).lstrip().startswith(_REQUEST_ERRORS)
-
-
-def error_line(exc: BaseException) -> dict:
-    line = {"error": str(exc) or type(exc).__name__, "error_type": type(exc).__name__}
-    field = getattr(exc, "field", None)
-    if isinstance(field, str):
-        line["field"] = field
-    if is_device_failure(exc):
-        line["fatal"] = True
-    return line
 
 
 class LineChannel:
@@ -126,75 +102,6 @@ class LineChannel:
             self.finished = True
             raise StopAsyncIteration
         return item
-
-
-class _End:
-    def __init__(self, exc: BaseException | None):
-        self.exc = exc
-
-
-class SearchRun:
-    """`engine.search` in a worker thread, read on the event loop: `await run.next()` gives the next
-    StepResult, None at the end, or raises the search's exception."""
-
-    def __init__(self, job: "Job", sjob: SearchJob, batch: int | None):
-        self.job = job
-        self.sjob = sjob
-        self.batch = batch
-        self.stop = threading.Event()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self._credits = threading.Semaphore(MAX_UNREAD_STEPS)
-        self._end: _End | None = None
-
-    def _take_credit(self) -> bool:
-        while not self.stop.is_set():
-            if self._credits.acquire(timeout=0.1):
-                return True
-        return False  # stopping: hand the step over anyway, the reader drains or is gone
-
-    def _target(self) -> Callable[[], None]:
-        manager = self.job.manager
-        end = _End(None)
-        try:
-            batch = self.batch or manager.batch_for(self.sjob.params, self.sjob.dtype)
-            for step in manager.engine.search(self.sjob, self.stop, batch=batch):
-                self.job.computed += step.computed
-                if step.batch < batch:  # the engine retreated after an out-of-memory
-                    manager.remember_batch(self.sjob.params, self.sjob.dtype, step.batch)
-                    batch = step.batch
-                credited = self._take_credit()
-                self.job.post(self.queue.put_nowait, (step, credited))
-        except BaseException as e:  # noqa: BLE001 — handed to the reader
-            end = _End(e)
-            manager.note_failure(e)
-        return lambda: self.queue.put_nowait(end)
-
-    async def next(self) -> StepResult | None:
-        if self._end is not None:
-            if self._end.exc is not None:
-                raise self._end.exc
-            return None
-        item = await self.queue.get()
-        if isinstance(item, _End):
-            self._end = item
-            return await self.next()
-        step, credited = item
-        if credited:
-            self._credits.release()
-        return step
-
-    @property
-    def ended(self) -> bool:
-        return self._end is not None
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> StepResult:
-        step = await self.next()
-        if step is None:
-            raise StopAsyncIteration
-        return step
 
 
 class Job:
@@ -347,17 +254,16 @@ class Job:
 
 
 class JobManager:
-    def __init__(self, engine: Engine, settings: Settings):
+    def __init__(self, engine: Engine, settings: Settings, batches: BatchPlan):
         self.engine = engine
         self.settings = settings
+        self.batches = batches  # what every search of a job runs with
         self.instance = uuid.uuid4().hex  # tells this process's /health from anything else on the port
         self.job: Job | None = None
         self.last_job: dict | None = None
         self.broken: str | None = None
         self.draining = False
         self.drain_deadline: float | None = None  # monotonic time by which the server must be gone
-        self._batch_lock = threading.Lock()
-        self._batches: dict[tuple[Params, str], int] = {}
         self._tasks: set[asyncio.Task] = set()
 
     # The one-job lock ------------------------------------------------------------------------
@@ -403,7 +309,7 @@ class JobManager:
                 log.exception("job %s: driver failed", job.id)
                 await chan.emit(error_line(e))
                 if job.summary is None:  # every stream ends with a summary line
-                    job.summary = SearchTally(None).summary("error")
+                    job.summary = Outcome(SearchTally(None)).summary()
                     await chan.emit(job.summary)
             finally:
                 job.finish()
@@ -453,37 +359,6 @@ class JobManager:
             self.broken = reason[:2000]
             log_fatal(signals.DEVICE_FAILURE, "the worker must be replaced: %s", self.broken)
 
-    # Batch size and compilation (run in worker threads) ----------------------------------------
-
-    def batch_for(self, params: Params, dtype: str) -> int:
-        """The per-device batch, chosen once per (params, dtype) so warmup and the searches that
-        follow use the same compiled step."""
-        with self._batch_lock:
-            key = (params, dtype)
-            if key not in self._batches:
-                if self.settings.batch:  # MODEL_BATCH, but never more than fits beside the weights
-                    self._batches[key] = min(self.settings.batch, self.engine.batches.max_batch(params, dtype) or self.settings.batch)
-                else:
-                    self._batches[key] = self.engine.batches.default(params, dtype)
-            return self._batches[key]
-
-    def remember_batch(self, params: Params, dtype: str, batch: int) -> None:
-        with self._batch_lock:
-            self._batches[(params, dtype)] = batch
-
-    def prepare(self, params: Params, block_hash: str | None, dtype: str) -> dict:
-        """The step compiled and, when the block hash is known, the weights built (both cached by
-        the engine); the compiled step depends on the shapes only."""
-        t0 = time.perf_counter()
-        batch = self.batch_for(params, dtype)
-        was_compiled = self.engine.is_compiled(params, dtype, batch)
-        step = self.engine.compiled_step(params, dtype, batch)
-        if block_hash is not None:
-            self.engine.load(params, block_hash, dtype)
-        return {"seconds": round(time.perf_counter() - t0, 3), "batch": batch, "cached": was_compiled,
-                "devices": step.key.groups * step.key.group_size, "groups": step.key.groups,
-                "group_size": step.key.group_size}
-
     # Reporting -------------------------------------------------------------------------------
 
     def compiled(self) -> list[dict]:
@@ -497,6 +372,7 @@ class JobManager:
             "busy": self.job is not None,
             "draining": self.draining,
             "devices": self.engine.describe(),
+            **self.engine.groups(),  # groups (what nonces are assigned to) and group_size (devices a replica)
             "compiled": self.compiled(),
             "steps_completed": self.engine.steps_completed,
             "job": self.job.info() if self.job is not None else None,

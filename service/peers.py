@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 import time
 from typing import Any
 
 import httpx
+
+from jaxbench.backoff import Backoff
 
 from . import requests as rq
 
@@ -44,6 +45,12 @@ class Answer:
 
     def describe(self) -> str:
         return self.problem or f"HTTP {self.status}"
+
+
+def client() -> httpx.AsyncClient:
+    """The client of every call to a peer. No timeouts of its own: `call` gives each call one total
+    deadline (httpx's are per read, which a trickling peer never trips)."""
+    return httpx.AsyncClient(timeout=None, follow_redirects=False, trust_env=False)
 
 
 async def _exchange(http: httpx.AsyncClient, method: str, url: str, body: Any, params: dict | None,
@@ -97,7 +104,7 @@ async def call(http: httpx.AsyncClient, method: str, url: str, *, timeout: float
 
 
 class Budget:
-    """A deadline shared by several calls (and the pauses between them)."""
+    """A deadline shared by several calls and the pauses between them (None: no deadline)."""
 
     def __init__(self, seconds: float | None):
         self.deadline = None if seconds is None else time.monotonic() + seconds
@@ -107,10 +114,10 @@ class Budget:
             return cap
         return max(0.0, min(cap, self.deadline - time.monotonic()))
 
-    def retry_pause(self, attempt: int, attempts: int, base_s: float, max_s: float = math.inf) -> float | None:
-        """The pause after failed attempt `attempt` (from 0) of `attempts`: base_s·2**attempt, at most
-        max_s; None when no attempt is left or the pause and a moment for the next would not fit."""
-        pause = min(base_s * 2 ** attempt, max_s)
-        if attempt + 1 >= attempts or self.left(pause + 0.1) <= pause:
+    def retry_pause(self, backoff: Backoff, failures: int, attempts: int) -> float | None:
+        """The pause after `failures` failed attempts of `attempts` (the backoff's); None when no
+        attempt is left or the pause and a moment for the next attempt would not fit."""
+        pause = backoff.pause(failures)
+        if failures >= attempts or self.left(pause + 0.1) <= pause:
             return None
         return pause

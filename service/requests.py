@@ -3,7 +3,8 @@
 Every problem raises `jaxbench.fields.FieldError(field, message)`; the routes answer it with
 HTTP 400 `{"error": "<field>: <message>", "field": "<field>"}`. Unknown top-level keys are ignored
 (the predecessor ignored them and callers send extra keys such as `auth_data`); unknown or
-inconsistent `params` keys are errors.
+inconsistent `params` keys are errors. The config fields of the orchestrator's answers (/pooled)
+are checked here too, but a bad one is ignored rather than refused (`copy_orchestrator_config`).
 
 Every JSON document that reaches the server (request bodies, and the answers of the warmup callback
 and the orchestrator) goes through `parse_json`, which refuses, naming the field (dotted path of
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from jaxbench import fields
+from jaxbench.backoff import Backoff
 from jaxbench.job import SearchJob
 from jaxbench.nonces import NonceSchedule
 from jaxbench.params import Params
@@ -299,6 +301,11 @@ class PooledRequest:
     peer_grace_s: float
     send_empty_results: bool
 
+    @property
+    def backoff(self) -> Backoff:
+        """The pauses between the attempts of a retried orchestrator call and of result posts."""
+        return Backoff(self.retry_base_s, self.retry_max_s)
+
 
 def pooled_request(data: Mapping[str, Any], settings: Settings) -> PooledRequest:
     """Spec §3.1 (`orchestrator_url` http/https, trailing slash stripped) plus optional overrides of
@@ -335,3 +342,39 @@ def pooled_request(data: Mapping[str, Any], settings: Settings) -> PooledRequest
         peer_grace_s=_seconds(data, "peer_grace_s", settings.pooled_peer_grace_s),
         send_empty_results=send_empty,
     )
+
+
+# /pooled: the config fields of the orchestrator's answers -----------------------------------------
+
+# The config fields an orchestrator answer may carry, and their values before any answer (or when null).
+ORCHESTRATOR_CONFIG = {"block_hash": "", "block_height": 0, "r_target": 0.0, "params": {}, "public_key": "",
+                       "nonce_range_start": 0, "nonce_range_end": 0}
+
+
+def orchestrator_value_ok(name: str, value: Any) -> bool:
+    """Whether a config value from the orchestrator may be used: seeds are text of the request limits,
+    `params` a preset name or an object (checked in full with `fields.params` when used), the rest
+    non-negative numbers (`r_target` any, the heights and nonces integers). `parse_json` has already
+    refused non-finite numbers and huge integers."""
+    if name in ("block_hash", "public_key"):
+        return isinstance(value, str) and len(value) <= fields.MAX_SEED_TEXT
+    if name == "params":
+        return isinstance(value, (dict, str))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        return False
+    return name == "r_target" or isinstance(value, int)
+
+
+def copy_orchestrator_config(config: dict[str, Any], answer: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Copy the config fields present in an orchestrator answer into `config`, as the predecessor did
+    (null means the default); returns the (name, value) pairs ignored for a wrong type or range."""
+    ignored = []
+    for name, default in ORCHESTRATOR_CONFIG.items():
+        if name not in answer:
+            continue
+        value = default if answer[name] is None else answer[name]
+        if orchestrator_value_ok(name, value):
+            config[name] = value
+        else:
+            ignored.append((name, value))
+    return ignored

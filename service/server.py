@@ -160,8 +160,10 @@ def main() -> int:
         log.exception("engine start failed")
         log_fatal(signals.NO_USABLE_DEVICE, "%s: %s", type(e).__name__, e)
         return 1
-    log.info("engine: %d device(s) %s, %s draws", len(engine.devices),
-             ", ".join(sorted({d["kind"] for d in engine.describe()})), engine.draws_mode)
+    groups = engine.groups()["group_size"]
+    log.info("engine: %d device(s) %s in group(s) of %s, %s draws", len(engine.devices),
+             ", ".join(sorted({d["kind"] for d in engine.describe()})),
+             "a size chosen per parameter set" if groups == "auto" else groups, engine.draws_mode)
     try:
         from .app import create_app
 

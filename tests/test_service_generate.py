@@ -31,6 +31,10 @@ def test_health_get_and_post(client):
         assert h["status"] == "healthy" and h["cuda_broken"] is False and h["busy"] is False
         assert h["job"] is None
         assert h["devices"] and h["devices"][0]["platform"] == (JAX_PLATFORMS or h["devices"][0]["platform"])
+        if h["groups"] is None:  # no parameter set loaded yet: the size is chosen per set
+            assert h["group_size"] == "auto"
+        else:
+            assert h["groups"] >= 1 and h["groups"] * h["group_size"] <= len(h["devices"])
         assert isinstance(h["compiled"], list) and isinstance(h["steps_completed"], int)
 
 

@@ -120,8 +120,12 @@ def test_stale_log_is_truncated_and_a_taken_port_is_fatal(tmp_path, compile_cach
 class FailingEngine:
     """Yields one step, then raises `failure` (what a device runtime error looks like to the service)."""
 
-    n_groups = 1
     platform = "gpu"
+    devices = ["fake"]
+
+    class batches:  # the batch policy: four nonces a step, no memory bound known
+        default = staticmethod(lambda params, dtype: 4)
+        max_batch = staticmethod(lambda params, dtype: None)
 
     def __init__(self, failure: BaseException):
         self.failure = failure
@@ -130,19 +134,16 @@ class FailingEngine:
     def describe(self):
         return [{"id": 0, "kind": "fake", "platform": "gpu"}]
 
+    def groups(self):
+        return {"groups": 1, "group_size": 1}
+
     def compiled_keys(self):
         return []
 
     def load(self, params, block_hash, dtype):
         return None
 
-    def default_batch(self, params, dtype):
-        return 4
-
     def check_fits(self, params, dtype, batch=1):
-        return None
-
-    def max_batch(self, params, dtype):
         return None
 
     def search(self, job, stop=None, batch=None, on_compiled=None):

@@ -384,11 +384,12 @@ def test_sigterm_with_a_hung_peer_exits_within_the_drain_timeout(tmp_path, compi
 
 
 def test_retry_pauses_double_up_to_their_cap_and_stay_within_the_budget():
+    from jaxbench.backoff import Backoff
     from service.peers import Budget
 
     unbounded = Budget(None)
-    assert [unbounded.retry_pause(a, 4, 0.5) for a in range(4)] == [0.5, 1.0, 2.0, None]
-    assert [unbounded.retry_pause(a, 4, 0.5, max_s=1.5) for a in range(3)] == [0.5, 1.0, 1.5]
+    assert [unbounded.retry_pause(Backoff(0.5), a + 1, 4) for a in range(4)] == [0.5, 1.0, 2.0, None]
+    assert [unbounded.retry_pause(Backoff(0.5, max_s=1.5), a + 1, 4) for a in range(3)] == [0.5, 1.0, 1.5]
     short = Budget(1.0)
-    assert short.retry_pause(0, 4, 0.5) == 0.5
-    assert short.retry_pause(1, 4, 0.5) is None  # a 1 s pause leaves nothing of a 1 s budget
+    assert short.retry_pause(Backoff(0.5), 1, 4) == 0.5
+    assert short.retry_pause(Backoff(0.5), 2, 4) is None  # a 1 s pause leaves nothing of a 1 s budget

@@ -279,7 +279,7 @@ def test_malformed_pooled_is_400(client, payload, field):
 
 
 def test_interval_bookkeeping():
-    from service.pooled import add_interval, first_gap
+    from service.coverage import add_interval, first_gap
 
     covered: list[list[int]] = []
     assert first_gap(covered, 10, 20) == (10, 20)
