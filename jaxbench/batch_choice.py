@@ -126,8 +126,8 @@ def block_timer(block_fn: Callable, layer_shapes: dict, params: Params, dtype, d
 
 
 class BatchPolicy:
-    """The batch rule of one engine, which it asks for memory (`available_bytes`, `stage_need`), its
-    configuration (for the record's key) and the sweep's single block (`block_timer_for`)."""
+    """The batch rule of one engine, which it asks for memory (its planner), its configuration (the
+    record's key, the sweep's block) and its first device (where the sweep runs)."""
 
     def __init__(self, engine, record: BatchRecord):
         self.engine = engine
@@ -136,10 +136,10 @@ class BatchPolicy:
 
     def max_batch(self, params: Params, dtype: str) -> int | None:
         """The largest batch whose activations fit beside a device's weights (None: unknown)."""
-        available = self.engine.available_bytes()
+        available = self.engine.planner.available_bytes()
         if available is None:
             return None
-        need: MemoryNeed = self.engine.stage_need(params, dtype)
+        need: MemoryNeed = self.engine.planner.stage_need(params, dtype)
         return max(1, int((available - need.weights) // need.per_nonce))
 
     def memory_batch(self, params: Params, dtype: str) -> int:
@@ -166,7 +166,7 @@ class BatchPolicy:
 
     def choice(self, params: Params, dtype: str, sweep: bool = False) -> dict | None:
         """The recorded choice for this configuration, swept first if asked and none is recorded."""
-        key = self.engine.batch_key(params, dtype)
+        key = self.key(params, dtype)
         entry = self.record.get(key)
         if entry is not None or not sweep:
             return entry
@@ -181,10 +181,28 @@ class BatchPolicy:
         """Time one block at each candidate batch up to `memory_batch`; the entry `choice` records."""
         limit = self.memory_batch(params, dtype)
         candidates = [b for b in (candidates or CANDIDATES) if b <= limit] or [limit]
-        entry = sweep(self.engine.block_timer(params, dtype), candidates)
+        entry = sweep(self.block_timer(params, dtype), candidates)
         log.info("batch %d chosen for %s (%s) by a %.1f s sweep: %s", entry["batch"], params.describe(), dtype,
                  entry["sweep_seconds"], entry["block_nonces_per_s"])
         return entry
+
+    def key(self, params: Params, dtype: str) -> str:
+        """The configuration a choice is recorded under."""
+        placement, c = self.engine.placement(params, dtype), self.engine.config
+        return configuration_key(params, dtype, self.engine.devices[0].device_kind, placement.n_groups,
+                                 group_size=placement.group_size, draws=c.draws, attention=c.attention_for(dtype),
+                                 ffn=c.ffn, layout=c.layout)
+
+    def block_timer(self, params: Params, dtype: str) -> Callable[[int], float]:
+        """Seconds a nonce of one full-sequence block takes at a batch, on the first device."""
+        from .model import Block, ModelConfig, rope_tables
+        from .weights import weight_specs
+
+        c = self.engine.config
+        config = ModelConfig(params, dtype, c.attention_for(dtype), c.ffn, c.layout)
+        cos, sin = rope_tables(params, config.jnp_dtype)
+        return block_timer(lambda w, x: Block(w, config)(x, cos, sin), weight_specs(params, dtype, c.layout)["blocks"],
+                           params, config.jnp_dtype, self.engine.devices[0])
 
     def fit(self, job: SearchJob, batch: int, n_groups: int) -> int:
         """`batch` bounded by the work the job asks for and by memory, saying so when it shrinks."""

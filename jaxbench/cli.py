@@ -142,7 +142,7 @@ def _options(args):
 
 
 def _cache_dir(args) -> str | None:
-    from .engine import DEFAULT_CACHE_DIR
+    from .engine_config import DEFAULT_CACHE_DIR
 
     directory = str(DEFAULT_CACHE_DIR) if args.cache_dir is None else args.cache_dir
     if not directory:

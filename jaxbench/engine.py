@@ -26,32 +26,16 @@ import numpy as np
 
 from . import batch_choice, draws, weights as weights_mod
 from .distance import split_target
-from .engine_config import EngineConfig
+from .engine_config import DEFAULT_CACHE_DIR, EngineConfig, enable_compile_cache
 from .feeder import StepFeeder
 from .fields import FieldError
 from .job import GroupResult, SearchJob, StepResult
-from .memory import MemoryNeed, device_free_bytes
-from .sizes import format_size
-from .model import Block, ModelConfig, rope_tables
 from .nonces import NonceSchedule
 from .params import Params
-from .placement import Placement, Stage, choose_group_size, stage_need
+from .placement import Placement, Planner, Stage
 from .steps import TARGET_AXES, CompiledSteps, PipelinedStep, StepKey
 
 log = logging.getLogger("jaxbench.engine")
-
-DEFAULT_CACHE_DIR = Path(os.environ.get("JAXBENCH_CACHE_DIR", Path.home() / ".cache" / "jaxbench" / "xla"))
-
-
-def enable_compile_cache(directory: str | os.PathLike | None = DEFAULT_CACHE_DIR) -> None:
-    """Persist compiled executables across processes (a restarted server does not recompile)."""
-    if not directory:
-        return
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
 
 def is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc)
@@ -87,8 +71,7 @@ class Engine:
             Path(compile_cache_dir).parent / batch_choice.RECORD_NAME if compile_cache_dir else None))
         self.drawer = draws.HostDrawer(host_threads)
         self.steps = CompiledSteps()
-        self._grids: dict[int, Placement] = {}
-        self._group_sizes: dict[tuple[Params, str], int] = {}
+        self.planner = Planner(self.devices, self.config.group_size, self.config.device_memory)
         self._model: LoadedModel | None = None
         self._lock = threading.Lock()
         self.steps_completed = 0  # grows with every collected step; lets callers see the engine move
@@ -108,55 +91,14 @@ class Engine:
         return [{"id": d.id, "kind": d.device_kind, "platform": d.platform} for d in self.devices]
 
     def groups(self) -> dict:
-        """The groups of the loaded parameter set; before any, what the setting gives ("auto" and no groups
-        yet: the size is chosen per parameter set)."""
-        m = self._model
-        if m is not None:
-            return m.placement.describe()
-        size = self.config.group_size
-        return {"groups": len(self.devices) // size if size else None, "group_size": size or "auto"}
-
-    # Placement and memory --------------------------------------------------------------------
+        """The loaded parameter set's groups and group size (before any: the setting's)."""
+        return self.planner.describe(self._model.placement if self._model else None)
 
     def placement(self, params: Params, dtype: str) -> Placement:
-        """The groups a parameter set runs on, chosen once per set (FieldError on `params` when no
-        group size fits the devices' memory)."""
-        size = self._group_sizes.get((params, dtype))
-        if size is None:
-            size = choose_group_size(len(self.devices), params, dtype, self.available_bytes(),
-                                     self.config.group_size)
-            self._group_sizes[(params, dtype)] = size
-        if size not in self._grids:
-            self._grids[size] = Placement(self.devices, size)
-        return self._grids[size]
-
-    def stage_need(self, params: Params, dtype: str) -> MemoryNeed:
-        return stage_need(params, dtype, self.placement(params, dtype).group_size)
-
-    def available_bytes(self) -> int | None:
-        """What every device could give a parameter set: the least over the devices of its free memory
-        plus what the loaded weights hold there (they go before another set's are built), at most
-        `device_memory`. None where a device does not say and no cap is set."""
-        held: dict[int, int] = collections.Counter()
-        m = self._model
-        for stage in m.stages if m is not None else []:
-            for device in stage.mesh.devices.flat:
-                held[device.id] += MemoryNeed.of(m.params, m.dtype, stage.layers).weights
-        free = [device_free_bytes(d) for d in self.devices]
-        cap = self.config.device_memory
-        if any(f is None for f in free):
-            return cap
-        available = min(f + held[d.id] for f, d in zip(free, self.devices))
-        return available if cap is None else min(available, cap)
+        return self.planner.placement(params, dtype)
 
     def check_fits(self, params: Params, dtype: str, batch: int = 1) -> None:
-        """Refuse (FieldError on `params`) a set whose weights and `batch` nonces of one step cannot fit."""
-        placement = self.placement(params, dtype)
-        need, available = self.stage_need(params, dtype), self.available_bytes()
-        if available is not None and need.total(batch) > available:
-            where = "each device" if placement.group_size == 1 else f"each device of a group of {placement.group_size}"
-            raise FieldError("params", f"needs {need.describe(batch).replace('each device', where)}; each "
-                                       f"{self.platform} device has {format_size(available)} available")
+        self.planner.check_fits(params, dtype, batch)
 
     # Weights ---------------------------------------------------------------------------------
 
@@ -169,6 +111,7 @@ class Engine:
             self.check_fits(params, dtype)
             placement = self.placement(params, dtype)
             self._model = None  # free the old weights before building new ones
+            self.planner.hold(params, dtype, None)
             t0 = time.perf_counter()
             stages = placement.stages(params)
             pool = weights_mod.pool_on_device(block_hash, params, dtype, self.devices[0],
@@ -182,6 +125,7 @@ class Engine:
                                     stages[-1].sharding(TARGET_AXES))
             self._model = LoadedModel(params, block_hash, dtype, placement, stages, built, target,
                                       time.perf_counter() - t0)
+            self.planner.hold(params, dtype, stages)
             log.info("built weights for %s… (%s, %s) on %d group(s) of %d device(s) in %.2f s", block_hash[:16],
                      dtype, params.describe(), placement.n_groups, placement.group_size, self._model.build_seconds)
             return self._model
@@ -215,21 +159,6 @@ class Engine:
 
     def compiled_keys(self) -> list[dict]:
         return [key.describe() for key in self.steps.keys()]
-
-    def batch_key(self, params: Params, dtype: str) -> str:
-        """The configuration a batch choice is recorded under."""
-        placement, c = self.placement(params, dtype), self.config
-        return batch_choice.configuration_key(
-            params, dtype, self.devices[0].device_kind, placement.n_groups, group_size=placement.group_size,
-            draws=c.draws, attention=c.attention_for(dtype), ffn=c.ffn, layout=c.layout)
-
-    def block_timer(self, params: Params, dtype: str) -> Callable[[int], float]:
-        """Seconds a nonce of one full-sequence block takes at a batch, on the first device."""
-        config = ModelConfig(params, dtype, self.config.attention_for(dtype), self.config.ffn, self.config.layout)
-        specs = weights_mod.weight_specs(params, dtype, self.config.layout)["blocks"]
-        cos, sin = rope_tables(params, config.jnp_dtype)
-        return batch_choice.block_timer(lambda w, x: Block(w, config)(x, cos, sin), specs, params,
-                                        config.jnp_dtype, self.devices[0])
 
     # Work ------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import jax
 
@@ -27,8 +28,19 @@ from .placement import GROUP_SIZES
 from .weights import REFERENCE_LAYOUT, WeightLayout
 
 DRAWS = ("host", "device")
+DEFAULT_CACHE_DIR = Path(os.environ.get("JAXBENCH_CACHE_DIR", Path.home() / ".cache" / "jaxbench" / "xla"))
 CUDNN_ATTENTION_MIN_CAPABILITY = (8, 0)  # cuDNN's fused attention runs on Ampere and later
 SAFE_CUBLAS_ON_BLACKWELL = (13, 2)
+
+
+def enable_compile_cache(directory: str | os.PathLike | None = DEFAULT_CACHE_DIR) -> None:
+    """Persist compiled executables across processes (a restarted server does not recompile)."""
+    if not directory:
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def compute_capability(device: jax.Device) -> tuple[int, int] | None:

@@ -37,9 +37,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .fields import FieldError
-from .memory import MemoryNeed
-from .sizes import format_size
+from .memory import MemoryNeed, device_free_bytes
 from .params import Params
+from .sizes import format_size
 
 GROUP_SIZES = (1, 2, 4, 8)
 MESH_AXES = ("group", "stage")
@@ -156,3 +156,62 @@ def choose_group_size(n_devices: int, params: Params, dtype: str, available: int
     if not forced and larger and larger[0] <= params.n_layers:
         message += f"; a group of {larger[0]} would need {larger[0]} devices, {n_devices} here"
     raise FieldError("params", message)
+
+
+class Planner:
+    """The placement of each parameter set on a fixed list of devices, chosen once per set from what
+    the devices can give: their free memory plus what the engine's loaded weights hold there (those
+    go before another set's are built), at most `device_memory` each."""
+
+    def __init__(self, devices: Sequence[jax.Device], group_size: int | None, device_memory: int | None):
+        self.devices = list(devices)
+        self.group_size = group_size  # None: the smallest that fits, per set
+        self.device_memory = device_memory
+        self.held: dict[int, int] = {}  # device id → bytes of weights the engine holds there
+        self._grids: dict[int, Placement] = {}
+        self._sizes: dict[tuple[Params, str], int] = {}
+
+    def hold(self, params: Params, dtype: str, stages: list[Stage] | None) -> None:
+        """Record the weights loaded now (None: none)."""
+        self.held = {}
+        for stage in stages or []:
+            for device in stage.mesh.devices.flat:
+                self.held[device.id] = self.held.get(device.id, 0) + MemoryNeed.of(params, dtype, stage.layers).weights
+
+    def available_bytes(self) -> int | None:
+        """What every device could give a parameter set (the least over the devices); None where a
+        device does not say and no cap is set."""
+        free = [device_free_bytes(d) for d in self.devices]
+        if any(f is None for f in free):
+            return self.device_memory
+        available = min(f + self.held.get(d.id, 0) for f, d in zip(free, self.devices))
+        return available if self.device_memory is None else min(available, self.device_memory)
+
+    def placement(self, params: Params, dtype: str) -> Placement:
+        """The groups a set runs on (FieldError on `params` when no group size fits the memory)."""
+        size = self._sizes.get((params, dtype))
+        if size is None:
+            size = choose_group_size(len(self.devices), params, dtype, self.available_bytes(), self.group_size)
+            self._sizes[(params, dtype)] = size
+        if size not in self._grids:
+            self._grids[size] = Placement(self.devices, size)
+        return self._grids[size]
+
+    def stage_need(self, params: Params, dtype: str) -> MemoryNeed:
+        return stage_need(params, dtype, self.placement(params, dtype).group_size)
+
+    def check_fits(self, params: Params, dtype: str, batch: int = 1) -> None:
+        """Refuse (FieldError on `params`) a set whose weights and `batch` nonces of a step cannot fit."""
+        size = self.placement(params, dtype).group_size
+        need, available = self.stage_need(params, dtype), self.available_bytes()
+        if available is not None and need.total(batch) > available:
+            where = "each device" if size == 1 else f"each device of a group of {size}"
+            raise FieldError("params", f"needs {need.describe(batch).replace('each device', where)}; each "
+                                       f"{self.devices[0].platform} device has {format_size(available)} available")
+
+    def describe(self, loaded: Placement | None) -> dict:
+        """The groups of the loaded set; before any, what the setting gives ("auto": chosen per set)."""
+        if loaded is not None:
+            return loaded.describe()
+        size = self.group_size
+        return {"groups": len(self.devices) // size if size else None, "group_size": size or "auto"}

@@ -102,11 +102,12 @@ def test_a_failing_draw_reaches_the_caller(monkeypatch):
 
 def test_a_set_that_cannot_fit_is_refused_before_anything_is_built(monkeypatch):
     import jaxbench.engine as engine_mod
+    import jaxbench.placement as placement_mod
     from jaxbench.fields import FieldError
     from jaxbench.sizes import GiB
 
     engine = Engine(devices=1, draws_mode="host", compile_cache_dir=None)
-    monkeypatch.setattr(engine_mod, "device_free_bytes", lambda device: 8 * GiB)
+    monkeypatch.setattr(placement_mod, "device_free_bytes", lambda device: 8 * GiB)
     built = []
     monkeypatch.setattr(engine_mod.weights_mod, "pool_on_device", lambda *a, **k: built.append(a))
     mainnet = PRESETS["mainnet"]
@@ -124,14 +125,14 @@ def test_a_set_that_cannot_fit_is_refused_before_anything_is_built(monkeypatch):
 
 
 def test_the_batch_is_bounded_by_the_work_and_by_memory(monkeypatch):
-    import jaxbench.engine as engine_mod
+    import jaxbench.placement as placement_mod
     from jaxbench.memory import MemoryNeed
 
     engine = Engine(devices=1, draws_mode="host", compile_cache_dir=None)
     small = SearchJob(TINY, "b", "pk", 1.41, NonceSchedule.for_node(0, limit=16), "float16")
     assert engine.batches.fit(small, 2_000_000, 1) == 16
     need = MemoryNeed.of(TINY, "float16")
-    monkeypatch.setattr(engine_mod, "device_free_bytes", lambda device: need.weights + 5 * need.per_nonce)
+    monkeypatch.setattr(placement_mod, "device_free_bytes", lambda device: need.weights + 5 * need.per_nonce)
     unbounded = SearchJob(TINY, "b", "pk", 1.41, NonceSchedule.for_node(0), "float16")
     assert engine.batches.fit(unbounded, 2_000_000, 1) == 5
     assert engine.batches.default(TINY, "float16") == 5
