@@ -300,6 +300,11 @@ class TelemetrySampler:
             except Exception:  # noqa: BLE001
                 pass
 
+    @property
+    def unavailable(self) -> str | None:
+        """Why `open` found no telemetry (None: it did, or it has not run)."""
+        return self._unavailable
+
     def __enter__(self) -> "TelemetrySampler":
         return self.open()
 

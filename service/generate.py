@@ -1,4 +1,4 @@
-"""/generate and /benchmark: a search streamed as docs/protocol.md §1.4 result lines, ended by a summary line.
+"""/generate (and /benchmark's search): a search streamed as docs/protocol.md §1.4 result lines, ended by a summary line.
 
 The lines and counts come from `jaxbench.results.SearchTally` (every computed nonce is counted,
 also in batches with no valid nonce). Summary reasons: "completed" (max_nonces reached),
@@ -9,7 +9,9 @@ also in batches with no valid nonce). Summary reasons: "completed" (max_nonces r
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
+from jaxbench.job import StepResult
 from jaxbench.results import SearchTally
 
 from .jobs import Job, LineChannel, error_line
@@ -18,10 +20,10 @@ from .requests import GenerateRequest
 log = logging.getLogger("service.generate")
 
 
-async def run_generation(job: Job, chan: LineChannel, req: GenerateRequest,
-                         emit_results: bool = True) -> tuple[SearchTally, str]:
+async def run_generation(job: Job, chan: LineChannel, req: GenerateRequest, emit_results: bool = True,
+                         on_step: Callable[[StepResult], None] | None = None) -> tuple[SearchTally, str]:
     """Run the search, emitting result lines (and an error line on failure); returns the tally and
-    the summary reason. The caller emits the summary."""
+    the summary reason. The caller emits the summary. `on_step` sees each step as it is counted."""
     sjob = req.search_job()
     tally = SearchTally(sjob, job.manager.engine.n_groups, req.block_height)
     job.phase = "computing"
@@ -31,6 +33,8 @@ async def run_generation(job: Job, chan: LineChannel, req: GenerateRequest,
     try:
         async for step in run:
             lines = tally.add(step)
+            if on_step is not None:
+                on_step(step)
             if emit_results:
                 for line in lines:
                     await chan.emit(line)
