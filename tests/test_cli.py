@@ -181,6 +181,9 @@ def test_bench_reports_every_figure():
     assert report["batch_per_device"] == 8 and report["devices"] == 1 and report["draws"] == "host"
     assert report["device_draw_nonces_per_s_alone"] is None and report["nonces_computed"] >= 8
     assert report["achieved_tflops_per_device"] >= 0 and report["percent_of_floor"] is None  # no floor on a CPU
+    # Progress while it runs: each phase, and a bar over the end-to-end window that reaches its end.
+    assert "device only: one prepared step back to back for 0.5 s" in out.stderr
+    assert "end to end: 100%" in out.stderr
     # The summary on stderr, with the figures of the JSON.
     assert f"end to end   {report['end_to_end_nonces_per_s']:,.2f} nonces/s" in out.stderr
     # No GPU: every telemetry field null, with the reason; no ceiling probe.
