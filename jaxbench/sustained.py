@@ -50,9 +50,9 @@ def square_runs(devices: Sequence[Any], size: int = SQUARE_SIZE, dtype=jnp.float
     runs = []
     for i, device in enumerate(devices):
         ka, kb = jax.random.split(jax.random.key(i))
-        with jax.default_device(device):
-            a = jax.random.normal(ka, (size, size), jnp.float32).astype(dtype)
-            b = (0.01 * jax.random.normal(kb, (size, size), jnp.float32)).astype(dtype)
+        with jax.default_device(device):  # drawn there; committed there, so the product runs there
+            a = jax.device_put(jax.random.normal(ka, (size, size), jnp.float32).astype(dtype), device)
+            b = jax.device_put((0.01 * jax.random.normal(kb, (size, size), jnp.float32)).astype(dtype), device)
         runs.append((product, (a, b)))
     return runs, 2.0 * size**3
 

@@ -3,11 +3,17 @@ measured time), the probe runs on every device at once, and `ceiling` says why i
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import ROOT
+from service_helpers import host_devices_env
 
 from jaxbench import sustained
 
@@ -32,11 +38,20 @@ def test_window_rates_are_flops_over_time():
 
 
 def test_measure_runs_on_every_device():
-    devices = jax.devices("cpu")
-    runs, flops = sustained.square_runs(devices, size=32, dtype=jnp.float32)
-    assert flops == 2 * 32**3 and len(runs) == len(devices)
-    assert [next(iter(args[0].devices())) for _, args in runs] == devices
-    assert sustained.measure(devices, 0.2, size=32, dtype=jnp.float32) > 0
+    """In a process of two CPU devices: each device's product runs on that device."""
+    code = """
+import json, jax, jax.numpy as jnp
+from jaxbench import sustained
+devices = jax.devices()
+runs, flops = sustained.square_runs(devices, size=32, dtype=jnp.float32)
+print(json.dumps({"flops": flops, "ran_on": [next(iter(fn(*args).devices())).id for fn, args in runs],
+                  "rate": sustained.measure(devices, 0.2, size=32, dtype=jnp.float32)}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **host_devices_env(2)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["flops"] == 2 * 32**3 and result["ran_on"] == [0, 1] and result["rate"] > 0
 
 
 def test_ceiling_says_why_it_measured_nothing():
