@@ -1,7 +1,15 @@
-"""`python -m jaxbench bench`: the throughput figures every number in docs/benchmarks.md comes from."""
+"""`python -m jaxbench bench`: the throughput figures every number in docs/benchmarks.md comes from.
+
+In order: the weights, the batch and the compiled step; the draws alone; the device alone (the same
+prepared step back to back); the end-to-end window (the pipelined search, with the GPUs' power,
+energy and clocks sampled through NVML: jaxbench.telemetry); then the card's own ceiling, a few
+seconds of float16 square products (jaxbench.sustained). Progress and a one-screen summary go to
+stderr; the report (docs/output.md) is returned.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import threading
@@ -10,12 +18,14 @@ import time
 import jax
 import numpy as np
 
-from . import device_draws
+from . import device_draws, sustained
 from .engine import Engine
 from .feeder import prepare_step
+from .fields import DEFAULT_SUSTAINED_S
 from .job import SearchJob
 from .nonces import NonceSchedule
-from .params import Params
+from .params import PRESETS, Params
+from .telemetry import CLOCK_EVENT_REASONS, TelemetrySampler
 
 # Dense fp16/bf16 matrix rate measured on these cards (docs/benchmarks.md, "Reference points"): the floor's clock.
 MATRIX_PEAK_FLOPS = {"H100": 800e12, "H200": 800e12}
@@ -40,10 +50,12 @@ def _peak_memory(engine: Engine) -> int | None:
 
 def run_bench(
     engine: Engine, params: Params, dtype: str, block_hash: str, public_key: str, seconds: float,
-    batch: int | None = None,
+    batch: int | None = None, sustained_seconds: float = DEFAULT_SUSTAINED_S,
 ) -> dict:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
 
+    log(f"bench: {len(engine.devices)} {engine.platform} device(s); building the weights, choosing the batch, "
+        f"compiling the step")
     t0 = time.perf_counter()
     model = engine.load(params, block_hash, dtype)
     build_seconds = time.perf_counter() - t0
@@ -54,7 +66,8 @@ def run_bench(
         t0 = time.perf_counter()
         batch = engine.batches.default(params, dtype)
         entry = recorded or engine.batches.choice(params, dtype)  # the sweep's, where the default ran one
-        choice = {"source": "record" if recorded else "sweep", "seconds": round(time.perf_counter() - t0, 2),
+        source = "record" if recorded else "sweep" if entry else "default"  # default: no sweep (the CPU)
+        choice = {"source": source, "seconds": round(time.perf_counter() - t0, 2),
                   "block_nonces_per_s": (entry or {}).get("block_nonces_per_s")}
     else:
         choice = {"source": "given", "seconds": 0.0, "block_nonces_per_s": None}
@@ -75,6 +88,7 @@ def run_bench(
     device_draw_rate = _device_draw_rate(engine, params, dtype, prepared.inputs) if engine.draws_mode == "device" else None
 
     # Device only: the same prepared step run back to back.
+    log(f"device only: one prepared step back to back for {min(seconds / 2, 10):.3g} s")
     jax.block_until_ready(step_fn(model.weights, prepared.inputs, prepared.permutations, model.target))
     reps = 0
     t0 = time.perf_counter()
@@ -96,14 +110,20 @@ def run_bench(
     stop = threading.Event()
     computed = steps = 0
     draw_s = wait_s = step_s = 0.0
-    cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    for result in engine.search(job, stop, batch=batch):
-        computed += result.computed
-        steps += 1
-        draw_s += result.draw_seconds
-        wait_s += result.wait_seconds
-        step_s += result.seconds
-    wall = time.perf_counter() - t0
+    with TelemetrySampler(model.placement.devices) as sampler, _window_progress(seconds, sampler) as progress:
+        window_unix = [time.time()]
+        sampler.begin()
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        for result in engine.search(job, stop, batch=batch):
+            computed += result.computed
+            steps += 1
+            draw_s += result.draw_seconds
+            wait_s += result.wait_seconds
+            step_s += result.seconds
+            progress(computed, time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        telemetry = sampler.end()
+        window_unix.append(time.time())
     cpu_cores = (_cpu_seconds() - cpu0) / wall
     e2e_rate = computed / wall
 
@@ -145,8 +165,97 @@ def run_bench(
         "end_to_end_seconds": round(wall, 2),
         "nonces_computed": computed,
     }
-    _print_table(report)
+    report.update(_explained(engine, model.placement.devices, e2e_rate * flops, telemetry.fields(computed),
+                             sustained_seconds, log))
+    report["telemetry_window_unix"] = [round(t, 3) for t in window_unix]
+    print("\n".join(summary_lines(report)), file=sys.stderr, flush=True)
     return report
+
+
+@contextlib.contextmanager
+def _window_progress(seconds: float, sampler: TelemetrySampler):
+    """A bar over the end-to-end window on stderr: seconds done, nonces/s, and the GPUs' newest
+    power and clock. Yields `update(nonces, elapsed_seconds)`."""
+    from tqdm import tqdm
+
+    with tqdm(total=round(seconds, 1), file=sys.stderr, dynamic_ncols=True, desc="end to end", mininterval=0.5,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}") as bar:
+        def update(nonces: int, elapsed: float) -> None:
+            bar.update(min(elapsed, bar.total) - bar.n)
+            live = {"nonces/s": f"{nonces / elapsed:.1f}"}
+            reading = sampler.latest()
+            if reading is not None and reading["power_w"] is not None:
+                live["power"] = f"{reading['power_w']:.0f} W"
+            if reading is not None and reading["sm_mhz"] is not None:
+                live["SM"] = f"{reading['sm_mhz']:.0f} MHz"
+            bar.set_postfix(live, refresh=False)
+
+        yield update
+
+
+def _explained(engine: Engine, devices: list, flop_rate: float, telemetry_fields: dict, sustained_seconds: float,
+               log) -> dict:
+    """The window's telemetry, and the card's sustained ceiling measured now with the step's FLOP rate
+    against it (per device of the search's groups: `flop_rate` is all their FLOP/s)."""
+    if sustained_seconds > 0 and engine.platform == "gpu":
+        log(f"sustained: float16 {sustained.SQUARE_SIZE}³ products on every device for {sustained_seconds:g} s")
+    ceiling = sustained.ceiling(devices, sustained_seconds)
+    tflops = flop_rate / len(devices) / 1e12
+    return {**telemetry_fields, **ceiling,
+            "percent_of_sustained": sustained.percent_of_sustained(tflops, ceiling["sustained_tflops"])}
+
+
+def _share_text(share: dict | None) -> str:
+    if share is None:
+        return "clock-event reasons not reported"
+    held = sorted(((v, k) for k, v in share.items() if k in CLOCK_EVENT_REASONS and v >= 0.01), reverse=True)
+    if not held:
+        return "no clock-event reason in any sample"
+    return "clock held by " + ", ".join(f"{name} in {100 * v:.0f} %" for v, name in held) + " of samples"
+
+
+BATCH_SOURCES = {"given": "--batch", "record": "the recorded batch", "sweep": "batch swept now",
+                 "default": "the default batch"}
+
+
+def summary_lines(r: dict) -> list[str]:
+    """The report in a dozen lines for a person: rates, how far they are from the floor and from the
+    card's own ceiling, what the card drew and how it clocked, the host, the cold start."""
+    def n(value, digits=1):
+        return "–" if value is None else f"{value:,.{digits}f}"
+
+    params = next((name for name, preset in PRESETS.items() if preset.to_dict() == r["params"]), "custom params")
+    lines = [
+        f"bench        {params}, {r['dtype']}, {r['draws']} draws, batch {r['batch_per_device']} on {r['devices']} × "
+        f"{r['device_kind']} ({BATCH_SOURCES[r['batch_choice']['source']]})",
+        f"end to end   {n(r['end_to_end_nonces_per_s'], 2)} nonces/s ({n(r['end_to_end_nonces_per_s_per_device'], 2)} "
+        f"a device), {n(r['achieved_tflops_per_device'])} TFLOP/s a device",
+        f"device only  {n(r['device_only_nonces_per_s'], 2)} nonces/s, {n(r['device_only_tflops_per_device'])} "
+        f"TFLOP/s a device",
+    ]
+    floor = (f"{n(r['percent_of_floor'])} % of the FLOP floor ({n(r['floor_nonces_per_s_per_device'])} nonces/s a "
+             f"device at 800 TFLOP/s)" if r["percent_of_floor"] is not None else f"no FLOP floor for {r['device_kind']}")
+    ceiling = (f"{n(r['percent_of_sustained'])} % of the {n(r['sustained_tflops'])} TFLOP/s this card sustained"
+               if r["sustained_tflops"] is not None else f"no sustained rate: {r['sustained_unavailable']}")
+    lines.append(f"ceilings     {floor}; {ceiling}")
+    if r["telemetry_unavailable"] is not None:
+        lines.append(f"telemetry    unavailable: {r['telemetry_unavailable']}")
+    else:
+        energy = ("no energy reading" if r["energy_joules_per_nonce"] is None else
+                  f"{n(r['energy_joules_per_nonce'], 3)} J/nonce ({r['energy_method'].replace('_', ' ')})")
+        lines.append(f"power        {n(r['mean_power_w'])} W a device, limit {n(r['power_limit_w'], 0)} W; {energy}")
+        lines.append(f"SM clock     {n(r['mean_sm_clock_mhz'], 0)} MHz mean, {n(r['max_sm_clock_mhz'], 0)} max "
+                     f"(limit {n(r['sm_clock_limit_mhz'], 0)}); {_share_text(r['clock_limited_share'])}")
+    alone = r["device_draw_nonces_per_s_alone"]
+    lines.append(f"host         draws {n(r['draw_nonces_per_s'])} nonces/s"
+                 + ("" if alone is None else f" (device draws alone {n(alone)})")
+                 + f"; the devices waited {1e3 * r['mean_host_wait_seconds_per_step']:.1f} ms a step; "
+                 f"{n(r['host_cpu_cores_busy'], 2)} cores busy")
+    lines.append(f"cold start   {n(r['cold_start_seconds'], 2)} s: weights {n(r['weight_build_seconds'], 2)}, batch "
+                 f"{n(r['batch_choice']['seconds'], 2)}, compile {n(r['compile_seconds'], 2)}"
+                 + ("" if r["peak_device_memory_gib"] is None else f"; peak memory {r['peak_device_memory_gib']} GiB"))
+    lines.append(f"window       {n(r['end_to_end_seconds'], 2)} s, {r['nonces_computed']:,} nonces")
+    return lines
 
 
 def _device_draw_rate(engine: Engine, params: Params, dtype: str, states: jax.Array) -> float:
@@ -160,8 +269,3 @@ def _device_draw_rate(engine: Engine, params: Params, dtype: str, states: jax.Ar
         reps += 1
     return reps * local.shape[0] / (time.perf_counter() - t0)
 
-
-def _print_table(report: dict) -> None:
-    rows = [(k, v) for k, v in report.items() if k != "params"]
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows), file=sys.stderr, flush=True)

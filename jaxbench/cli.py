@@ -109,6 +109,10 @@ def build_parser(prog: str = "jaxbench") -> argparse.ArgumentParser:
     p = command("bench", "measure end-to-end and device-only throughput (a table on stderr, JSON on stdout)")
     _add_common(p, with_hash=False)
     p.add_argument("--seconds", type=float, default=20.0, metavar="S", help="length of the end-to-end run (default 20)")
+    p.add_argument("--sustained-seconds", type=float, default=fields.DEFAULT_SUSTAINED_S, metavar="S",
+                   help="then float16 square products for this long on every GPU: the rate the card sustains, "
+                        f"which percent_of_sustained compares the step with (default {fields.DEFAULT_SUSTAINED_S:g}; "
+                        f"0 turns it off; at most {fields.MAX_SUSTAINED_S:g})")
     p.add_argument("--block-hash", default="bench-" + "0" * 58, metavar="H", help="block hash of the weights")
     p.add_argument("--public-key", default="bench-public-key", metavar="K", help="public key of the inputs")
 
@@ -334,6 +338,7 @@ def cmd_validate(args) -> int:
 def cmd_bench(args) -> int:
     v = _checked(args)
     seconds = fields.number(vars(args), "seconds")
+    sustained_seconds = fields.sustained_seconds(vars(args))
     from .bench import run_bench
 
     engine = _engine(args, v["params"], v["dtype"])
@@ -343,7 +348,7 @@ def cmd_bench(args) -> int:
         except fields.FieldError as e:
             raise fields.FieldError("batch", e.message) from None
     report = run_bench(engine, v["params"], v["dtype"], v["block_hash"], v["public_key"], seconds,
-                       batch=args.batch)
+                       batch=args.batch, sustained_seconds=sustained_seconds)
     print(json.dumps(report))
     return 0
 

@@ -10,6 +10,8 @@ from .params import Params, ParamsError, resolve_params
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_SEED_TEXT = 4096
 MAX_NONCE_LIST = 1_000_000
+DEFAULT_SUSTAINED_S = 5.0  # bench's ceiling probe after its end-to-end window
+MAX_SUSTAINED_S = 30.0  # the ceiling probe holds the devices this long at most
 
 
 class FieldError(ValueError):
@@ -61,6 +63,14 @@ def number(data: Mapping[str, Any], name: str, default: Any = _MISSING, positive
     if positive and value <= 0:
         raise FieldError(name, f"must be positive, got {value}")
     return float(value)
+
+
+def sustained_seconds(data: Mapping[str, Any], name: str = "sustained_seconds", default: Any = _MISSING) -> float:
+    """Seconds of the sustained-rate probe (jaxbench.sustained): 0 (off) to MAX_SUSTAINED_S."""
+    value = number(data, name, default, positive=False)
+    if not 0 <= value <= MAX_SUSTAINED_S:
+        raise FieldError(name, f"must be between 0 and {MAX_SUSTAINED_S:g} seconds, got {value}")
+    return value
 
 
 def dtype(data: Mapping[str, Any], name: str = "dtype", default: str = "float16") -> str:

@@ -52,7 +52,7 @@ class RemoteError(Exception):
 
 
 def add_parser(subcommands) -> None:
-    remote = subcommands.add_parser("remote", help="run a search on a Vast.ai Serverless endpoint")
+    remote = subcommands.add_parser("remote", help="run a search or the benchmark on a Vast.ai Serverless endpoint")
     sub = remote.add_subparsers(dest="remote_command", required=True, parser_class=type(remote))
     p = sub.add_parser("search", help="split a search over the endpoint's workers; NDJSON lines, then a summary")
     p.add_argument("--endpoint", required=True, help="the endpoint's name (the API key comes from VAST_API_KEY)")
@@ -81,6 +81,9 @@ def add_parser(subcommands) -> None:
     p.add_argument("--webserver-url", default=None, help="Vast's console API (default: the SDK's)")
     p.add_argument("--vast-ca-file", default=None,
                    help="Vast's root certificate, read from this file instead of downloaded at each start")
+    from . import fleet
+
+    fleet.add_parser(sub)
 
 
 @dataclass(frozen=True)
@@ -426,6 +429,10 @@ def run(args) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    if args.remote_command == "bench":
+        from . import fleet
+
+        return fleet.run(args)
     search = Search.from_args(args)
     fields.integer(vars(args), "max_attempts", minimum=1)
     if args.cost is not None:

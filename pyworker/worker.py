@@ -19,6 +19,9 @@ A job counts the nonces it will compute: its time limit times the measured rate,
 benchmark result that the SDK keeps in `.has_benchmark` in its working directory; before the
 benchmark has run (the autoscaler sends no traffic then) a job without `max_nonces` counts 0. With
 these units, the SDK's queue estimate (working load / max_perf) is the seconds of work ahead.
+
+A client's `/benchmark` (`jaxbench remote bench`) gets the model server's answer with this worker's
+Vast instance id added (`vast_instance_id`, from CONTAINER_ID), by which the console lists its price.
 """
 
 from __future__ import annotations
@@ -169,6 +172,31 @@ async def relay_stream(client_request: web.Request, model_response: ClientRespon
         model_response.close()
 
 
+def _instance_id() -> int | None:
+    """This worker's Vast instance id (the SDK's CONTAINER_ID), by which the console lists its price."""
+    try:
+        return int(os.environ.get("CONTAINER_ID", ""))
+    except ValueError:
+        return None
+
+
+async def benchmark_answer(client_request: web.Request, model_response: ClientResponse) -> web.Response:
+    """The model server's /benchmark answer with `vast_instance_id` added (a JSON object; anything
+    else passes as it came), so that a client can look the worker's price up (`jaxbench remote bench`)."""
+    try:
+        body = await model_response.read()
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if isinstance(answer, dict):
+            body = json.dumps({**answer, "vast_instance_id": _instance_id()}).encode()
+        return web.Response(body=body, status=model_response.status,
+                            content_type=model_response.content_type or "application/json")
+    finally:
+        model_response.close()
+
+
 def _job_route(route: str, workload_calculator) -> HandlerConfig:
     return HandlerConfig(
         route=route,
@@ -195,12 +223,14 @@ worker_config = WorkerConfig(
             workload_calculator=no_workload,
         ),
         # Non-streaming: the model server answers once the nonces are computed, so the SDK, which
-        # times each request until its response headers, times the work itself.
+        # times each request until its response headers, times the work itself (its own benchmark
+        # calls the model server directly; clients get benchmark_answer).
         HandlerConfig(
             route="/benchmark",
             allow_parallel_requests=False,
             max_queue_time=MAX_QUEUE_SECONDS,
             workload_calculator=job_workload,
+            response_generator=benchmark_answer,
             benchmark_config=BenchmarkConfig(
                 generator=benchmark_request, runs=BENCHMARK_RUNS, concurrency=1, do_warmup=True
             ),

@@ -1,8 +1,9 @@
 """How fast the matrix units run when kept busy for seconds, as a step keeps them (GPU only).
 
 The FLOP floor assumes 800 TFLOP/s. A product timed over a few calls can reach that; a search keeps
-the card busy for minutes. For each workload this runs back-to-back calls for `--seconds`, reports
-TFLOP/s per window of about a quarter second, and samples the card's SM clock, power draw and the
+the card busy for minutes. For each workload this runs back-to-back calls for `--seconds`
+(jaxbench.sustained.window_tflops, the loop `bench` uses for its ceiling), reports TFLOP/s per
+window of about a quarter second, and samples the card's SM clock, power draw and the
 reasons the driver gives for holding the clock down (nvidia-smi) while it runs:
 
   square         one 8192³ product through XLA (cuBLAS)
@@ -32,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 from jaxbench import gated_ffn  # noqa: E402
 from jaxbench.model import matmul  # noqa: E402
 from jaxbench.params import PRESETS  # noqa: E402
+from jaxbench.sustained import WINDOW_S, square_runs, window_tflops  # noqa: E402
 
 SMI_FIELDS = ("clocks.sm", "power.draw", "temperature.gpu", "clocks_throttle_reasons.active")
 
@@ -69,25 +71,15 @@ class CardSampler:
         self._thread.join()
 
 
-def sustained(fn, args, flops: float, seconds: float, window: float = 0.25) -> dict:
-    jax.block_until_ready(fn(*args))
-    rates = []
+def sustained(fn, args, flops: float, seconds: float) -> dict:
+    jax.block_until_ready(fn(*args))  # compiled before the card is sampled
     with CardSampler() as card:
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            t0, calls, previous = time.perf_counter(), 0, None
-            while time.perf_counter() - t0 < window:
-                out = fn(*args)  # at most two calls queued: the card stays busy, the window stays short
-                if previous is not None:
-                    jax.block_until_ready(previous)
-                previous, calls = out, calls + 1
-            jax.block_until_ready(previous)
-            rates.append(calls * flops / (time.perf_counter() - t0) / 1e12)
+        rates = window_tflops([(fn, args)], flops, seconds)
     clocks = [s["sm_mhz"] for s in card.samples]
     reasons = sorted({s["reasons"] for s in card.samples})
     return {
         "first_window_tflops": round(rates[0], 1),
-        "last_second_tflops": round(statistics.mean(rates[-max(1, round(1 / window)):]), 1),
+        "last_second_tflops": round(statistics.mean(rates[-max(1, round(1 / WINDOW_S)):]), 1),
         "median_tflops": round(statistics.median(rates), 1),
         "windows_tflops": [round(r, 1) for r in rates],
         "sm_mhz_median": statistics.median(clocks) if clocks else None,
@@ -116,8 +108,8 @@ def main() -> int:
     workloads = []  # a name may come twice: the second run shows the drift between them
     for name in args.workloads.split(","):
         if name == "square":
-            a, b = normal(keys[0], (8192, 8192), 1.0), normal(keys[1], (8192, 8192), 0.01)
-            workloads.append((name, jax.jit(lambda a, b: matmul("ik,kj->ij", a, b)), (a, b), 2 * 8192**3))
+            (run,), flops = square_runs(jax.devices()[:1])
+            workloads.append((name, *run, flops))
         elif name in ("gated-ffn", "gated-ffn-cluster2"):
             config = gated_ffn.GatedConfig(cluster=2 if name.endswith("cluster2") else 1)
             x, w13 = normal(keys[0], (args.rows, p.dim), 1.0), normal(keys[1], (p.dim, 2 * p.hidden_dim), 0.02)

@@ -4,7 +4,8 @@ Routes (bodies may be wrapped as `{"payload": {...}}`):
   POST /generate   NDJSON stream of result lines and a summary line (generate.py)
   POST /warmup     NDJSON stream, callback protocol (warmup.py)
   POST /pooled     NDJSON stream, orchestrator protocol (pooled.py)
-  POST /benchmark  one JSON object: the summary line's fields plus `workload` (nonces computed)
+  POST /benchmark  one JSON object: the summary line's fields plus `workload` (nonces computed) and
+                   what explains the rate: its timed window, GPU telemetry, the sustained ceiling (benchmark.py)
   POST /validate   one JSON object: jaxbench.claims' report
   GET|POST /health device, job and compile state; 503 and "unhealthy" once a device is broken
 Errors before a stream starts: 400 {"error", "field"} for a bad field (a parameter set that cannot
@@ -25,11 +26,13 @@ import math
 from quart import Quart, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from jaxbench import fields
 from jaxbench.claims import parse_claim, validate_claim
 from jaxbench.engine import Engine
 
 from . import peers
 from . import requests as rq
+from .benchmark import benchmark_driver
 from .config import Settings
 from .context import BatchPlan, Context
 from .generate import generate_driver
@@ -125,9 +128,11 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
 
     @app.post("/benchmark")
     async def benchmark():
-        req = rq.generate_request(await body(), settings, default_max_nonces=settings.benchmark_nonces)
+        data = await body()
+        req = rq.generate_request(data, settings, default_max_nonces=settings.benchmark_nonces)
+        probe_s = fields.sustained_seconds(data, default=0.0)
         job = await manager.acquire("benchmark", ((req.params, req.dtype),))
-        chan = manager.start_session(job, lambda chan: generate_driver(ctx, job, chan, req, emit_results=False))
+        chan = manager.start_session(job, lambda chan: benchmark_driver(ctx, job, chan, req, probe_s))
         errors, summary = [], None
         try:
             async for line in chan:

@@ -9,7 +9,9 @@ also in batches with no valid nonce). Summary reasons: "completed" (max_nonces r
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
+from jaxbench.job import StepResult
 from jaxbench.results import SearchTally
 
 from .context import Context
@@ -21,10 +23,10 @@ log = logging.getLogger("service.generate")
 
 
 async def run_generation(ctx: Context, job: Job, chan: LineChannel, req: GenerateRequest,
-                         emit_results: bool = True) -> Outcome:
+                         emit_results: bool = True, on_step: Callable[[StepResult], None] | None = None) -> Outcome:
     """Run the search, emitting result lines (and an error line on failure). The outcome's error
     is "generation failed" after an error, "stopped (<reason>)" when the job was stopped. The
-    caller emits the summary."""
+    caller emits the summary. `on_step` sees each step as it is counted."""
     sjob = req.search_job()
     outcome = Outcome(SearchTally(sjob, block_height=req.block_height))
     job.phase = "computing"
@@ -34,6 +36,8 @@ async def run_generation(ctx: Context, job: Job, chan: LineChannel, req: Generat
     try:
         async for step in run:
             lines = outcome.tally.add(step)
+            if on_step is not None:
+                on_step(step)
             if emit_results:
                 for line in lines:
                     await chan.emit(line)

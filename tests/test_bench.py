@@ -2,7 +2,10 @@
 with device draws (the same shapes, dtype and batch, on the same session engine), so it is compiled
 once. test_cli.py runs the command itself."""
 
-from jaxbench.bench import run_bench
+import pytest
+
+from jaxbench import telemetry
+from jaxbench.bench import run_bench, summary_lines
 from jaxbench.params import PRESETS
 
 
@@ -14,4 +17,21 @@ def test_device_draw_figures(device_draws_engine, capsys):
                 "mean_step_seconds", "mean_host_wait_seconds_per_step"):
         assert report[key] > 0, key
     assert report["compile_seconds"] >= 0 and report["nonces_computed"] >= 8
-    assert "device_draw_nonces_per_s_alone" in capsys.readouterr().err  # the table
+    lines = summary_lines(report)
+    assert capsys.readouterr().err.splitlines()[-len(lines):] == lines  # the summary ends stderr
+    summary = lines
+    assert f"(device draws alone {report['device_draw_nonces_per_s_alone']:,.1f})" in summary[-3]
+
+
+def test_on_the_cpu_the_batch_is_the_default_and_telemetry_says_why_it_is_missing(device_draws_engine):
+    report = run_bench(device_draws_engine, PRESETS["tiny"], "bfloat16", "bench-hash", "bench-key", 0.5)
+    assert report["batch_choice"] == {"source": "default", "seconds": report["batch_choice"]["seconds"],
+                                      "block_nonces_per_s": None}  # no sweep ran (the CPU)
+    assert report["batch_per_device"] == 8
+    for name in telemetry.FIELDS:
+        assert report[name] is None or name == "telemetry_unavailable", name
+    assert report["telemetry_unavailable"] == "no NVIDIA GPU (the devices are cpu)"
+    assert report["sustained_tflops"] is None and report["percent_of_sustained"] is None
+    assert report["sustained_unavailable"] == "measured on GPUs only (the devices are cpu)"
+    start, end = report["telemetry_window_unix"]
+    assert end - start == pytest.approx(report["end_to_end_seconds"], abs=0.05)

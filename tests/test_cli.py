@@ -181,7 +181,16 @@ def test_bench_reports_every_figure():
     assert report["batch_per_device"] == 8 and report["devices"] == 1 and report["draws"] == "host"
     assert report["device_draw_nonces_per_s_alone"] is None and report["nonces_computed"] >= 8
     assert report["achieved_tflops_per_device"] >= 0 and report["percent_of_floor"] is None  # no floor on a CPU
-    assert "end_to_end_nonces_per_s" in out.stderr  # the table
+    # Progress while it runs: each phase, and a bar over the end-to-end window that reaches its end.
+    assert "device only: one prepared step back to back for 0.5 s" in out.stderr
+    assert "end to end: 100%" in out.stderr
+    # The summary on stderr, with the figures of the JSON.
+    assert f"end to end   {report['end_to_end_nonces_per_s']:,.2f} nonces/s" in out.stderr
+    # No GPU: every telemetry field null, with the reason; no ceiling probe.
+    assert report["telemetry_unavailable"] == "no NVIDIA GPU (the devices are cpu)"
+    assert report["mean_power_w"] is report["energy_joules_per_nonce"] is report["clock_limited_share"] is None
+    assert report["sustained_tflops"] is report["percent_of_sustained"] is None
+    assert "telemetry    unavailable: no NVIDIA GPU (the devices are cpu)" in out.stderr
 
 
 # Bad input: one line on stderr, exit status 2 -----------------------------------------------------
@@ -238,6 +247,8 @@ DISTANCES = ["distances", *TINY, "--nonces", "1"]
         (["validate", "/"], "file"),
         (["validate", "/dev/zero"], "file"),
         (["bench", "--params", "tiny", "--seconds", "0"], "--seconds"),
+        (["bench", "--params", "tiny", "--sustained-seconds", "31"], "--sustained-seconds"),
+        (["bench", "--params", "tiny", "--sustained-seconds", "-1"], "--sustained-seconds"),
         (["bench", "--params", "tiny", "--batch", "2000000"], "--batch"),  # bench runs its batch: it must fit
         (["frobnicate"], "frobnicate"),
         (["-v"], "COMMAND"),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import nbformat
 import pytest
 
@@ -44,3 +45,8 @@ def test_runs_and_saves_its_plot(name, tmp_path, compile_cache):
     assert (out / PLOTS[name]).read_bytes().startswith(b"\x89PNG")
     if name == "profiling.ipynb":
         assert list((out / "trace").rglob("*.xplane.pb"))
+        # Power and SM clock beside the throughput; on a CPU the panels say why they are empty.
+        assert (out / "telemetry_over_time.png").read_bytes().startswith(b"\x89PNG")
+        printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+        if jax.default_backend() == "cpu":
+            assert "'telemetry_unavailable': 'no NVIDIA GPU (the devices are cpu)'" in printed

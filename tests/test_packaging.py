@@ -60,7 +60,7 @@ def image_requirements(tmp: Path) -> dict[str, Requirement]:
 RUNTIME = requirements(ROOT / "requirements.txt")
 DEV = requirements(ROOT / "requirements-dev.txt")
 PINS = requirements(ROOT / "docker" / "constraints.txt")
-PYWORKER_ONLY = {"vastai", "setuptools"}
+PYWORKER_ONLY = {"vastai", "setuptools", "matplotlib"}  # below the pyworker-only line (matplotlib: the client's)
 
 
 # Requirement sets and image pins ------------------------------------------------------------------

@@ -46,7 +46,8 @@ def test_routes_benchmark_and_log_signals(pyworker):
         assert not handlers[route].allow_parallel_requests
         assert handlers[route].response_generator is pyworker.relay_stream
     assert handlers["/health"].allow_parallel_requests
-    assert handlers["/benchmark"].response_generator is None  # one JSON answer: the SDK's default relay
+    # One JSON answer, with the worker's instance id added (the SDK's own benchmark does not read it).
+    assert handlers["/benchmark"].response_generator is pyworker.benchmark_answer
 
     settings = Settings()
     assert (config.model_server_url, config.model_server_port) == ("http://127.0.0.1", settings.port)
@@ -175,6 +176,21 @@ def test_ready_line_starts_the_benchmark_and_its_throughput_is_real(stack):
         assert answer["workload"] == BENCHMARK_STEPS * step
     measured = max(rates)
     assert measured / 3 < status["max_perf"] < measured * 3, (status["max_perf"], rates)
+
+
+def test_a_clients_benchmark_carries_the_instance_id(stack):
+    from pyworker.worker import BENCHMARK_PAYLOAD
+
+    _, body = stack.request({**BENCHMARK_PAYLOAD, "params": "tiny", "max_nonces": 4 * DEVICES * BATCH})
+    response = httpx.post(f"{stack.worker_url}/benchmark", json=body, timeout=60)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
+    answer = response.json()
+    assert answer["vast_instance_id"] == 7  # the stack's CONTAINER_ID
+    assert answer["workload"] == 4 * DEVICES * BATCH and answer["window_nonces"] == 3 * DEVICES * BATCH
+    # A refusal passes as the model server sent it, with the id too.
+    _, bad = stack.request({**BENCHMARK_PAYLOAD, "params": "tiny", "sustained_seconds": 99})
+    refused = httpx.post(f"{stack.worker_url}/benchmark", json=bad, timeout=60)
+    assert refused.status_code == 400 and refused.json()["field"] == "sustained_seconds"
 
 
 def test_generate_streams_line_by_line(stack):

@@ -198,6 +198,40 @@ def test_benchmark_runs_to_completion(client):
     assert r.status_code == 200 and r.json()["workload"] == 32
 
 
+def test_benchmark_explains_its_rate(client):
+    """Its window (the steps after the first), the telemetry fields (null on a CPU, with the reason)
+    and, when asked, the sustained ceiling (not measured on a CPU, with the reason)."""
+    from jaxbench import telemetry
+    from jaxbench.params import PRESETS
+
+    r = client.post("/benchmark", json=body(max_nonces=64, sustained_seconds=2))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["window_nonces"] == 64 - 8 and out["window_seconds"] > 0  # 8 steps of 8: all but the first
+    seconds = out["window_seconds"]  # rounded to the millisecond
+    assert out["window_nonces"] / (seconds + 5e-4) <= out["window_nonces_per_s"] <= out["window_nonces"] / (seconds - 5e-4)
+    assert out["tflops_per_device"] == pytest.approx(
+        out["window_nonces_per_s"] * PRESETS["tiny"].flops_per_nonce() / out["devices"] / 1e12, abs=0.01)
+    assert out["devices"] >= 1 and out["device_kind"]
+    assert set(telemetry.FIELDS) <= set(out)
+    if out["device_kind"] == "cpu":
+        assert out["telemetry_unavailable"] == "no NVIDIA GPU (the devices are cpu)"
+        assert all(out[name] is None for name in telemetry.FIELDS if name != "telemetry_unavailable")
+        assert out["sustained_tflops"] is None and out["percent_of_sustained"] is None
+        assert out["sustained_unavailable"] == "measured on GPUs only (the devices are cpu)"
+    assert out["sustained_seconds"] == 2
+
+    one_step = client.post("/benchmark", json=body(max_nonces=8)).json()
+    assert one_step["window_nonces"] == 0 and one_step["window_nonces_per_s"] is None
+    assert one_step["sustained_unavailable"] == "not measured"  # off unless asked: the SDK times the request
+    if one_step["device_kind"] != "cpu":
+        assert one_step["telemetry_unavailable"] == "one step: no window after the first"
+
+    for bad in (-1, 31, "5"):
+        r = client.post("/benchmark", json=body(sustained_seconds=bad))
+        assert r.status_code == 400 and r.json()["field"] == "sustained_seconds", r.text
+
+
 def test_validate(client, compile_cache):
     cli = cli_distances("vbh", "vpk", "0-15", compile_cache)
     nonces = sorted(cli)

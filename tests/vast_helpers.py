@@ -36,17 +36,20 @@ class FakeVast:
     """Vast's side of Serverless, as the vastai SDK uses it:
 
     * for the PyWorkers (the autoscaler): GET /pubkey/, POST /worker_status/ and /delete_requests/;
-    * for clients: GET /api/v0/endptjobs/ (the console's list of the account's endpoints) and
-      POST /route/, which answers a worker's signed address, or no `url` while none is ready.
+    * for clients: GET /api/v0/endptjobs/ (the console's list of the account's endpoints),
+      GET /api/v0/instances/<id>/ (an instance's record: `instances[id]`, its price `dph_total`
+      among the fields) and POST /route/, which answers a worker's signed address, or no `url`
+      while none is ready.
 
     /route/ sends a request to the reachable, loaded worker with the fewest requests routed to it
     that it has not yet reported done; `unready_polls` first answers without a url that many times
     per request, as the real one does while workers load.
     """
 
-    def __init__(self, unready_polls: int = 0):
+    def __init__(self, unready_polls: int = 0, instances: dict[int, dict] | None = None):
         self.key = RSA.generate(2048)
         self.unready_polls = unready_polls
+        self.instances = instances or {}
         self.reports: dict[str, list[dict]] = {"/worker_status/": [], "/delete_requests/": []}
         self.routes: list[dict] = []  # every /route/ call: its body and auth header
         self.routed: list[tuple[int, str]] = []  # (request_idx, worker url) of each answer with a url
@@ -64,6 +67,8 @@ class FakeVast:
                     return self._answer(200, fake.key.publickey().export_key())
                 if path == "/api/v0/endptjobs/":
                     return self._answer(*fake._endpoints(self.headers))
+                if match := re.fullmatch(r"/api/v0/instances/(\d+)/", path):
+                    return self._answer(*fake._instance(self.headers, int(match.group(1))))
                 self._answer(404, b"")
 
             def do_POST(self):
@@ -100,6 +105,16 @@ class FakeVast:
             return 401, {"error": "bad api key"}
         return 200, {"results": [{"id": ENDPOINT_ID, "endpoint_name": ENDPOINT_NAME, "api_key": ENDPOINT_API_KEY,
                                   "user_id": 1, "created_at": time.time(), "endpoint_state": "active"}]}
+
+    def _instance(self, headers, instance_id: int) -> tuple[int, dict]:
+        """The console's record of one of the account's instances (the fields the SDK reads, and
+        the test's); null for one it does not have."""
+        if headers.get("Authorization") != f"Bearer {ACCOUNT_API_KEY}":
+            return 401, {"error": "bad api key"}
+        record = self.instances.get(instance_id)
+        if record is None:
+            return 200, {"instances": None}
+        return 200, {"instances": {"id": instance_id, "start_date": time.time() - 60, "extra_env": [], **record}}
 
     # The autoscaler ---------------------------------------------------------------------------------
 
