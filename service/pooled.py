@@ -295,7 +295,7 @@ def first_gap(intervals: list[list[int]], lo: int, hi: int) -> tuple[int, int] |
 
 @dataclasses.dataclass
 class GroupCounters:
-    """The per-group counters of the §3.7 result objects; reset by switch_job."""
+    """The per-group counters of the result objects of docs/protocol.md §3.7; reset by switch_job."""
 
     n: int
     started: float = dataclasses.field(default_factory=time.monotonic)
