@@ -111,9 +111,9 @@ def test_the_gpu_runtimes_are_extras_as_in_jax(wheel):
     assert jax.extras == set()
     assert not [r for r in base if r.extras or r.name.startswith(("nvidia", "jax-cuda", "jaxlib"))], base
     for flavour in ("cuda12", "cuda13"):
-        (extra,) = [r for r in requires if r.marker is not None and r.marker.evaluate({"extra": flavour})
-                    and not r.marker.evaluate({"extra": ""})]
-        assert extra.name == "jax" and extra.extras == {flavour} and extra.specifier == jax.specifier
+        (extra,) = [r for r in requires if r.name == "jax" and r.marker is not None
+                    and r.marker.evaluate({"extra": flavour}) and not r.marker.evaluate({"extra": ""})]
+        assert extra.extras == {flavour} and extra.specifier == jax.specifier
 
 
 def test_a_client_only_install_runs_remote_search_without_cuda(tmp_path, wheel):

@@ -102,9 +102,17 @@ def test_dev_set_is_the_runtime_set_and_both_have_cpu_jax():
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_each_gpu_runtime_is_jax_with_that_extra_and_the_same_range(flavour):
-    (name,) = GPU[flavour]
-    assert name == "jax" and GPU[flavour]["jax"].extras == {flavour}
+    assert GPU[flavour]["jax"].extras == {flavour}
     assert GPU[flavour]["jax"].specifier == RUNTIME["jax"].specifier and not GPU[flavour]["jax"].marker
+    # Beside jax, only cuda13's floor of cuBLAS (below).
+    assert set(GPU[flavour]) == {"jax"} | ({"nvidia-cublas"} if flavour == "cuda13" else set())
+
+
+def test_a_cuda13_install_cannot_get_a_cublas_that_corrupts_blackwell_results():
+    """pip resolves the [cuda13] extra (and the cuda13 image) to a cuBLAS of 13.2 or newer, whatever
+    jax-cuda13-plugin itself would accept."""
+    floor = GPU["cuda13"]["nvidia-cublas"].specifier
+    assert not floor.contains("13.1.9") and floor.contains("13.2.0")
 
 
 def test_the_image_builds_the_cuda12_flavour_by_default():
@@ -114,9 +122,8 @@ def test_the_image_builds_the_cuda12_flavour_by_default():
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_image_installs_the_model_server_without_the_pyworker(tmp_path, flavour):
     image = image_requirements(tmp_path, flavour)
-    assert set(image) == set(RUNTIME) - PYWORKER_ONLY
-    assert all(image[name] == RUNTIME[name] for name in image if name != "jax")
-    assert image["jax"] == GPU[flavour]["jax"]
+    assert set(image) == (set(RUNTIME) - PYWORKER_ONLY) | set(GPU[flavour])
+    assert all(image[name] == (GPU[flavour] if name in GPU[flavour] else RUNTIME)[name] for name in image)
     assert not PYWORKER_ONLY & set(PINS[flavour]), "the image pins the PyWorker's packages"
 
 
