@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Make (or refresh) .venv with Python >= 3.12 and install a requirements file into it.
-#   scripts/venv.sh [requirements-dev.txt|requirements.txt] [venv-dir]
+# Make (or refresh) .venv with Python >= 3.12, install a requirements file into it, then this package,
+# editable, so that `.venv/bin/jaxbench` runs this checkout from any directory.
+#   scripts/venv.sh [requirements file] [venv-dir]
+# requirements-dev.txt (the default: CPU, tests, notebooks), requirements.txt (CPU, or a client of Vast
+# workers), requirements-cuda12.txt or requirements-cuda13.txt (an NVIDIA GPU: the package's
+# dependencies come with it; README.md, "Installing the package", says which).
 set -euo pipefail
 requirements=${1:-requirements-dev.txt}
 venv=${2:-.venv}
@@ -34,3 +38,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -r "$requirements"
+# The package, editable: the `jaxbench` command, and whatever of its dependencies the file did not
+# bring. Its build backend, setuptools, is in requirements.txt's set; where the venv already has it,
+# pip builds the package with that copy instead of fetching one.
+if "$venv/bin/python" -c 'import setuptools' 2>/dev/null; then
+    "$venv/bin/python" -m pip install -q --no-build-isolation -e .
+else
+    "$venv/bin/python" -m pip install -q -e .
+fi

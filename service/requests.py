@@ -228,7 +228,7 @@ class GenerateRequest:
 
 
 def generate_request(data: Mapping[str, Any], settings: Settings, default_max_nonces: int | None = None) -> GenerateRequest:
-    """Spec §1.1 fields, all required and type/range-checked, plus the optional extensions
+    """docs/protocol.md §1.1 fields, all required and type/range-checked, plus the optional extensions
     `max_nonces`, `duration_s` (default MODEL_DURATION_S = 420), `dtype` (default float16) and
     `node_id`/`n_nodes` (default 0 of 1: the schedule of docs/algorithm.md §7)."""
     search = fields.search_fields(data)
@@ -259,7 +259,7 @@ class WarmupRequest:
 
 
 def warmup_request(data: Mapping[str, Any], settings: Settings) -> WarmupRequest:
-    """Spec §2.1 (`callback_url` http/https, `job_id` default "unknown") plus optional `params`
+    """docs/protocol.md §2.1 (`callback_url` http/https, `job_id` default "unknown") plus optional `params`
     (preset or object: compile now), `block_hash` (build those weights now), `dtype`,
     `poll_interval_s` (MODEL_WARMUP_POLL_S), `timeout_s` (MODEL_WARMUP_TIMEOUT_S) and
     `http_timeout_s` (MODEL_HTTP_TIMEOUT_S: the whole of one call to the callback)."""
@@ -308,7 +308,7 @@ class PooledRequest:
 
 
 def pooled_request(data: Mapping[str, Any], settings: Settings) -> PooledRequest:
-    """Spec §3.1 (`orchestrator_url` http/https, trailing slash stripped) plus optional overrides of
+    """docs/protocol.md §3.1 (`orchestrator_url` http/https, trailing slash stripped) plus optional overrides of
     every interval (see config.py), a stable `worker_id` (default: a fresh UUID, as the predecessor),
     `dtype` (default float16, as the predecessor's pooled mode), `peer_grace_s` (how long the
     orchestrator may fail every call before the session ends) and `send_empty_results` (default

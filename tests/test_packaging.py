@@ -1,5 +1,6 @@
-"""What ships: the requirement sets, the image's pins, the Dockerfile and its build context,
-start_server.sh, and the PyWorker's needs in the environment Vast.ai gives it."""
+"""What ships: the requirement sets, the image's two flavours (cuda12, cuda13) and their pins, the
+Dockerfile and its build context, start_server.sh, and the PyWorker's needs in the environment
+Vast.ai gives it."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 from service_helpers import FakeHTTPServer, assert_clean_log, free_port, model_server_env
 
 from service import signals
@@ -45,52 +47,111 @@ def dockerfile() -> list[tuple[str, str]]:
     return out
 
 
-def image_requirements(tmp: Path) -> dict[str, Requirement]:
-    """What the image installs: the Dockerfile's own command that derives its requirement file from
-    requirements.txt, run on a copy, then the file read."""
-    (install,) = [args for op, args in dockerfile() if op == "RUN" and "pip install" in args]
+FLAVOURS = ("cuda12", "cuda13")
+
+
+def build_arg_default(name: str) -> str:
+    (value,) = [args.split("=", 1)[1] for op, args in dockerfile() if op == "ARG" and args.startswith(f"{name}=")]
+    return value
+
+
+def image_requirements(tmp: Path, flavour: str) -> dict[str, Requirement]:
+    """What the image of a flavour installs: the Dockerfile's own command that derives its requirement
+    file from requirements.txt, run on a copy, then that file and the flavour's file read."""
+    (install,) = [args.replace("${JAX_CUDA}", flavour) for op, args in dockerfile() if op == "RUN" and "pip install" in args]
     derive, pip_install = [part.strip() for part in install.split("&&")][:2]
     target = re.fullmatch(r".* requirements\.txt > (\S+)", derive).group(1)
-    assert f"-r {target}" in pip_install and "-c constraints.txt" in pip_install, pip_install
+    assert pip_install.split()[-6:] == ["-r", target, "-r", f"requirements-{flavour}.txt", "-c",
+                                        f"constraints-{flavour}.txt"], pip_install
     (tmp / "requirements.txt").write_text((ROOT / "requirements.txt").read_text())
     subprocess.run(["bash", "-c", derive], cwd=tmp, check=True)
-    return requirements(tmp / target)
+    return {**requirements(tmp / target), **requirements(ROOT / f"requirements-{flavour}.txt")}
 
 
 RUNTIME = requirements(ROOT / "requirements.txt")
 DEV = requirements(ROOT / "requirements-dev.txt")
-PINS = requirements(ROOT / "docker" / "constraints.txt")
+GPU = {flavour: requirements(ROOT / f"requirements-{flavour}.txt") for flavour in FLAVOURS}
+PINS = {flavour: requirements(ROOT / "docker" / f"constraints-{flavour}.txt") for flavour in FLAVOURS}
 PYWORKER_ONLY = {"vastai", "setuptools", "matplotlib"}  # below the pyworker-only line (matplotlib: the client's)
+
+
+def pinned_versions(flavour: str) -> dict[str, str]:
+    versions = {}
+    for name, pin in PINS[flavour].items():
+        (spec,) = pin.specifier
+        assert spec.operator == "==" and not pin.marker and not pin.extras, str(pin)
+        versions[name] = spec.version
+    return versions
+
+
+def own_packages(flavour: str) -> set[str]:
+    """The packages only that flavour's image has: JAX's CUDA plugin and NVIDIA's wheels."""
+    return {name for name in PINS[flavour] if name.startswith(("jax-cuda", "nvidia-"))}
 
 
 # Requirement sets and image pins ------------------------------------------------------------------
 
 
-def test_dev_set_is_the_runtime_set_with_cpu_jax():
+def test_dev_set_is_the_runtime_set_and_both_have_cpu_jax():
+    """JAX's convention: plain `jax` is its CPU build, the GPU runtime an extra (requirements-cuda*.txt)."""
     for name, req in RUNTIME.items():
         assert name in DEV, f"{name} is in requirements.txt but not in requirements-dev.txt"
         assert DEV[name].specifier == req.specifier, name
-    assert RUNTIME["jax"].extras == {"cuda12"} and DEV["jax"].extras == set()
+    assert RUNTIME["jax"].extras == set() and DEV["jax"].extras == set()
 
 
-def test_image_installs_the_model_server_without_the_pyworker(tmp_path):
-    image = image_requirements(tmp_path)
-    assert set(image) == set(RUNTIME) - PYWORKER_ONLY
-    assert all(image[name] == RUNTIME[name] for name in image)
-    assert not PYWORKER_ONLY & set(PINS), "the image pins the PyWorker's packages"
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_each_gpu_runtime_is_jax_with_that_extra_and_the_same_range(flavour):
+    assert GPU[flavour]["jax"].extras == {flavour}
+    assert GPU[flavour]["jax"].specifier == RUNTIME["jax"].specifier and not GPU[flavour]["jax"].marker
+    # Beside jax, NVIDIA's NVML binding (bench's telemetry) and cuda13's floor of cuBLAS (below).
+    assert set(GPU[flavour]) == {"jax", "nvidia-ml-py"} | ({"nvidia-cublas"} if flavour == "cuda13" else set())
 
 
-def test_image_pins_are_exact_and_within_the_ranges(tmp_path):
-    versions = {}
-    for name, pin in PINS.items():
-        (spec,) = pin.specifier
-        assert spec.operator == "==" and not pin.marker and not pin.extras, str(pin)
-        versions[name] = spec.version
-    for name, req in image_requirements(tmp_path).items():
-        assert name in versions, f"{name} has no pin in docker/constraints.txt"
+def test_a_cuda13_install_cannot_get_a_cublas_that_corrupts_blackwell_results():
+    """pip resolves the [cuda13] extra (and the cuda13 image) to a cuBLAS of 13.2 or newer, whatever
+    jax-cuda13-plugin itself would accept."""
+    floor = GPU["cuda13"]["nvidia-cublas"].specifier
+    assert not floor.contains("13.1.9") and floor.contains("13.2.0")
+
+
+def test_the_image_builds_the_cuda12_flavour_by_default():
+    assert build_arg_default("JAX_CUDA") == "cuda12"
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_image_installs_the_model_server_without_the_pyworker(tmp_path, flavour):
+    image = image_requirements(tmp_path, flavour)
+    assert set(image) == (set(RUNTIME) - PYWORKER_ONLY) | set(GPU[flavour])
+    assert all(image[name] == (GPU[flavour] if name in GPU[flavour] else RUNTIME)[name] for name in image)
+    assert not PYWORKER_ONLY & set(PINS[flavour]), "the image pins the PyWorker's packages"
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_image_pins_are_exact_and_within_the_ranges(tmp_path, flavour):
+    versions = pinned_versions(flavour)
+    for name, req in image_requirements(tmp_path, flavour).items():
+        assert name in versions, f"{name} has no pin in docker/constraints-{flavour}.txt"
         assert req.specifier.contains(versions[name], prereleases=True), f"{name}=={versions[name]} vs {req}"
-    jax_family = {name: versions[name] for name in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt")}
+    jax_family = {name: versions[name] for name in ("jax", "jaxlib", f"jax-{flavour}-plugin", f"jax-{flavour}-pjrt")}
     assert len(set(jax_family.values())) == 1, jax_family
+
+
+def test_the_flavours_differ_only_in_the_cuda_runtime():
+    cuda12, cuda13 = pinned_versions("cuda12"), pinned_versions("cuda13")
+    shared = set(cuda12) - own_packages("cuda12")
+    assert shared == set(cuda13) - own_packages("cuda13")
+    assert {name: cuda12[name] for name in shared} == {name: cuda13[name] for name in shared}
+    assert not [name for name in cuda13 if name.endswith("-cu12") or "cuda12" in name]
+    assert not [name for name in cuda12 if name.endswith("-cu13") or "cuda13" in name]
+
+
+def test_the_cuda13_flavour_has_a_cublas_that_blackwell_cards_can_trust():
+    """JAX warns that cuBLAS 12.8 to 13.1 frees tensor memory twice in many kernels, which can corrupt
+    data silently on compute capability 10.x-11.x cards (jax_plugins/cuda/__init__.py); 13.2 fixes it."""
+    cublas = Version(pinned_versions("cuda13")["nvidia-cublas"])
+    assert cublas >= Version("13.2"), cublas
+    assert Version(pinned_versions("cuda12")["nvidia-cublas-cu12"]) < Version("13.2")  # why cuda13 exists
 
 
 def test_requirements_install_in_the_pyworker_venv():
@@ -137,9 +198,10 @@ def dockerignored(path: str) -> bool:
 def test_image_copies_the_code_and_the_pinned_requirements():
     steps = dockerfile()
     assert steps[0][0] == "FROM" and steps[0][1].startswith("python:3.13")
-    sources = [src for op, args in steps if op == "COPY" for src in args.split()[:-1]]
+    copied = [src for op, args in steps if op == "COPY" for src in args.split()[:-1]]
     assert {"jaxbench/", "service/", "start_server.sh", "entrypoint.sh", "requirements.txt",
-            "docker/constraints.txt"} <= set(sources)
+            "requirements-${JAX_CUDA}.txt", "docker/constraints-${JAX_CUDA}.txt"} <= set(copied)
+    sources = sorted({src.replace("${JAX_CUDA}", flavour) for src in copied for flavour in FLAVOURS})
     for src in sources:
         files = [src] if (ROOT / src).is_file() else [
             str(p.relative_to(ROOT)) for p in (ROOT / src).rglob("*.py") if "__pycache__" not in p.parts
@@ -165,6 +227,15 @@ def test_image_keeps_the_unauthenticated_model_server_off_the_network():
     assert env["MODEL_SERVER_HOST"] == "127.0.0.1"
     exposed = [port for op, args in dockerfile() if op == "EXPOSE" for port in args.split()]
     assert not [p for p in exposed if p.split("/")[0] == env["MODEL_SERVER_PORT"]], exposed
+
+
+def test_image_exposes_the_pyworkers_port_only():
+    """The PyWorker listens on Vast's bootstrap's default WORKER_PORT, 3000; the SDK reads its public
+    port from VAST_TCP_PORT_3000, which Vast sets only for a published port. README's template
+    publishes the same port (`-p 3000:3000`), as a cross-check."""
+    exposed = [port for op, args in dockerfile() if op == "EXPOSE" for port in args.split()]
+    assert exposed == ["3000"]
+    assert "`-p 3000:3000`" in (ROOT / "README.md").read_text()
 
 
 def test_image_environment_matches_the_model_server_defaults():
