@@ -8,9 +8,10 @@
 | group_size | chosen per parameter set from memory (placement.py) | devices sharing one replica |
 | device_memory | what each device reports | bytes the engine may use on each device |
 
-Refused: the pallas FFN off Hopper, and Blackwell data-centre cards (compute capability 10.x) with a
-cuBLAS older than 13.2, which can silently corrupt products there: every `jax[cuda12]` wheel. The
-CUDA 13 image (or `pip install 'jax[cuda13]'`) runs them.
+Refused: the pallas FFN off Hopper, and Blackwell data-centre cards (compute capability 10.x and
+11.x) with a cuBLAS older than 13.2, which can silently corrupt products there (JAX's CUDA plugin
+warns of it at start): every `jax[cuda12]` wheel. The CUDA 13 image (or `pip install 'jax[cuda13]'`)
+runs them.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def cublas_version() -> tuple[int, int] | None:
 def unsafe_blackwell(device: jax.Device, cublas: tuple[int, int] | None) -> str | None:
     """Why this device cannot run checkable work with this cuBLAS; None when it can."""
     capability = compute_capability(device)
-    if capability is None or capability[0] != 10:
+    if capability is None or not 10 <= capability[0] < 12:
         return None
     if cublas is not None and cublas >= SAFE_CUBLAS_ON_BLACKWELL:
         return None

@@ -5,8 +5,9 @@ one replica of the weights with its layers cut into S contiguous runs, run s on 
 device, and the groups run data-parallel, each on its own nonces of every step (nonces.py). With
 S = 1 every device holds the whole model.
 
-Choosing S: the smallest of GROUP_SIZES whose fullest stage fits each device's memory at batch 1
-(memory.py's generous estimate); a forced size must fit too. Devices beyond G·S stay idle.
+Choosing S: the smallest of GROUP_SIZES whose fullest stage fits each device's memory with a step of
+GROUP_BATCH nonces (memory.py's generous estimate); if none does, the smallest that fits one nonce. A
+forced size must fit one nonce. Devices beyond G·S stay idle.
 
 How a step crosses a group: each group's whole batch runs through stage 0, its activation
 (batch, seq_len, dim) moves to the group's next device (`jax.device_put` between the two stages'
@@ -42,6 +43,7 @@ from .params import Params
 from .sizes import format_size
 
 GROUP_SIZES = (1, 2, 4, 8)
+GROUP_BATCH = 8  # nonces a group should be able to take per step: fewer feed the products too few rows
 MESH_AXES = ("group", "stage")
 RULES = {"batch": "group", "layers": "stage"}  # logical axis → mesh axis; the others are replicated
 
@@ -132,8 +134,8 @@ def stage_need(params: Params, dtype: str, group_size: int) -> MemoryNeed:
 def choose_group_size(n_devices: int, params: Params, dtype: str, available: int | None,
                       forced: int | None = None) -> int:
     """The group size for a parameter set: `forced` if it fits, else the smallest of GROUP_SIZES whose
-    fullest stage fits `available` bytes a device (None: unknown, 1). Refuses (FieldError on `params`)
-    with what the set needs and what the devices have."""
+    fullest stage fits `available` bytes a device with GROUP_BATCH nonces, else with one (None:
+    unknown, 1). Refuses (FieldError on `params`) with what the set needs and what the devices have."""
     if forced is not None:
         if forced not in GROUP_SIZES:
             raise FieldError("group_size", f"must be one of {', '.join(map(str, GROUP_SIZES))}, got {forced}")
@@ -145,9 +147,10 @@ def choose_group_size(n_devices: int, params: Params, dtype: str, available: int
     sizes = [forced] if forced else [s for s in GROUP_SIZES if s <= min(n_devices, params.n_layers)]
     if available is None:
         return sizes[0]
-    for size in sizes:
-        if stage_need(params, dtype, size).total(1) <= available:
-            return size
+    for batch in (GROUP_BATCH, 1):
+        for size in sizes:
+            if stage_need(params, dtype, size).total(batch) <= available:
+                return size
     size = sizes[-1]
     where = "on each device" if size == 1 else f"on each device of a group of {size}"
     message = (f"needs {stage_need(params, dtype, size).describe().replace('on each device', where)}; "

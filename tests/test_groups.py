@@ -19,19 +19,19 @@ from jaxbench.engine_config import EngineConfig, compute_capability, unsafe_blac
 from jaxbench.fields import FieldError
 from jaxbench.memory import MemoryNeed
 from jaxbench.params import Params
-from jaxbench.placement import balanced_runs, choose_group_size, partition_spec, stage_need
+from jaxbench.placement import GROUP_BATCH, balanced_runs, choose_group_size, partition_spec, stage_need
 from service_helpers import TINY_BODY, ServiceProcess, assert_clean_log, host_devices_env, read_stream
 
 # Four layers (so groups of 2 and 4 can form) of a set whose weights outweigh its build pool.
-SET = Params(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=64, seq_len=8)
+SET = Params(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=64, seq_len=8)
 BATCH = 4
 
 
-def half_replica_cap(batch: int = BATCH) -> int:
-    """A per-device cap that holds the fuller stage of a group of two with `batch` nonces of
-    activations, and not the whole replica."""
+def half_replica_cap() -> int:
+    """A per-device cap that holds the fuller stage of a group of two with a group's preferred batch
+    of activations, and not the whole replica."""
     half = stage_need(SET, "float16", 2)
-    cap = half.total(batch) + 1024
+    cap = half.total(GROUP_BATCH) + 1024
     assert cap < MemoryNeed.of(SET, "float16").total(1), "the test set's whole replica fits the cap"
     return cap
 
@@ -146,9 +146,15 @@ def test_the_rules_put_the_batch_over_groups_and_replicate_the_rest():
 
 def test_the_group_size_is_the_smallest_that_fits():
     need = {s: stage_need(SET, "float16", s).total(1) for s in (1, 2, 4)}
-    assert need[1] > need[2] > need[4]
-    assert choose_group_size(4, SET, "float16", need[1]) == 1
-    assert choose_group_size(4, SET, "float16", need[2]) == 2
+    room = {s: stage_need(SET, "float16", s).total(GROUP_BATCH) for s in (1, 2, 4)}
+    assert need[1] > need[2] > need[4] and room[1] > room[2] > room[4]
+    assert choose_group_size(4, SET, "float16", room[1]) == 1
+    assert choose_group_size(4, SET, "float16", room[2]) == 2
+    assert choose_group_size(4, SET, "float16", room[4]) == 4
+    # One nonce of room is not enough when a larger group leaves room for a whole batch...
+    assert choose_group_size(4, SET, "float16", max(need[1], room[2])) == 2
+    # ...and is when nothing larger does.
+    assert choose_group_size(1, SET, "float16", need[1]) == 1
     assert choose_group_size(4, SET, "float16", need[4]) == 4
     assert choose_group_size(4, SET, "float16", None) == 1
     assert choose_group_size(4, SET, "float16", need[1], forced=4) == 4
@@ -170,6 +176,7 @@ def fake_gpu(kind: str, capability: str):
 @pytest.mark.parametrize("kind, capability, attention, ffn", [
     ("NVIDIA GeForce RTX 3090", "8.6", "cudnn", "xla"),  # Ampere
     ("NVIDIA A10", "8.6", "cudnn", "xla"),
+    ("NVIDIA A100-SXM4-40GB", "8.0", "cudnn", "xla"),
     ("NVIDIA GeForce RTX 4090", "8.9", "cudnn", "xla"),  # Ada
     ("NVIDIA L4", "8.9", "cudnn", "xla"),
     ("NVIDIA H100 80GB HBM3", "9.0", "cudnn", "pallas"),  # Hopper
@@ -199,6 +206,7 @@ def test_blackwell_with_an_old_cublas_is_refused_with_the_fix():
         EngineConfig.resolve([b200], cublas=(12, 9))
     assert unsafe_blackwell(b200, (13, 2)) is None
     assert unsafe_blackwell(fake_gpu("NVIDIA GeForce RTX 5090", "12.0"), (12, 9)) is None
+    assert "compute capability 11.0" in unsafe_blackwell(fake_gpu("NVIDIA Thor", "11.0"), (13, 1))
     assert compute_capability(types.SimpleNamespace(platform="cpu")) is None
 
 
