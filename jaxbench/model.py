@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import gated_ffn
+from . import fp8, gated_ffn
 from .params import Params
 from .weights import JNP_DTYPES, REFERENCE_LAYOUT, WeightLayout
 
@@ -105,6 +105,9 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 # "xla": two products and the SwiGLU (over w1 and w3, or one product over w13); "pallas": with w13, gate, up
 # and SwiGLU in one Hopper kernel (gated_ffn.py) where the shape allows, one XLA product over w13 elsewhere.
 FFN_IMPLEMENTATIONS = ("xla", "pallas")
+# "exact": every product in the model dtype, as the reference; "fp8": the weight products through e4m3
+# operands (fp8.py), for a screen whose distances are never reported.
+PRODUCTS = ("exact", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +118,7 @@ class ModelConfig:
     `attention`: "xla" follows the reference's rounding step by step; "cudnn" is the fused kernel (GPUs,
     float16/bfloat16) for the full-sequence blocks. `ffn`: "pallas" runs the gated half of the FFN as one
     Hopper kernel (needs the interleaved w13 of `layout`), "xla" as XLA's products. `layout`: how the
-    weights are arranged (weights.WeightLayout).
+    weights are arranged (weights.WeightLayout). `products`: see PRODUCTS.
     """
 
     params: Params
@@ -123,6 +126,7 @@ class ModelConfig:
     attention: str = "xla"
     ffn: str = "xla"
     layout: WeightLayout = REFERENCE_LAYOUT
+    products: str = "exact"
 
     def __post_init__(self):
         if self.dtype not in JNP_DTYPES:
@@ -131,6 +135,14 @@ class ModelConfig:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {self.attention!r}")
         if self.ffn not in FFN_IMPLEMENTATIONS:
             raise ValueError(f"ffn must be one of {', '.join(FFN_IMPLEMENTATIONS)}, got {self.ffn!r}")
+        if self.products not in PRODUCTS:
+            raise ValueError(f"products must be one of {', '.join(PRODUCTS)}, got {self.products!r}")
+
+    def weight_product(self) -> Callable[[str, jax.Array, jax.Array], jax.Array]:
+        """(einsum spec, x, weight) -> x·weight, in the model dtype or through e4m3 operands."""
+        if self.products == "fp8":
+            return lambda spec, x, w: fp8.linear(x, w)
+        return matmul
 
     @property
     def jnp_dtype(self):
@@ -138,22 +150,25 @@ class ModelConfig:
 
 
 class Attention(nnx.Module):
-    def __init__(self, w: dict, params: Params, implementation: str = "xla"):
-        """`w` holds wq, wk, wv and wo (and may hold other layers' tensors)."""
+    def __init__(self, w: dict, params: Params, implementation: str = "xla", product: Callable = matmul):
+        """`w` holds wq, wk, wv and wo (and may hold other layers' tensors); `product` computes the
+        weight products (ModelConfig.weight_product)."""
         self.wq, self.wk, self.wv, self.wo = (nnx.Param(w[k]) for k in ("wq", "wk", "wv", "wo"))
         self.n_heads, self.n_kv_heads, self.head_dim = params.n_heads, params.n_kv_heads, params.head_dim
         self.implementation = implementation
+        self.product = product
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, last_only: bool) -> jax.Array:
         """x: (B, S, dim) -> (B, S or 1, dim). With `last_only`, only the last position queries."""
         b, s, _ = x.shape
         kv, group, hd = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
         x_q, cos_q, sin_q = (x[:, -1:], cos[-1:], sin[-1:]) if last_only else (x, cos, sin)
-        q = apply_rope(matmul("bsd,de->bse", x_q, self.wq[...]).reshape(b, -1, self.n_heads, hd), cos_q, sin_q)
-        k = apply_rope(matmul("bsd,de->bse", x, self.wk[...]).reshape(b, s, kv, hd), cos, sin)
-        v = matmul("bsd,de->bse", x, self.wv[...]).reshape(b, s, kv, hd)
+        project = self.product
+        q = apply_rope(project("bsd,de->bse", x_q, self.wq[...]).reshape(b, -1, self.n_heads, hd), cos_q, sin_q)
+        k = apply_rope(project("bsd,de->bse", x, self.wk[...]).reshape(b, s, kv, hd), cos, sin)
+        v = project("bsd,de->bse", x, self.wv[...]).reshape(b, s, kv, hd)
         if self.implementation == "cudnn" and not last_only:
-            return matmul("bse,ed->bsd", flash_attention(q, k, v).reshape(b, s, -1), self.wo[...])
+            return project("bse,ed->bsd", flash_attention(q, k, v).reshape(b, s, -1), self.wo[...])
 
         # Query head j reads kv head j // group.
         q = q.reshape(b, -1, kv, group, hd)
@@ -164,7 +179,7 @@ class Attention(nnx.Module):
             scores = jnp.where(causal, scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = matmul("bkgqt,btkd->bqkgd", probs, v).reshape(b, -1, self.n_heads * hd)
-        return matmul("bse,ed->bsd", out, self.wo[...])
+        return project("bse,ed->bsd", out, self.wo[...])
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -182,36 +197,41 @@ def split_gate_up(both: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
 
 
 class FeedForward(nnx.Module):
-    def __init__(self, w: dict, gate_up_block: int | None = None, implementation: str = "xla"):
+    def __init__(self, w: dict, gate_up_block: int | None = None, implementation: str = "xla",
+                 product: Callable = matmul):
         """`w` holds w1, w2 and w3, or w13 (w1 and w3 interleaved in blocks of `gate_up_block`) and w2.
-        With w13, `implementation` "pallas" runs the gated half as one kernel where it applies."""
+        With w13, `implementation` "pallas" runs the gated half as one kernel where it applies (in the
+        model dtype only); `product` computes the other weight products."""
         self.w13 = nnx.Param(w["w13"]) if "w13" in w else None
         if self.w13 is None:
             self.w1, self.w3 = nnx.Param(w["w1"]), nnx.Param(w["w3"])
         self.w2 = nnx.Param(w["w2"])
-        self.block, self.implementation = gate_up_block, implementation
+        self.block, self.implementation, self.product = gate_up_block, implementation, product
 
     def gated(self, x: jax.Array) -> jax.Array:
+        project = self.product
         if self.w13 is None:
-            return swiglu(matmul("bsd,dh->bsh", x, self.w1[...]), matmul("bsd,dh->bsh", x, self.w3[...]))
+            return swiglu(project("bsd,dh->bsh", x, self.w1[...]), project("bsd,dh->bsh", x, self.w3[...]))
         b, s, d = x.shape
         w13 = self.w13[...]
         hidden = w13.shape[-1] // 2
         kernel = dataclasses.replace(gated_ffn.DEFAULT_CONFIG, block=self.block)  # tiles on the interleaving's blocks
-        if self.implementation == "pallas" and gated_ffn.applies(b * s, d, hidden, x.dtype, kernel):
+        if (self.implementation == "pallas" and project is matmul
+                and gated_ffn.applies(b * s, d, hidden, x.dtype, kernel)):
             return gated_ffn.gated_ffn(x.reshape(b * s, d), w13, kernel).reshape(b, s, hidden)
-        return swiglu(*split_gate_up(matmul("bsd,dh->bsh", x, w13), self.block))
+        return swiglu(*split_gate_up(project("bsd,dh->bsh", x, w13), self.block))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return matmul("bsh,hd->bsd", self.gated(x), self.w2[...])
+        return self.product("bsh,hd->bsd", self.gated(x), self.w2[...])
 
 
 class Block(nnx.Module):
     """One transformer block: h + attention(norm(h)), then + feed_forward(norm(h))."""
 
     def __init__(self, w: dict, config: ModelConfig):
-        self.attention = Attention(w, config.params, config.attention)
-        self.feed_forward = FeedForward(w, config.layout.gate_up_block, config.ffn)
+        product = config.weight_product()
+        self.attention = Attention(w, config.params, config.attention, product)
+        self.feed_forward = FeedForward(w, config.layout.gate_up_block, config.ffn, product)
         self.attention_norm = nnx.Param(w["attention_norm"])
         self.ffn_norm = nnx.Param(w["ffn_norm"])
         self.eps = config.params.norm_eps
@@ -253,7 +273,7 @@ class Stage(nnx.Module):
             return h
         h = self.last(h, cos, sin, last_only=True)[:, 0]
         h = rms_norm(h, self.norm[...], config.params.norm_eps)
-        return matmul("bd,dv->bv", h, self.output[...]).astype(jnp.float32)
+        return config.weight_product()("bd,dv->bv", h, self.output[...]).astype(jnp.float32)
 
 
 def stage_fn(config: ModelConfig):

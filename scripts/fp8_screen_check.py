@@ -1,0 +1,142 @@
+"""How far an FP8 screen's distances fall from float16's, and what a screen at a margin would keep.
+
+For each parameter set: N nonces through the exact float16 step (the engine's) and through the same
+model with every weight product in e4m3 (jaxbench/fp8.py; attention's own products in float16), the
+same inputs, permutations and weights. Reports the gap |fp8 − float16| (median, 99th percentile,
+max), how long a step of each takes, whether XLA's compiled FP8 step calls an FP8 GEMM, and for
+`r_target` at the float16 distances' 0.1 %, 1 % and 5 % quantiles and at the network's value: the
+recall of the valid nonces (float16 distance below r_target) among the screen's candidates (FP8
+distance below r_target + margin), and the share of nonces that are candidates, at each margin.
+
+    python scripts/fp8_screen_check.py --params mainnet,bench --nonces 4096 [--out $OUT]
+
+Writes fp8_screen_check.json (and prints it). The weights are quantized inside each step here (the
+timing is an upper bound of a screen's step, which would quantize them once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxbench import device_draws  # noqa: E402
+from jaxbench.distance import distances  # noqa: E402
+from jaxbench.engine import Engine  # noqa: E402
+from jaxbench.feeder import prepare_step  # noqa: E402
+from jaxbench.job import SearchJob  # noqa: E402
+from jaxbench.model import ModelConfig, stage_fn  # noqa: E402
+from jaxbench.nonces import NonceSchedule  # noqa: E402
+from jaxbench.params import DEFAULT_R_TARGET, params_from_text  # noqa: E402
+
+MARGINS = (0.0, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02)
+QUANTILES = (0.001, 0.01, 0.05)
+
+
+def fp8_step(engine: Engine, params, dtype: str, model):
+    """(stage weights, inputs or states, permutations, target) → distances, weight products in e4m3."""
+    c = engine.config
+    forward = stage_fn(ModelConfig(params, dtype, c.attention_for(dtype), c.ffn, c.layout, products="fp8"))
+    stage = model.stages[0]
+    make_inputs = (device_draws.make_input_drawer(params.seq_len, params.dim, dtype)
+                   if engine.draws_mode == "device" else (lambda x: x))
+
+    def step(weights, h, perms, target):
+        return distances(forward(weights, make_inputs(h)), perms, target)
+
+    return jax.jit(step), stage
+
+
+def seconds_per_step(fn, *args, reps: int = 3) -> float:
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / reps
+
+
+def screen_table(exact: np.ndarray, screened: np.ndarray, r_target: float) -> list[dict]:
+    valid = exact < r_target
+    rows = []
+    for margin in MARGINS:
+        candidates = screened < r_target + margin
+        kept = int((valid & candidates).sum())
+        rows.append({"margin": margin, "recall": round(kept / max(int(valid.sum()), 1), 6),
+                     "missed": int(valid.sum()) - kept, "candidate_share": round(float(candidates.mean()), 6)})
+    return rows
+
+
+def check(engine: Engine, params_text: str, n: int, batch: int | None) -> dict:
+    params, dtype = params_from_text(params_text), "float16"
+    block_hash, public_key = "fp8-screen-" + params_text, "fp8-screen-key"
+    model = engine.load(params, block_hash, dtype)
+    if len(model.stages) != 1:
+        raise SystemExit("this check runs the whole model on each device (a group of one)")
+    batch = batch or engine.batches.default(params, dtype)
+    exact_step = engine.compiled_step(params, dtype, batch)
+    screen, stage = fp8_step(engine, params, dtype, model)
+    job = SearchJob(params, block_hash, public_key, 0.0, NonceSchedule.for_node(0, limit=n), dtype)
+    groups = model.placement.n_groups
+    exact, screened = [], []
+    compiled = None
+    exact_s = screen_s = 0.0
+    for k, flat in enumerate(range(0, n, batch * groups)):
+        prepared = prepare_step(engine.drawer, engine.draws_mode, model.stages, job, k, flat, batch)
+        args = (prepared.inputs, prepared.permutations, model.target)
+        if compiled is None:
+            compiled = screen.lower(model.weights[0], *args).compile()
+            exact_s = seconds_per_step(exact_step, model.weights, *args)
+            screen_s = seconds_per_step(compiled, model.weights[0], *args)
+        real = sum(len(g) for g in prepared.per_group)
+        exact.append(np.asarray(exact_step(model.weights, *args))[:real])
+        screened.append(np.asarray(compiled(model.weights[0], *args))[:real])
+    exact, screened = np.concatenate(exact)[:n].astype(np.float64), np.concatenate(screened)[:n].astype(np.float64)
+    gap = np.abs(screened - exact)
+    targets = {f"q{q:g}": float(np.quantile(exact, q)) for q in QUANTILES}
+    targets["network"] = DEFAULT_R_TARGET
+    f8_calls = sorted({line.split("custom_call_target=")[1].split(",")[0].strip('"')
+                       for line in compiled.as_text().splitlines()
+                       if "custom_call_target=" in line and ("f8" in line.lower() or "cublas" in line.lower())})
+    return {
+        "params": params_text, "nonces": int(len(exact)), "batch": batch, "devices": groups,
+        "device_kind": engine.devices[0].device_kind, "jax": jax.__version__,
+        "float16_distance": {"mean": float(exact.mean()), "std": float(exact.std())},
+        "gap": {"median": float(np.median(gap)), "p99": float(np.quantile(gap, 0.99)), "max": float(gap.max()),
+                "correlation": float(np.corrcoef(exact, screened)[0, 1])},
+        "step_seconds": {"float16": round(exact_s, 4), "fp8_screen": round(screen_s, 4),
+                         "speedup": round(exact_s / screen_s, 3) if screen_s else None},
+        "gemm_calls_in_screen": f8_calls,
+        "fp8_gemm_in_screen": any("f8" in c.lower() for c in f8_calls),
+        "screens": {name: {"r_target": r, "valid_share": float((exact < r).mean()), "margins": screen_table(exact, screened, r)}
+                    for name, r in targets.items()},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", default="mainnet,bench")
+    ap.add_argument("--nonces", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--out", default=os.environ.get("OUT") or ".")
+    args = ap.parse_args()
+    engine = Engine()
+    results = [check(engine, p, args.nonces, args.batch) for p in args.params.split(",")]
+    text = json.dumps(results, indent=1)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "fp8_screen_check.json").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
