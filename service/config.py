@@ -33,7 +33,12 @@ Every duration the protocol uses has a module-level default here, an environment
 | MODEL_FINAL_FLUSH_S | 30 | /pooled: how long the end of a session keeps trying to send buffered results |
 | MODEL_STOPPING_JOB_WAIT_S | 10 | a new request waits this long for a job that is already stopping (e.g. its client left) before 409 |
 | MODEL_DRAIN_TIMEOUT_S | 30 | SIGTERM: how long running jobs get to end before the server stops anyway |
-| MODEL_GRACEFUL_TIMEOUT_S | 3 | hypercorn's graceful timeout once the jobs have ended |
+| MODEL_GRACEFUL_TIMEOUT_S | 3 | once the jobs have ended after SIGTERM, how long answers still being written get before every connection is closed |
+| MODEL_MAX_CONNECTIONS | 256 | client connections open at once (fewer if the open-files limit is low): beyond it the oldest idle one is closed, or the new one refused (503) |
+| MODEL_BODY_TIMEOUT_S | 60 | a request body not received in full within this is answered 408 (a chunked body whose chunk-size line never ends, too) |
+| MODEL_IDLE_TIMEOUT_S | 5 | a connection with no request in progress (idle, or its request head incomplete) is closed after this |
+| MODEL_CLIENT_STALL_S | 30 | a client that reads none of its answer for this long, or keeps a job's lines waiting this long in all, is treated as gone (the job stops, the connection is closed) |
+| MODEL_PLATFORM | gpu | where the server computes: `gpu` (no usable GPU is fatal at start), `cpu` (local tests), `any` (what JAX finds) |
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import math
 import os
 
 
+PLATFORMS = ("gpu", "cpu", "any")
 DRAIN_MARGIN_S = 1.0  # the drain: jobs end by deadline - 2 margins, the server stops waiting at deadline - 1, then exits
 
 
@@ -99,6 +105,11 @@ class Settings:
     stopping_job_wait_s: float = 10.0
     drain_timeout_s: float = 30.0
     graceful_timeout_s: float = 3.0
+    max_connections: int = 256
+    idle_timeout_s: float = 5.0
+    body_timeout_s: float = 60.0
+    client_stall_s: float = 30.0
+    platform: str = "gpu"
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -132,6 +143,11 @@ class Settings:
             stopping_job_wait_s=_env("MODEL_STOPPING_JOB_WAIT_S", d.stopping_job_wait_s, float),
             drain_timeout_s=_env("MODEL_DRAIN_TIMEOUT_S", d.drain_timeout_s, float),
             graceful_timeout_s=_env("MODEL_GRACEFUL_TIMEOUT_S", d.graceful_timeout_s, float),
+            max_connections=_env("MODEL_MAX_CONNECTIONS", d.max_connections, int),
+            idle_timeout_s=_env("MODEL_IDLE_TIMEOUT_S", d.idle_timeout_s, float),
+            body_timeout_s=_env("MODEL_BODY_TIMEOUT_S", d.body_timeout_s, float),
+            client_stall_s=_env("MODEL_CLIENT_STALL_S", d.client_stall_s, float),
+            platform=_env("MODEL_PLATFORM", d.platform, str).lower(),
         )
         if not 0 < s.port < 65536:
             raise SettingsError(f"MODEL_SERVER_PORT={s.port} is not a port")
@@ -141,6 +157,12 @@ class Settings:
             raise SettingsError("MODEL_BATCH must be ≥ 1")
         if s.draws not in ("auto", "host", "device"):
             raise SettingsError(f"MODEL_DRAWS must be auto, host or device, got {s.draws!r}")
+        if s.platform not in PLATFORMS:
+            raise SettingsError(f"MODEL_PLATFORM must be {', '.join(PLATFORMS)}, got {s.platform!r}")
+        if s.max_connections < 1:
+            raise SettingsError("MODEL_MAX_CONNECTIONS must be ≥ 1")
+        if s.idle_timeout_s <= 0 or s.client_stall_s <= 0 or s.body_timeout_s <= 0:
+            raise SettingsError("MODEL_IDLE_TIMEOUT_S, MODEL_BODY_TIMEOUT_S and MODEL_CLIENT_STALL_S must be positive")
         if s.result_buffer < 1 or s.benchmark_nonces < 1 or s.retry_attempts < 1:
             raise SettingsError("MODEL_RESULT_BUFFER, MODEL_BENCHMARK_NONCES and MODEL_RETRY_ATTEMPTS must be ≥ 1")
         return s
