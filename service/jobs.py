@@ -41,6 +41,7 @@ from jaxbench.params import Params
 from jaxbench.results import SearchTally
 
 from . import signals
+from .caches import CacheTrim
 from .config import DRAIN_MARGIN_S, Settings
 from .logsetup import log_fatal
 
@@ -392,6 +393,7 @@ class JobManager:
         self._batch_lock = threading.Lock()
         self._batches: dict[tuple[Params, str], int] = {}
         self._tasks: set[asyncio.Task] = set()
+        self.caches = CacheTrim(engine)
 
     # The one-job lock ------------------------------------------------------------------------
 
@@ -424,6 +426,7 @@ class JobManager:
             self.job = None
         self.last_job = {**job.info(), "ended_at": round(time.time(), 3)}
         log.info("job %s: released (%s)", job.id, (job.summary or {}).get("reason", job.stop_reason or "done"))
+        self.caches.after_job()  # before the next job can start
 
     def start_session(self, job: Job, driver: Callable[[LineChannel], Awaitable[None]]) -> LineChannel:
         """Run the job's driver as its own task; the returned channel carries its lines."""
