@@ -2,6 +2,7 @@
 
 The lines and counts come from `jaxbench.results.SearchTally` (every computed nonce is counted,
 also in batches with no valid nonce). Summary reasons: "completed" (max_nonces reached),
+"nonce_space_end" (the node's last nonce below 2**63 computed: jaxbench/nonces.py),
 "duration" (duration_s elapsed), "shutdown" (SIGTERM), "disconnected" (the client went away; only
 /health's `last_job` sees it), "error" (after an error line).
 """
@@ -40,7 +41,7 @@ async def run_generation(job: Job, chan: LineChannel, req: GenerateRequest,
         return tally, "error"
     finally:
         run.stop.set()
-    return tally, job.stop_reason or tally.end_reason(False)
+    return tally, job.stop_reason or sjob.schedule.end_reason(tally.end_reason(False))
 
 
 async def generate_driver(job: Job, chan: LineChannel, req: GenerateRequest, emit_results: bool = True) -> None:
