@@ -15,6 +15,8 @@ import os
 import resource
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -63,7 +65,7 @@ def servers(tmp_path_factory, compile_cache):
     common = {"MODEL_BATCH": "64", "MODEL_CLIENT_STALL_S": str(STALL_S)}
     made = {
         "main": ServiceProcess(base / "main", compile_cache, {**common, "MODEL_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
-                                                              "MODEL_IDLE_TIMEOUT_S": str(IDLE_S)},
+                                                              "MODEL_IDLE_TIMEOUT_S": str(IDLE_S), "MODEL_ACCESS_LOG": "1"},
                                max_open_files=OPEN_FILES),
         "small": ServiceProcess(base / "small", compile_cache, {**common, "MODEL_MAX_CONNECTIONS": str(SMALL_LIMIT),
                                                                 "MODEL_CLIENT_STALL_S": "120"}),
@@ -504,3 +506,132 @@ def test_a_second_sigterm_exits_at_once(servers):
     finally:
         s.close()
     assert "SIGTERM again: exiting now" in small.log()
+
+
+# The PyWorker ---------------------------------------------------------------------------------------
+
+
+class PyWorkerAlone:
+    """The real vastai PyWorker (`python -m worker`) in front of a small fake model server, reporting to
+    the fake autoscaler: what it does with a request before any model server work."""
+
+    def __init__(self, tmp: Path, compile_cache: Path):
+        from service_helpers import FakeHTTPServer, free_port, model_server_env
+        from vast_helpers import FakeVast, pyworker_env
+
+        self.vast = FakeVast()
+        self.model = FakeHTTPServer(lambda method, path, query, body: (200, {"status": "healthy", "path": path}))
+        self.model.__enter__()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        log = tmp / "model.log"
+        log.write_text("")  # never ready: no benchmark runs, requests are served all the same
+        (tmp / "scratch").mkdir()
+        self.output = tmp / "pyworker.out"
+        env = {**model_server_env(log, int(self.model.url.rsplit(":", 1)[1]), compile_cache),
+               **pyworker_env(self.vast, self.port, 9)}
+        with self.output.open("wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "worker"], cwd=tmp / "scratch", env=env,
+                                         start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        wait_until(lambda: self._listening(), 60, interval=0.1, what="the PyWorker to listen")
+        wait_until(lambda: "pubkey" in self.output.read_text().lower(), 30, interval=0.1, what="the public key")
+
+    def _listening(self) -> bool:
+        assert self.proc.poll() is None, self.output.read_text()[-3000:]
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def auth(self, n: int, **changes) -> dict:
+        return {**self.vast.auth_data(self.url, n), **changes}
+
+    def close(self):
+        from vast_helpers import stop
+
+        stop(self.proc)
+        self.model.vanish()
+        self.vast.close()
+
+
+@pytest.fixture(scope="module")
+def pyworker(tmp_path_factory, compile_cache):
+    worker = PyWorkerAlone(tmp_path_factory.mktemp("pyworker"), compile_cache)
+    yield worker
+    worker.close()
+
+
+def _malformed(w: PyWorkerAlone) -> list[tuple[str, object, str]]:
+    """(route, body: bytes as sent or a JSON value, the field the answer must name)."""
+    signed = w.auth(1)
+    out = [(route, raw, "body") for route in ("/generate", "/health", "/session/create", "/session/end")
+           for raw in (b"null", b'"str"', b"1", b"NaN", b"[]", b"[" * 10000, b"{" * 5000, b"not json", b"\xff{}",
+                       b"9" * 5000)]
+    for bad in ("x", [1], None, 5):
+        out += [("/health", {"auth_data": bad, "payload": {}}, "auth_data"),
+                ("/session/create", {"auth_data": bad, "payload": {}}, "auth_data")]
+    for key in ("cost", "endpoint", "reqnum", "request_idx", "signature", "url"):
+        out.append(("/generate", {"auth_data": {k: v for k, v in signed.items() if k != key}, "payload": {}},
+                    f"auth_data.{key}"))
+    for key, bad in (("reqnum", "1"), ("reqnum", 1.5), ("reqnum", -1), ("reqnum", 2**64), ("request_idx", "x"),
+                     ("request_idx", None), ("signature", 5), ("url", []), ("endpoint", {}), ("cost", [1]),
+                     ("cost", True)):
+        out.append(("/health", {"auth_data": {**signed, key: bad}, "payload": {}}, f"auth_data.{key}"))
+    for bad in (None, [1], "x"):
+        out.append(("/pooled", {"auth_data": signed, "payload": bad}, "payload"))
+    out += [("/health", {"auth_data": signed, "payload": {}, "session_id": bad}, "session_id") for bad in ([], {}, 5)]
+    session = {**signed, "cost": 5}  # /session/create adds cost to the load: a number
+    out += [("/session/create", {"auth_data": {**signed, "cost": "5"}, "payload": {}}, "auth_data.cost"),
+            ("/session/create", {"auth_data": session, "payload": None}, "payload"),
+            ("/session/create", {"auth_data": session, "payload": {"lifetime": "60"}}, "payload.lifetime"),
+            ("/session/create", {"auth_data": session, "payload": {"lifetime": 1e300}}, "payload.lifetime"),
+            ("/session/create", {"auth_data": session, "payload": {"on_close_route": "/generate"}},
+             "payload.on_close_route")]
+    for route in ("/session/end", "/session/get", "/session/health"):
+        out += [(route, {"session_id": bad}, "session_id") for bad in ([], {"a": 1}, None, "")]
+    out.append(("/generate", {"auth_data": signed, "payload": {}, "pad": "x" * (2 << 20)}, "body"))
+    return out
+
+
+def test_the_pyworker_answers_malformed_requests_with_the_field(pyworker):
+    problems = []
+    cases = _malformed(pyworker)
+    with httpx.Client(base_url=pyworker.url, timeout=10) as client:
+        for route, body, field in cases:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = client.post(route, content=content, headers={"Content-Type": "application/json"})
+            try:
+                answer = r.json()
+            except ValueError:
+                answer = {}
+            if not (400 <= r.status_code < 500 and answer.get("field") == field and answer.get("error")):
+                problems.append(f"{route} {content[:60]!r}: {r.status_code} {r.text[:200]}")
+        # What passes is served as before: a signed request reaches the model server.
+        r = client.post("/health", json={"auth_data": pyworker.auth(2), "payload": {}})
+        assert r.status_code == 200 and r.json()["path"] == "/health", r.text
+        r = client.post("/session/create", json={"auth_data": pyworker.auth(3, cost=5), "payload": {"lifetime": 30}})
+        assert r.status_code == 201, r.text
+        session = r.json()["session_id"]
+        r = client.post("/session/end", json={"session_id": session, "session_auth": pyworker.auth(3, cost=5)})
+        assert r.status_code == 200, r.text
+    assert not problems, "\n".join(problems)
+    output = pyworker.output.read_text()
+    assert "Traceback" not in output and "Error handling request" not in output, output[-3000:]
+    assert len(cases) > 80
+
+
+def test_the_endpoint_key_never_reaches_a_log(pyworker, main):
+    """The vastai client puts the endpoint's api_key in the query of every request to a worker: the
+    PyWorker's log (aiohttp's access log) writes the query redacted, the model server's (hypercorn's,
+    MODEL_ACCESS_LOG=1) writes none, and both redact any line that would carry it."""
+    secret = "s3cret-endpoint-key"
+    r = httpx.post(f"{pyworker.url}/health?api_key={secret}&x=1", json={"auth_data": pyworker.auth(4), "payload": {}},
+                   timeout=10)
+    assert r.status_code == 200
+    r = httpx.get(f"{main.url}/health?api_key={secret}", timeout=10)
+    assert r.status_code == 200
+    wait_until(lambda: "/health?<redacted>" in pyworker.output.read_text(), 5, what="the access log line")
+    wait_until(lambda: '"GET /health 1.1" 200' in main.log(), 5, what="the model server's access log line")
+    for text in (pyworker.output.read_text(), main.log(), (main.workdir / "stdout.txt").read_text()):
+        assert secret not in text
