@@ -288,6 +288,40 @@ def test_two_thousand_idle_connections_of_every_kind(main):
         assert "Traceback" not in text and "Too many open files" not in text and "Logging error" not in text
 
 
+LOG_WITHOUT_DESCRIPTORS = """
+import logging, os, sys
+from service.logsetup import setup_logging
+setup_logging(sys.argv[1], "INFO")
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+log = logging.getLogger("service.test")
+for i in range(500):
+    log.warning("flood %d\\nwith a newline and \\x85", i)
+log.error("a different line after the flood")
+"""
+
+
+def test_logging_survives_running_out_of_descriptors(tmp_path):
+    """A process with no descriptor left still logs (escaping opens no codec module), a flood of one
+    line is cut to REPEAT_BURST lines, and no handler error or traceback is written."""
+    from conftest import ROOT
+
+    log = tmp_path / "server.log"
+    proc = subprocess.run([sys.executable, "-c", LOG_WITHOUT_DESCRIPTORS, str(log)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    assert proc.returncode == 0, proc.stderr
+    for text in (proc.stdout, log.read_text()):
+        lines = text.splitlines()
+        assert "flood 0\\nwith a newline and \\x85" in lines[0]
+        assert sum(": flood " in line for line in lines) == 50 and "a different line after the flood" in lines[-1]
+    assert "Logging error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_connections_beyond_the_limit(servers):
     small = servers["small"]
     seen = []  # lines of a stream that a reader thread takes as they come
