@@ -84,6 +84,8 @@ class RequestGuard:
         self._h11 = self._fresh()
         self._head = bytearray()  # the beginning of a request head, held until it is complete
         self._head_passed = False  # this cycle's head has gone to h11
+        self._scanned = 0  # bytes of _head already searched for the head's end
+        self._line_end = -1  # where the request line ends in _head, once seen
         self._refusal: tuple[int, str, str] | None = None  # (status, field, why) decided here
         self.problem: tuple[str, str] = ("request_line", "malformed request")  # (field, why) of the last refusal
         self.request: str | None = None  # "METHOD target" of the last request, for log lines
@@ -160,13 +162,18 @@ class RequestGuard:
 
     def _take_head(self) -> None:
         head = self._head
-        blank = 0
-        while blank < len(head) and head[blank] in b"\r\n":
-            blank += 1
-        del head[:blank]
-        end = _HEAD_END.search(head)
-        line_end = head.find(b"\n")
-        if line_end == -1 and len(head) > self.max_head or line_end > self.max_head:
+        if not self._scanned:  # the head's first bytes: empty lines before a request line are skipped
+            blank = 0
+            while blank < len(head) and head[blank] in b"\r\n":
+                blank += 1
+            del head[:blank]
+        # Only what arrived since the last look is searched (a head trickled byte by byte costs O(n)).
+        end = _HEAD_END.search(head, max(0, self._scanned - 2))
+        if self._line_end < 0:
+            self._line_end = head.find(b"\n", max(0, self._scanned - 1))
+        self._scanned = len(head)
+        line_end = self._line_end
+        if line_end < 0 and len(head) > self.max_head or line_end > self.max_head:
             self._refuse(414, "request_line", f"the request line is longer than {self.max_head} bytes")
             return
         if end is None:
@@ -182,6 +189,7 @@ class RequestGuard:
             return
         data = _LEADING_ZEROS.sub(rb"\1", bytes(head[:end.end()])) + bytes(head[end.end():])
         head.clear()
+        self._scanned, self._line_end = 0, -1
         self._head_passed = True
         self._h11.receive_data(data)
 

@@ -32,7 +32,7 @@ IDLE_S = 2.0
 OPEN_FILES = 1024  # the main server's hard limit on open files, as on the machine of the attack report
 FLOOD = 2000  # idle connections, of four kinds
 SMALL_LIMIT = 3  # MODEL_MAX_CONNECTIONS of the `small` server
-DRAIN_S = 4.0
+DRAIN_S = 3.0
 EXIT_SLACK_S = 4.0  # the process is gone within the drain plus this (README: "a few seconds")
 STREAM = {**TINY_BODY, "r_target": 2.0, "duration_s": 120}  # every nonce valid: a line per step, for two minutes
 
@@ -220,12 +220,23 @@ def test_every_refusal_says_what_was_wrong(main, name, data, status, field):
 def test_bodies_that_never_arrive_end_at_the_body_timeout(main):
     """A chunk-size line that never ends, or a body shorter than its Content-Length: 408 with a body
     naming it, once MODEL_BODY_TIMEOUT_S has passed."""
-    for data in (request("/generate", "Transfer-Encoding: chunked", method="POST") + b"zz",
-                 request("/generate", "Content-Length: 100", method="POST") + b"{"):
+    outcomes = {}
+
+    def send(name, data):
         t0 = time.monotonic()
         responses, closed = exchange(main, data, wait=BODY_TIMEOUT_S + 3)
-        assert [s for s, _ in responses] == [408] and json.loads(responses[0][1])["field"] == "body"
-        assert closed and BODY_TIMEOUT_S - 0.5 < time.monotonic() - t0 < BODY_TIMEOUT_S + 3
+        outcomes[name] = responses, closed, time.monotonic() - t0
+
+    cases = {"chunk-size line": request("/generate", "Transfer-Encoding: chunked", method="POST") + b"zz",
+             "short body": request("/generate", "Content-Length: 100", method="POST") + b"{"}
+    threads = [threading.Thread(target=send, args=item) for item in cases.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name, (responses, closed, took) in outcomes.items():
+        assert [s for s, _ in responses] == [408] and json.loads(responses[0][1])["field"] == "body", name
+        assert closed and BODY_TIMEOUT_S - 0.5 < took < BODY_TIMEOUT_S + 3, (name, took)
 
 
 def test_a_head_sent_slowly_is_closed_when_idle(main):
@@ -439,7 +450,7 @@ def test_a_client_that_reads_too_slowly_loses_the_job_too(main):
 
 def test_a_job_ends_within_its_duration_plus_the_stall_bound(main):
     """duration_s + MODEL_CLIENT_STALL_S + a step: the bound of a client that stops reading late."""
-    duration = 4.0
+    duration = 3.0
     s = start_stream(main, {**STREAM, "duration_s": duration})
     t0 = time.monotonic()
     try:
@@ -511,7 +522,7 @@ def test_sigterm_with_a_client_that_does_not_read(servers):
     try:
         s.recv(1000)
         wait_until(lambda: term.health()["busy"], 30, interval=0.05, what="the job to start")
-        time.sleep(3)  # the client's buffers fill
+        time.sleep(2)  # the client's buffers fill
         t0 = time.monotonic()
         os.kill(term.pid, signal.SIGTERM)
         assert term.proc.wait(DRAIN_S + EXIT_SLACK_S + 5) == 0
@@ -529,7 +540,7 @@ def test_a_second_sigterm_exits_at_once(servers):
     try:
         s.recv(1000)
         wait_until(lambda: small.health()["busy"], 30, interval=0.05, what="the job to start")
-        time.sleep(3)  # the client's buffers fill: the drain would last MODEL_DRAIN_TIMEOUT_S (30 s)
+        time.sleep(2)  # the client's buffers fill: the drain would last MODEL_DRAIN_TIMEOUT_S (30 s)
         os.kill(small.pid, signal.SIGTERM)
         time.sleep(1.0)
         assert small.proc.poll() is None
