@@ -366,10 +366,10 @@ def test_connections_beyond_the_limit(servers):
                 s.send(request() * 4000)
             except BlockingIOError:
                 pass
-        time.sleep(1.0)
-        responses, was_closed = exchange(small, request(), wait=0.5)
-        assert [st for st, _ in responses] == [503] and was_closed
-        assert json.loads(responses[0][1])["field"] == "connection"
+        # (once their answers have filled the buffers and they wait, mid-answer, for their clients)
+        responses, was_closed = wait_until(lambda: (lambda r: r if [st for st, _ in r[0]] == [503] else None)(
+            exchange(small, request(), wait=0.5)), 10, interval=0.3, what="a 503")
+        assert was_closed and json.loads(responses[0][1])["field"] == "connection"
         # Once they are gone, there is room again (test_unread_pipelined_requests_are_closed: the
         # server closes them itself after MODEL_CLIENT_STALL_S).
         for s in floods:
