@@ -38,6 +38,7 @@ log = logging.getLogger("service")
 
 READY_WAIT_S = 60.0
 EXIT_GRACE_S = 5.0
+GPU_BACKENDS = ("cuda", "rocm")  # JAX's GPU plugins, whose start-up errors say why there is no GPU
 
 
 class NoUsableDevice(RuntimeError):
@@ -58,7 +59,8 @@ def platform_devices(platform: str, count: int | None):
             try:  # why JAX fell back (cuInit's error, say), which it keeps only in a private record
                 from jax._src import xla_bridge
 
-                why += "".join(f"; {name}: {err}" for name, err in getattr(xla_bridge, "_backend_errors", {}).items())
+                why += "".join(f"; {name}: {err}" for name, err in getattr(xla_bridge, "_backend_errors", {}).items()
+                               if name in GPU_BACKENDS)
             except ImportError:
                 pass
             hint = " (MODEL_PLATFORM=cpu computes on the CPU)" if platform == "gpu" else ""
