@@ -262,13 +262,16 @@ class Connection(TCPServer):
         return self.writer.transport
 
     def answering(self) -> bool:
-        """Its request is in and its answer not yet sent (a stream, a long /benchmark): the one kind
-        of connection the limit never closes. Idle ones, ones still sending their request and ones
-        the peer has closed are not."""
+        """Its request is in and its answer not yet out (a stream, a long /benchmark, an answer
+        waiting in the buffer for its client): the one kind of connection the limit never closes.
+        Idle ones, ones still sending their request and ones the peer has closed are not."""
+        if self.transport.get_write_buffer_size():
+            return True
         guard = getattr(getattr(getattr(self, "protocol", None), "protocol", None), "connection", None)
         if not isinstance(guard, RequestGuard):
             return False
-        return guard.their_state in (h11.DONE, h11.MUST_CLOSE) and guard.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY)
+        return (guard.their_state in (h11.DONE, h11.MUST_CLOSE)
+                and guard.our_state in (h11.SEND_RESPONSE, h11.SEND_BODY, h11.DONE))
 
     def describe(self) -> str:
         peer = f"{self.peer[0]}:{self.peer[1]}" if self.peer else "an unknown peer"

@@ -359,13 +359,16 @@ def test_connections_beyond_the_limit(servers):
             s.close()
         # Two connections that pipeline requests and never read the answers: busy, not idle. With
         # the stream, every connection is being answered: a new one is refused, with a body.
-        floods = [connect(small, rcvbuf=4096) for _ in range(2)]
-        for s in floods:
+        floods = []
+        for _ in range(2):
+            s = connect(small, rcvbuf=4096)
             s.setblocking(False)
             try:
                 s.send(request() * 4000)
             except BlockingIOError:
                 pass
+            floods.append(s)
+            time.sleep(0.5)  # its answers fill the buffers: from then on it is being answered
         # (once their answers have filled the buffers and they wait, mid-answer, for their clients)
         responses, was_closed = wait_until(lambda: (lambda r: r if [st for st, _ in r[0]] == [503] else None)(
             exchange(small, request(), wait=0.5)), 10, interval=0.3, what="a 503")
