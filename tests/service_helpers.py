@@ -173,16 +173,11 @@ class ServiceProcess:
 
     def start(self, timeout: float = 90.0) -> "ServiceProcess":
         self.stdout = open(self.workdir / "stdout.txt", "wb")
-        limit = self.max_open_files
-
-        def limit_open_files():
-            import resource
-
-            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-
-        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=self.env,
-                                     stdout=self.stdout, stderr=subprocess.STDOUT,
-                                     preexec_fn=limit_open_files if limit else None)
+        argv = [sys.executable, "-m", "service"]
+        if self.max_open_files:  # set by the child itself: a preexec_fn would fork this JAX process
+            argv = [sys.executable, "-c", "import resource, runpy; resource.setrlimit(resource.RLIMIT_NOFILE, "
+                    f"({self.max_open_files}, {self.max_open_files})); runpy.run_module('service', run_name='__main__')"]
+        self.proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=self.stdout, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         mine = f"(pid {self.proc.pid},"  # the start line of this process: a stale log does not count
         while not (mine in self.log() and signals.READY_LINE in self.log()):

@@ -273,6 +273,9 @@ def test_two_thousand_idle_connections_of_every_kind(main):
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else FLOOD * 2, hard))
     starts = [b"", b"GET /health HTTP/1.1\r\nHost", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
               b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"]  # silent, half a head, HTTP/2, TLS
+    limits = Path(f"/proc/{main.pid}/limits").read_text()
+    assert [line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files")] == \
+        [[str(OPEN_FILES), str(OPEN_FILES)]]
     files_before, log_before = open_files(main.pid), log_size(main)
     socks = []
     try:
@@ -300,7 +303,8 @@ def test_two_thousand_idle_connections_of_every_kind(main):
 
 
 LOG_WITHOUT_DESCRIPTORS = """
-import logging, os, sys
+import logging, os, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 from service.logsetup import setup_logging
 setup_logging(sys.argv[1], "INFO")
 held = []
@@ -323,8 +327,7 @@ def test_logging_survives_running_out_of_descriptors(tmp_path):
 
     log = tmp_path / "server.log"
     proc = subprocess.run([sys.executable, "-c", LOG_WITHOUT_DESCRIPTORS, str(log)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     for text in (proc.stdout, log.read_text()):
         lines = text.splitlines()
