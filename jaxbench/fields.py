@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from .nonces import NONCE_MAX
 from .params import Params, ParamsError, resolve_params
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -56,6 +57,25 @@ def integer(data: Mapping[str, Any], name: str, default: Any = _MISSING, minimum
     return value
 
 
+def nonce(data: Mapping[str, Any], name: str, default: Any = _MISSING) -> int:
+    """A nonce: an integer of the nonce space [0, NONCE_MAX] (docs/algorithm.md §7)."""
+    value = integer(data, name, default)
+    if value > NONCE_MAX:
+        raise FieldError(name, f"must be at most {NONCE_MAX} (2**63-1, the end of the nonce space), got {value}")
+    return value
+
+
+def node(data: Mapping[str, Any], start_nonce: int) -> tuple[int, int]:
+    """`node_id` of `n_nodes` (defaults 0 of 1), whose first nonce, start_nonce + node_id, is in the nonce space."""
+    n_nodes = integer(data, "n_nodes", 1, minimum=1)
+    node_id = integer(data, "node_id", 0)
+    if node_id >= n_nodes:
+        raise FieldError("node_id", f"must be below n_nodes ({n_nodes}), got {node_id}")
+    if start_nonce + node_id > NONCE_MAX:
+        raise FieldError("node_id", f"start_nonce + node_id is past the end of the nonce space ({NONCE_MAX})")
+    return node_id, n_nodes
+
+
 def number(data: Mapping[str, Any], name: str, default: Any = _MISSING, positive: bool = True) -> float:
     value = _get(data, name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -100,8 +120,8 @@ def nonce_list(data: Mapping[str, Any], name: str = "nonces", max_len: int = MAX
     if len(value) > max_len:
         raise FieldError(name, f"must hold at most {max_len} nonces")
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise FieldError(name, f"must hold non-negative integers, got {v!r:.60}")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= NONCE_MAX:
+            raise FieldError(name, f"must hold nonces, integers in [0, 2**63-1], got {v!r:.60}")
     return value
 
 
@@ -115,10 +135,10 @@ def parse_nonce_ranges(text: str, name: str = "nonces", max_len: int = MAX_NONCE
         try:
             lo, _, hi = part.partition("-")
             lo, hi = int(lo), int(hi) if hi else int(lo)
-            if lo < 0 or hi < lo:
+            if lo < 0 or hi < lo or hi > NONCE_MAX:
                 raise ValueError
         except ValueError:
-            raise FieldError(name, f"bad nonce or range {part!r:.60} (use non-negative integers and a-b ranges)") from None
+            raise FieldError(name, f"bad nonce or range {part!r:.60} (use integers in [0, 2**63-1] and a-b ranges)") from None
         count += hi - lo + 1
         if count > max_len:
             raise FieldError(name, f"at most {max_len:,} nonces")
@@ -135,7 +155,7 @@ def search_fields(data: Mapping[str, Any]) -> dict[str, Any]:
         "block_height": integer(data, "block_height"),
         "public_key": seed_text(data, "public_key"),
         "r_target": number(data, "r_target"),
-        "start_nonce": integer(data, "start_nonce"),
+        "start_nonce": nonce(data, "start_nonce"),
         "params": params(data),
         "max_nonces": None if data.get("max_nonces") is None else integer(data, "max_nonces", minimum=1),
         "dtype": dtype(data),

@@ -5,6 +5,11 @@ device group g gets flat indices f0 + x·G + g. For the arithmetic schedule of d
 (nonce = start + node_id + i·n_nodes) that gives group g the nonces
 start + node_id + g·n_nodes + x·(G·n_nodes), and the set computed after any number of steps
 does not depend on G.
+
+Nonces are int64 on the network: the nonce space is [0, NONCE_MAX], the same for every entry point
+(the CLI, /generate, /pooled, /validate, the remote search). A node's schedule ends where its next
+nonce would leave the space (`count_in_space`), so no search computes a nonce above NONCE_MAX; a
+search that got there ends with the reason NONCE_SPACE_END (`NonceSchedule.end_reason`).
 """
 
 from __future__ import annotations
@@ -13,34 +18,52 @@ import dataclasses
 from typing import Sequence
 
 
+NONCE_MAX = 2**63 - 1
+NONCE_SPACE_END = "nonce_space_end"  # why a search that reached the end of the nonce space ended
+
+
+def count_in_space(first: int, stride: int) -> int:
+    """How many of first, first + stride, first + 2·stride, … lie in the nonce space."""
+    return 0 if first > NONCE_MAX else (NONCE_MAX - first) // stride + 1
+
+
 @dataclasses.dataclass(frozen=True)
 class NonceSchedule:
-    """Arithmetic (`first + i * stride` for i < count) or an explicit list; count None = unbounded."""
+    """Arithmetic (`first + i * stride` for i < count) or an explicit list; count None = unbounded.
+    `space_end`: the count is where the nonce space ends, not an end or limit the caller gave."""
 
     first: int = 0
     stride: int = 1
     count: int | None = None
     explicit: tuple[int, ...] | None = None
+    space_end: bool = False
 
     @classmethod
     def for_node(
         cls, start_nonce: int = 0, node_id: int = 0, n_nodes: int = 1, end: int | None = None,
         limit: int | None = None,
     ) -> "NonceSchedule":
-        """Node `node_id` of `n_nodes` from `start_nonce`; `end` excludes nonces ≥ end; `limit` caps the count."""
+        """Node `node_id` of `n_nodes` from `start_nonce`; `end` excludes nonces ≥ end; `limit` caps the
+        count; the nonce space's end (NONCE_MAX) bounds it always."""
         if not 0 <= node_id < n_nodes:
             raise ValueError(f"node_id must be in [0, n_nodes), got {node_id} of {n_nodes}")
+        if not 0 <= start_nonce <= NONCE_MAX:
+            raise ValueError(f"start_nonce must be in [0, {NONCE_MAX}], got {start_nonce}")
         first = start_nonce + node_id
-        count = None
-        if end is not None:
-            count = max(0, -(-(end - first) // n_nodes))
-        if limit is not None:
-            count = limit if count is None else min(count, limit)
-        return cls(first=first, stride=n_nodes, count=count)
+        count, space_end = count_in_space(first, n_nodes), True
+        if end is not None and max(0, -(-(end - first) // n_nodes)) <= count:
+            count, space_end = max(0, -(-(end - first) // n_nodes)), False
+        if limit is not None and limit <= count:
+            count, space_end = limit, False
+        return cls(first=first, stride=n_nodes, count=count, space_end=space_end)
 
     @classmethod
     def of(cls, nonces: Sequence[int]) -> "NonceSchedule":
         return cls(explicit=tuple(nonces), count=len(nonces))
+
+    def end_reason(self, reason: str) -> str:
+        """A finished search's reason: NONCE_SPACE_END where "completed" means the nonce space ran out."""
+        return NONCE_SPACE_END if reason == "completed" and self.space_end else reason
 
     def take(self, flat_start: int, n: int) -> list[int]:
         """Up to n nonces from flat index flat_start (fewer at the end of a bounded schedule)."""

@@ -105,7 +105,7 @@ class SearchTally:
             return "stopped"
         if self.job.duration_s is not None and self.elapsed() >= self.job.duration_s:
             return "duration"
-        return "completed"
+        return self.job.schedule.end_reason("completed")  # or the end of the nonce space
 
     def summary(self, reason: str) -> dict:
         elapsed = self.elapsed()

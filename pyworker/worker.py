@@ -22,11 +22,15 @@ these units, the SDK's queue estimate (working load / max_perf) is the seconds o
 
 A client's `/benchmark` (`jaxbench remote bench`) gets the model server's answer with this worker's
 Vast instance id added (`vast_instance_id`, from CONTAINER_ID), by which the console lists its price.
+
+Every request passes pyworker/checks.py before the SDK's handler sees it (a malformed one gets a 4xx
+naming its field), and every line this process logs has query strings and api_key values redacted.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import urllib.request
@@ -43,7 +47,9 @@ from vastai.serverless.server.worker import (
     WorkerConfig,
 )
 
+from pyworker import checks
 from service.config import Settings
+from service.logsetup import redact
 from service.signals import FATAL_CAUSES, FATAL_MARKER, READY_LINE
 
 # Only the settings used here: the others may need what this venv lacks (MODEL_DEVICE_MEMORY, jaxbench).
@@ -241,8 +247,37 @@ worker_config = WorkerConfig(
 )
 
 
+# A request's body beyond the payload the model server takes (MODEL_MAX_BODY_BYTES): auth_data, session_id.
+REQUEST_WRAPPER_BYTES = 64 * 1024
+
+
+class RedactingFormatter(logging.Formatter):
+    """Another formatter's lines with URL query strings and api_key values redacted."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))
+
+
+def redact_logs() -> None:
+    """Every log handler of this process writes redacted lines: the vastai client puts the endpoint's
+    api_key in the query of each request it sends a worker, and aiohttp's access log writes the query."""
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not isinstance(handler.formatter, RedactingFormatter):
+                handler.setFormatter(RedactingFormatter(handler.formatter))
+
+
 def main() -> None:
-    Worker(worker_config).run()
+    worker = Worker(worker_config)  # sets up the SDK's logging
+    checks.guard(worker, MODEL_SETTINGS.max_body_bytes + REQUEST_WRAPPER_BYTES)
+    redact_logs()
+    worker.run()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 
-from quart import Quart, Response, jsonify, request
+from quart import Quart, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from jaxbench import fields
@@ -61,6 +61,13 @@ def _no_nan(value):
 
 
 def ndjson(chan: LineChannel) -> Response:
+    """The channel's lines as an NDJSON stream; a client the channel gives up on (LineChannel) has
+    its connection closed, so it sees the stream break rather than end."""
+    connections = current_app.extensions.get("connections")  # service/transport.py, under `serve`
+    client = request.scope.get("client")
+    if connections is not None and client:
+        chan.on_abandon = lambda why: connections.abort_peer(client, why)
+
     async def lines():
         try:
             async for line in chan:
@@ -79,7 +86,7 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
     app = Quart("service")
     app.config["RESPONSE_TIMEOUT"] = None  # streams run for minutes; jobs enforce their own limits
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.config["BODY_TIMEOUT"] = 60
+    app.config["BODY_TIMEOUT"] = settings.body_timeout_s  # a body not received by then: 408
     batches = BatchPlan(engine, settings.batch)
     manager = JobManager(engine, settings, batches)
     ctx = Context(engine, settings, peers.client(), batches)

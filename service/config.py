@@ -20,6 +20,7 @@ import math
 import os
 from typing import Any, Callable, Iterable
 
+PLATFORMS = ("gpu", "cpu", "any")
 DRAIN_MARGIN_S = 1.0  # the drain: jobs end by deadline - 2 margins, the server stops waiting at deadline - 1, then exits
 
 
@@ -87,7 +88,15 @@ def _size(raw: str) -> int:
     return parse_size(raw)
 
 
+def _positive_seconds(raw: str) -> float:
+    value = _seconds(raw)
+    if value <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
 TEXT, LEVEL, FLAG, SECONDS, SIZE = Kind(_text), Kind(_upper), Kind(_flag), Kind(_seconds), Kind(_size)
+POSITIVE_SECONDS = Kind(_positive_seconds)
 COUNT = _integer(1)
 BYTES = _integer(0)
 
@@ -166,8 +175,29 @@ class Settings:
         "a new request waits this long for a job that is already stopping (its client left) before answering 409")
     drain_timeout_s: float = setting("MODEL_DRAIN_TIMEOUT_S", 30.0, SECONDS,
                                      "SIGTERM: how long the running job gets to end before the server stops anyway")
-    graceful_timeout_s: float = setting("MODEL_GRACEFUL_TIMEOUT_S", 3.0, SECONDS,
-                                        "hypercorn's graceful timeout once the jobs have ended")
+    graceful_timeout_s: float = setting(
+        "MODEL_GRACEFUL_TIMEOUT_S", 3.0, SECONDS,
+        "once the jobs have ended after SIGTERM, how long answers still being written get before every connection "
+        "is closed")
+    max_connections: int = setting(
+        "MODEL_MAX_CONNECTIONS", 256, COUNT,
+        "client connections open at once (fewer if the open-files limit is low): beyond it the oldest idle one is "
+        "closed, or the new one refused (503)")
+    body_timeout_s: float = setting(
+        "MODEL_BODY_TIMEOUT_S", 60.0, POSITIVE_SECONDS,
+        "a request body not received in full within this is answered 408 (a chunked body whose chunk-size line "
+        "never ends, too)")
+    idle_timeout_s: float = setting(
+        "MODEL_IDLE_TIMEOUT_S", 5.0, POSITIVE_SECONDS,
+        "a connection with no request in progress (idle, or its request head incomplete) is closed after this")
+    client_stall_s: float = setting(
+        "MODEL_CLIENT_STALL_S", 30.0, POSITIVE_SECONDS,
+        "a client that reads none of its answer for this long, or keeps a job's lines waiting this long in all, is "
+        "treated as gone (the job stops, the connection is closed)")
+    platform: str = setting(
+        "MODEL_PLATFORM", "gpu", _choice(*PLATFORMS),
+        "where the server computes: `gpu` (no usable GPU is fatal at start), `cpu` (local tests), `any` (what JAX "
+        "finds)")
 
     @classmethod
     def from_env(cls, only: Iterable[str] | None = None) -> "Settings":

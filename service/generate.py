@@ -2,6 +2,7 @@
 
 The lines and counts come from `jaxbench.results.SearchTally` (every computed nonce is counted,
 also in batches with no valid nonce). Summary reasons: "completed" (max_nonces reached),
+"nonce_space_end" (the node's last nonce below 2**63 computed: jaxbench/nonces.py),
 "duration" (duration_s elapsed), "shutdown" (SIGTERM), "disconnected" (the client went away; only
 /health's `last_job` sees it), "error" (after an error line).
 """

@@ -9,7 +9,8 @@
   `LineChannel`; the HTTP response only relays them. A client that disconnects detaches the channel,
   which stops the job (`Job.stop("disconnected")`): the stop Event of every search is set, the engine
   ends within one step, and the driver runs its normal end (callbacks, orchestrator shutdown) without
-  anyone listening.
+  anyone listening. A client that stops reading is one that left, once it has kept the job's lines
+  waiting for MODEL_CLIENT_STALL_S in all (`LineChannel.emit`), and its connection is closed.
 * The job is released, and the next one can start, only when its driver has finished *and* every
   thread it started has returned, so two jobs never share the devices.
 * A stopped job still says goodbye to its peers (warmup completion callback, orchestrator flush and
@@ -37,6 +38,7 @@ from jaxbench.params import Params
 from jaxbench.results import SearchTally
 
 from . import signals
+from .caches import CacheTrim
 from .config import DRAIN_MARGIN_S, Settings
 from .context import BatchPlan
 from .logsetup import log_fatal
@@ -61,25 +63,57 @@ class Refused(Exception):
 
 
 class LineChannel:
-    """Lines from a job's driver to the HTTP response. `emit` waits while the client lags; after the
-    client has gone (`detach`) lines are dropped and the job is told to stop."""
+    """Lines from a job's driver to the HTTP response. `emit` waits while the client lags (`limit`
+    lines unread), but a job's waits add up to at most `stall_s` (MODEL_CLIENT_STALL_S): a write that
+    cannot proceed counts against the job's time. Past that, and past the drain's end while the
+    server drains, the client counts as gone: the channel detaches and `on_abandon` (set by the
+    response: it closes the client's connection) is called. After the client has gone (`detach`)
+    lines are dropped and the job is told to stop."""
 
     _END = object()
+    POLL_S = 0.25  # how often a waiting emit looks at the job's state (a drain that began)
 
-    def __init__(self, job: "Job", limit: int = LINE_QUEUE):
+    def __init__(self, job: "Job", limit: int = LINE_QUEUE, stall_s: float | None = None):
         self.job = job
         self.limit = limit
+        self.stall_s = job.manager.settings.client_stall_s if stall_s is None else stall_s
+        self.waited_s = 0.0  # how long emit has waited for the client, in all
         self.queue: asyncio.Queue = asyncio.Queue()
         self.detached = False
         self.finished = False  # the reader saw the end
+        self.on_abandon: Callable[[str], None] | None = None
         self._space = asyncio.Event()
 
     async def emit(self, line: dict) -> None:
         while not self.detached and self.queue.qsize() >= self.limit:
+            left = min(self.stall_s - self.waited_s, self._drain_left())
+            if left <= 0:
+                self._abandon()
+                break
             self._space.clear()
-            await self._space.wait()
+            t0 = time.monotonic()
+            try:
+                await asyncio.wait_for(self._space.wait(), min(left, self.POLL_S))
+            except asyncio.TimeoutError:
+                pass
+            self.waited_s += time.monotonic() - t0
         if not self.detached:
             self.queue.put_nowait(line)
+
+    def _drain_left(self) -> float:
+        """Seconds a line may still wait while the server drains (the job must end by then)."""
+        deadline = self.job.manager.drain_deadline
+        return float("inf") if deadline is None else deadline - 2 * DRAIN_MARGIN_S - time.monotonic()
+
+    def _abandon(self) -> None:
+        if self.waited_s >= self.stall_s:
+            why = f"the client has kept {self.limit} lines unread for {self.waited_s:.0f} s in all (MODEL_CLIENT_STALL_S)"
+        else:
+            why = "the client is not reading and the server is shutting down"
+        log.warning("job %s: %s: treating it as gone", self.job.id, why)
+        self.detach()
+        if self.on_abandon is not None:
+            self.on_abandon(why)
 
     def end(self) -> None:
         self.queue.put_nowait(self._END)
@@ -265,6 +299,7 @@ class JobManager:
         self.draining = False
         self.drain_deadline: float | None = None  # monotonic time by which the server must be gone
         self._tasks: set[asyncio.Task] = set()
+        self.caches = CacheTrim(engine)
 
     # The one-job lock ------------------------------------------------------------------------
 
@@ -297,6 +332,7 @@ class JobManager:
             self.job = None
         self.last_job = {**job.info(), "ended_at": round(time.time(), 3)}
         log.info("job %s: released (%s)", job.id, (job.summary or {}).get("reason", job.stop_reason or "done"))
+        self.caches.after_job()  # before the next job can start
 
     def start_session(self, job: Job, driver: Callable[[LineChannel], Awaitable[None]]) -> LineChannel:
         """Run the job's driver as its own task; the returned channel carries its lines."""

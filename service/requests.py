@@ -233,10 +233,7 @@ def generate_request(data: Mapping[str, Any], settings: Settings, default_max_no
     `node_id`/`n_nodes` (default 0 of 1: the schedule of docs/algorithm.md §7)."""
     search = fields.search_fields(data)
     batch_size = fields.integer(data, "batch_size", minimum=1)
-    n_nodes = fields.integer(data, "n_nodes", 1, minimum=1)
-    node_id = fields.integer(data, "node_id", 0)
-    if node_id >= n_nodes:
-        raise FieldError("node_id", f"must be below n_nodes ({n_nodes}), got {node_id}")
+    node_id, n_nodes = fields.node(data, search["start_nonce"])
     if search["max_nonces"] is None:
         search["max_nonces"] = default_max_nonces
     duration_s = _seconds(data, "duration_s", settings.duration_s, MAX_DURATION_S)

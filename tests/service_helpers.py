@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 # ("" = JAX's default, e.g. to run these tests on a GPU machine).
 JAX_PLATFORMS = os.environ.get("SERVICE_TEST_JAX_PLATFORMS", "cpu")
 PLATFORM_ENV = {"JAX_PLATFORMS": JAX_PLATFORMS} if JAX_PLATFORMS else {}
+# The model server refuses to start without a GPU unless told where else to compute (MODEL_PLATFORM).
+SERVER_PLATFORM = "cpu" if JAX_PLATFORMS == "cpu" else "any"
 DRAWS = os.environ.get("SERVICE_TEST_DRAWS", "auto")  # where inputs are drawn (jaxbench.engine)
 PYTHONPATH = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 sys.path.insert(0, str(REPO))
@@ -139,6 +141,7 @@ def model_server_env(log: Path, port: int, compile_cache: Path, extra: dict | No
         "MODEL_LOG": str(log),
         "JAXBENCH_CACHE_DIR": str(compile_cache),
         "JAXBENCH_BENCHMARK_PARAMS": "tiny",
+        "MODEL_PLATFORM": SERVER_PLATFORM,
         **(extra or {}),
     }
 
@@ -157,7 +160,8 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
 class ServiceProcess:
     """`python -m service` on 127.0.0.1:<free port>, ready once READY_LINE is in its log."""
 
-    def __init__(self, workdir: Path, compile_cache: Path, env: dict | None = None):
+    def __init__(self, workdir: Path, compile_cache: Path, env: dict | None = None, max_open_files: int | None = None):
+        self.max_open_files = max_open_files  # the server's hard limit on open files (RLIMIT_NOFILE)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -169,8 +173,11 @@ class ServiceProcess:
 
     def start(self, timeout: float = 90.0) -> "ServiceProcess":
         self.stdout = open(self.workdir / "stdout.txt", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=self.env,
-                                     stdout=self.stdout, stderr=subprocess.STDOUT)
+        argv = [sys.executable, "-m", "service"]
+        if self.max_open_files:  # set by the child itself: a preexec_fn would fork this JAX process
+            argv = [sys.executable, "-c", "import resource, runpy; resource.setrlimit(resource.RLIMIT_NOFILE, "
+                    f"({self.max_open_files}, {self.max_open_files})); runpy.run_module('service', run_name='__main__')"]
+        self.proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=self.stdout, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         mine = f"(pid {self.proc.pid},"  # the start line of this process: a stale log does not count
         while not (mine in self.log() and signals.READY_LINE in self.log()):

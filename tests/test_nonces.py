@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from service_helpers import host_devices_env
 
@@ -61,3 +63,48 @@ def test_results_are_identical_whatever_the_device_count():
     by_devices = json.loads(proc.stdout)
     assert set(by_devices["1"]) == {str(n) for n in range(5, 42)}
     assert by_devices["1"] == by_devices["2"] == by_devices["4"]
+
+
+# The nonce space ----------------------------------------------------------------------------------
+
+
+def test_schedules_end_where_the_nonce_space_ends():
+    from jaxbench.nonces import NONCE_MAX, NONCE_SPACE_END, count_in_space
+
+    s = NonceSchedule.for_node(NONCE_MAX - 9, node_id=1, n_nodes=4)
+    assert s.take(0, 100) == [NONCE_MAX - 8, NONCE_MAX - 4, NONCE_MAX]
+    assert s.count == count_in_space(NONCE_MAX - 8, 4) == 3 and s.space_end
+    assert s.end_reason("completed") == NONCE_SPACE_END and s.end_reason("duration") == "duration"
+    huge = NonceSchedule.for_node(NONCE_MAX, n_nodes=NONCE_MAX)  # 2.77e19 was reachable with a large n_nodes
+    assert huge.take(0, 10) == [NONCE_MAX]
+    # A limit or an end the caller gave that comes first is the reason, not the space.
+    for bounded in (NonceSchedule.for_node(NONCE_MAX - 9, limit=3), NonceSchedule.for_node(NONCE_MAX - 9, end=NONCE_MAX),
+                    NonceSchedule.for_node(NONCE_MAX - 9, limit=10)):
+        assert not bounded.space_end and bounded.end_reason("completed") == "completed"
+        assert max(bounded.take(0, 100)) <= NONCE_MAX
+    assert NonceSchedule.for_node(NONCE_MAX - 9, limit=11).space_end  # asks for more than there is
+    assert NonceSchedule.for_node(0).count == NONCE_MAX + 1
+    assert NonceSchedule.for_node(NONCE_MAX - 1, node_id=1, n_nodes=2).take(0, 5) == [NONCE_MAX]
+    assert NonceSchedule.for_node(NONCE_MAX, node_id=1, n_nodes=2).take(0, 5) == []
+    with pytest.raises(ValueError):
+        NonceSchedule.for_node(NONCE_MAX + 1)
+
+
+def test_every_nonce_field_is_in_the_nonce_space():
+    from jaxbench import fields
+    from jaxbench.nonces import NONCE_MAX
+
+    assert fields.nonce({"n": NONCE_MAX}, "n") == NONCE_MAX
+    for data, name in (({"start_nonce": NONCE_MAX + 1}, "start_nonce"), ({"start_nonce": -1}, "start_nonce")):
+        with pytest.raises(fields.FieldError) as e:
+            fields.nonce(data, name)
+        assert e.value.field == name
+    assert fields.node({"node_id": 3, "n_nodes": 4}, NONCE_MAX - 3) == (3, 4)
+    with pytest.raises(fields.FieldError) as e:
+        fields.node({"node_id": 3, "n_nodes": 4}, NONCE_MAX - 2)
+    assert e.value.field == "node_id" and "nonce space" in e.value.message
+    with pytest.raises(fields.FieldError):
+        fields.nonce_list({"nonces": [1, NONCE_MAX + 1]})
+    assert fields.parse_nonce_ranges(f"{NONCE_MAX - 1}-{NONCE_MAX}") == [NONCE_MAX - 1, NONCE_MAX]
+    with pytest.raises(fields.FieldError):
+        fields.parse_nonce_ranges(f"{NONCE_MAX}-{NONCE_MAX + 1}")

@@ -259,3 +259,25 @@ def test_signal_strings_from_requests_are_defused_in_the_log(server, client):
     log = server.log()
     assert "jaxbench.engine: built weights for JAXBENCH-FATAL(quoted)" in log
     assert_clean_log(log)
+
+
+def test_a_search_stops_at_the_end_of_the_nonce_space(client):
+    """Every nonce /generate emits is one /validate accepts; a search that reaches 2**63-1 ends there,
+    saying so; a start or node past it is refused."""
+    top = 2**63 - 1
+    for n_nodes in (1, 3, top):
+        lines = [line for _, line in read_stream(client, "/generate", body(start_nonce=top - 20, n_nodes=n_nodes,
+                                                                           max_nonces=1000))]
+        nonces = [n for line in lines[:-1] for n in line["nonces"]]
+        assert nonces and max(nonces) <= top, n_nodes
+        assert sorted(nonces) == list(range(top - 20, top + 1, n_nodes))
+        assert lines[-1]["reason"] == "nonce_space_end" and lines[-1]["total_computed"] == len(nonces)
+        assert all(line["next_nonce"] is None or line["next_nonce"] <= top for line in lines[:-1])
+    dist = {n: d for line in lines[:-1] for n, d in zip(line["nonces"], line["dist"])}
+    r = client.post("/validate", json={"params": "tiny", "block_hash": TINY_BODY["block_hash"],
+                                       "public_key": TINY_BODY["public_key"], "nonces": list(dist),
+                                       "dist": list(dist.values()), "r_target": 2.0})
+    assert r.status_code == 200 and r.json()["n_invalid"] == 0, r.text
+    for changes, field in (({"start_nonce": top + 1}, "start_nonce"), ({"start_nonce": top, "node_id": 1, "n_nodes": 2}, "node_id")):
+        r = client.post("/generate", json=body(**changes))
+        assert r.status_code == 400 and r.json()["field"] == field, r.text

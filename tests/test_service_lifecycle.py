@@ -114,6 +114,26 @@ def test_stale_log_is_truncated_and_a_taken_port_is_fatal(tmp_path, compile_cach
         first.stop()
 
 
+def test_no_gpu_is_fatal_where_the_server_expects_one(tmp_path, compile_cache):
+    """MODEL_PLATFORM=gpu (the default, and the image's) on a machine whose JAX has no usable GPU:
+    exit 1, never ready, and the fatal line says why; the test servers compute on the CPU only
+    because they say MODEL_PLATFORM=cpu."""
+    server = ServiceProcess(tmp_path, compile_cache, {"MODEL_PLATFORM": "gpu", "JAX_PLATFORMS": "cpu"})  # no GPU anywhere
+    proc = subprocess.run([sys.executable, "-m", "service"], env=server.env, cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1
+    log = server.log()
+    fatal = [line for line in log.splitlines() if signals.FATAL_MARKER in line]
+    assert len(fatal) == 1 and signals.READY_LINE not in log, log
+    assert f"{signals.FATAL_MARKER} {signals.NO_USABLE_DEVICE}: no usable GPU: " in fatal[0]
+    assert "MODEL_PLATFORM=cpu" in fatal[0] and "Traceback" not in log
+
+    server.env["MODEL_PLATFORM"] = "tpu-please"
+    proc = subprocess.run([sys.executable, "-m", "service"], env=server.env, cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and f"{signals.FATAL_MARKER} {signals.BAD_CONFIGURATION}: MODEL_PLATFORM" in server.log()
+
+
 # A broken device, in-process ----------------------------------------------------------------------
 
 
