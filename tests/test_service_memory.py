@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from jaxbench.engine import MAX_COMPILED_STEPS
+from jaxbench.steps import MAX_COMPILED_STEPS
 from service_helpers import TINY_BODY, ServiceProcess
 
 SETS = MAX_COMPILED_STEPS + 2
