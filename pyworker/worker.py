@@ -9,7 +9,7 @@ Workload units are nonces of the benchmark's parameter set (`JAXBENCH_BENCHMARK_
 `bench`: set it to the parameters your clients send). The benchmark runs on the model server's
 non-streaming `/benchmark` route: its warm-up request (`MODEL_BENCHMARK_NONCES` nonces) builds the
 weights and compiles the step; each timed request then computes `JAXBENCH_BENCHMARK_STEPS` full
-steps, a step being the model server's devices × batch (read from its `/health` once compiled), so
+steps, a step being the model server's device groups × batch (read from its `/health` once compiled), so
 every worker is measured on whole steps however many GPUs it has. Each request counts exactly the
 nonces it asks for, so the throughput the SDK measures (`max_perf`) is nonces per second.
 A job counts the nonces it will compute: its time limit times the measured rate, or its
@@ -96,7 +96,8 @@ def _is_benchmark_step(compiled: dict) -> bool:
 
 
 def compiled_step_nonces() -> int | None:
-    """Nonces in one step of the benchmark's compiled step (devices × batch), None before it is compiled.
+    """Nonces in one step of the benchmark's compiled step (device groups × batch: a group of several
+    devices takes one batch through its stages), None before it is compiled.
 
     Asks the model server's /health on this machine; the SDK calls the benchmark generator inside its
     event loop, where this blocks for the milliseconds of one local request.
@@ -107,7 +108,7 @@ def compiled_step_nonces() -> int | None:
             health = json.load(response)
     except (OSError, ValueError):
         return None
-    steps = [c["batch"] * c["devices"] for c in health.get("compiled") or [] if _is_benchmark_step(c)]
+    steps = [c["batch"] * c["groups"] for c in health.get("compiled") or [] if _is_benchmark_step(c)]
     return max(steps, default=None)
 
 

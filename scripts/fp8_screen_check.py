@@ -130,11 +130,12 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or ".")
     args = ap.parse_args()
     engine = Engine()
-    results = [check(engine, p, args.nonces, args.batch) for p in args.params.split(",")]
-    text = json.dumps(results, indent=1)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "fp8_screen_check.json").write_text(text)
-    print(text)
+    results = []
+    for p in args.params.split(","):  # written after each set: a run cut short keeps what it measured
+        results.append(check(engine, p, args.nonces, args.batch))
+        (Path(args.out) / "fp8_screen_check.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
     return 0
 
 

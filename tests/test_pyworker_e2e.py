@@ -83,10 +83,14 @@ def test_benchmark_is_whole_steps_of_the_model_servers_devices_and_batch(pyworke
         warmup = pyworker.benchmark_request()  # nothing compiled yet: the warm-up request, which compiles
         assert warmup["max_nonces"] == pyworker.MODEL_SETTINGS.benchmark_nonces
 
-        health["compiled"] = [{"params": tiny, "dtype": "float16", "batch": 96, "devices": 8},
-                              {"params": tiny, "dtype": "float32", "batch": 500, "devices": 8}]
+        health["compiled"] = [{"params": tiny, "dtype": "float16", "batch": 96, "devices": 8, "groups": 8},
+                              {"params": tiny, "dtype": "float32", "batch": 500, "devices": 8, "groups": 8}]
         timed = pyworker.benchmark_request()
         assert timed["max_nonces"] == pyworker.BENCHMARK_STEPS * 96 * 8
+        # Groups of two devices: a step is a batch per group, not per device.
+        health["compiled"][0] |= {"groups": 4, "group_size": 2}
+        assert pyworker.benchmark_request()["max_nonces"] == pyworker.BENCHMARK_STEPS * 96 * 4
+        health["compiled"][0] |= {"groups": 8, "group_size": 1}
         assert pyworker.job_workload(timed) == timed["max_nonces"]  # the SDK counts what is computed
         assert {k: v for k, v in timed.items() if k != "max_nonces"} == \
             {k: v for k, v in pyworker.BENCHMARK_PAYLOAD.items() if k != "max_nonces"}
