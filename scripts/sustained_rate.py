@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,46 +32,15 @@ from jaxbench import gated_ffn  # noqa: E402
 from jaxbench.model import matmul  # noqa: E402
 from jaxbench.params import PRESETS  # noqa: E402
 from jaxbench.sustained import WINDOW_S, square_runs, window_tflops  # noqa: E402
+from smi import SmiSampler  # noqa: E402
 
-SMI_FIELDS = ("clocks.sm", "power.draw", "temperature.gpu", "clocks_throttle_reasons.active")
-
-
-class CardSampler:
-    """nvidia-smi's readings every `interval` seconds on a background thread, while inside `with`."""
-
-    def __init__(self, interval: float = 0.25):
-        self.interval, self.samples = interval, []
-        self._stop = threading.Event()
-
-    def _read(self) -> dict | None:
-        try:
-            line = subprocess.run(["nvidia-smi", "--query-gpu=" + ",".join(SMI_FIELDS), "--format=csv,noheader,nounits",
-                                   "-i", "0"], capture_output=True, text=True, timeout=5).stdout.strip()
-            clock, power, temperature, reasons = (v.strip() for v in line.split(","))
-            return {"sm_mhz": float(clock), "watts": float(power), "celsius": float(temperature), "reasons": reasons}
-        except (OSError, ValueError, subprocess.SubprocessError):
-            return None
-
-    def _run(self):
-        while not self._stop.is_set():
-            sample = self._read()
-            if sample:
-                self.samples.append(sample)
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_):
-        self._stop.set()
-        self._thread.join()
+SMI_FIELDS = {"sm_mhz": "clocks.sm", "watts": "power.draw", "celsius": "temperature.gpu",
+              "reasons": "clocks_throttle_reasons.active"}
 
 
 def sustained(fn, args, flops: float, seconds: float) -> dict:
     jax.block_until_ready(fn(*args))  # compiled before the card is sampled
-    with CardSampler() as card:
+    with SmiSampler(SMI_FIELDS, gpu=0) as card:
         rates = window_tflops([(fn, args)], flops, seconds)
     clocks = [s["sm_mhz"] for s in card.samples]
     reasons = sorted({s["reasons"] for s in card.samples})

@@ -25,7 +25,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,49 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jaxbench.telemetry import FIELDS  # noqa: E402  (JAX-free)
+from smi import SmiSampler  # noqa: E402
 
 CEILING_FIELDS = ("sustained_tflops", "percent_of_sustained")
 MAY_BE_EMPTY = {"telemetry_unavailable", "telemetry_unsupported"}  # null / [] is the good value
-
-
-class SmiSampler:
-    """nvidia-smi's power.draw and SM clock of every GPU, every `interval` seconds, on a thread."""
-
-    def __init__(self, interval: float):
-        self.interval = interval
-        self.samples: list[dict] = []  # {"t": unix time, "index", "power_w", "sm_mhz"}
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-
-    def _read(self) -> None:
-        t0 = time.time()
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=index,power.draw,clocks.sm", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError) as e:
-            self.errors.append(f"{type(e).__name__}: {e}")
-            return
-        t = (t0 + time.time()) / 2
-        for line in out.stdout.strip().splitlines():
-            try:
-                index, power, clock = (v.strip() for v in line.split(","))
-                self.samples.append({"t": t, "index": int(index), "power_w": float(power), "sm_mhz": float(clock)})
-            except ValueError:
-                self.errors.append(f"unreadable line {line!r}")
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._read()
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_):
-        self._stop.set()
-        self._thread.join()
 
 
 def compare(report: dict, smi: SmiSampler, tolerance: float) -> dict:
@@ -130,7 +90,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    with SmiSampler(args.interval) as smi:
+    with SmiSampler({"power_w": "power.draw", "sm_mhz": "clocks.sm"}, args.interval) as smi:
         for name in args.params.split(","):
             command = [sys.executable, "-m", "jaxbench", "bench", "--params", name, "--seconds", str(args.seconds),
                        "--sustained-seconds", str(args.sustained_seconds), *args.bench_args]
