@@ -37,6 +37,7 @@ from .steps import TARGET_AXES, CompiledSteps, PipelinedStep, StepKey
 
 log = logging.getLogger("jaxbench.engine")
 
+
 def is_out_of_memory(exc: BaseException) -> bool:
     text = str(exc)
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
