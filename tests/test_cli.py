@@ -206,6 +206,8 @@ def test_version_is_the_projects():
 def test_a_missing_command_names_help():
     line = assert_one_line(run_cli(), cli.EXIT_BAD_INPUT, "COMMAND")
     assert line.endswith("(`python -m jaxbench --help` lists the commands)"), line
+    line = assert_one_line(run_cli("remote"), cli.EXIT_BAD_INPUT, "COMMAND")
+    assert line.endswith("(`python -m jaxbench remote --help` lists the commands)"), line
 
 
 def test_bench_reports_every_figure():
