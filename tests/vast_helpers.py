@@ -8,6 +8,7 @@ import base64
 import itertools
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -39,17 +40,27 @@ class FakeVast:
     * for clients: GET /api/v0/endptjobs/ (the console's list of the account's endpoints) and
       POST /route/, which answers a worker's signed address, or no `url` while none is ready.
 
-    /route/ sends a request to the reachable, loaded worker with the fewest requests routed to it
-    that it has not yet reported done; `unready_polls` first answers without a url that many times
-    per request, as the real one does while workers load.
+    /route/ sends a request to the loaded worker with the fewest open requests (routed to it and not
+    yet reported done), ties broken at random (`seed`); `unready_polls` first answers without a url
+    that many times per request, as the real one does while workers load. Workers are the PyWorkers
+    that reported themselves loaded (and accept connections), and the in-process fakes of
+    tests/fleet.py, registered with `add_worker` and dropped with `remove_worker` (when the
+    autoscaler notices they are gone). A fake reports each request when it receives it and when it
+    ends; a request routed to one that never receives it stops counting after the route's
+    `replay_timeout`.
     """
 
-    def __init__(self, unready_polls: int = 0):
+    def __init__(self, unready_polls: int = 0, seed: int = 0):
         self.key = RSA.generate(2048)
         self.unready_polls = unready_polls
         self.reports: dict[str, list[dict]] = {"/worker_status/": [], "/delete_requests/": []}
         self.routes: list[dict] = []  # every /route/ call: its body and auth header
         self.routed: list[tuple[int, str]] = []  # (request_idx, worker url) of each answer with a url
+        self.fakes: set[str] = set()  # registered in-process workers that are routable
+        self._open: dict[str, set[int]] = {}  # worker url → request_idx routed to it and not done
+        self._unreceived: dict[int, float] = {}  # request_idx routed to a fake, not yet received → deadline
+        self._signatures: dict[str, str] = {}
+        self._rng = random.Random(seed)
         self._polls: dict[int, int] = {}
         self._request_idx = itertools.count(1)
         self.lock = threading.Lock()
@@ -72,6 +83,9 @@ class FakeVast:
                 if path in fake.reports:
                     with fake.lock:
                         fake.reports[path].append(body)
+                    if path == "/delete_requests/":
+                        for r in body.get("requests", []):
+                            fake.request_done(None, r["request_idx"])
                     return self._answer(200, {})
                 if path == "/route/":
                     return self._answer(*fake._route(self.headers, body))
@@ -88,7 +102,7 @@ class FakeVast:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -112,27 +126,57 @@ class FakeVast:
         with self.lock:
             idx = body.get("request_idx") or next(self._request_idx)
             polls = self._polls[idx] = self._polls.get(idx, 0) + 1
-        worker = self._pick_worker(idx) if polls > self.unready_polls else None
+        worker = self._pick_worker(idx, body.get("replay_timeout") or 60.0) if polls > self.unready_polls else None
         if worker is None:
             return 200, {"request_idx": idx}
         return 200, {"url": worker, "signature": self.sign(worker), "reqnum": idx, "request_idx": idx,
                      "cost": body.get("cost"), "endpoint": ENDPOINT_NAME}
 
     def loaded_workers(self) -> list[str]:
+        """The PyWorkers that reported themselves loaded (fakes not included)."""
         with self.lock:
             return sorted({s["url"] for s in self.reports["/worker_status/"] if s["loadtime"] > 0})
 
-    def _pick_worker(self, request_idx: int) -> str | None:
-        """The reachable loaded worker with the fewest open requests, recorded as this one's."""
-        candidates = [url for url in self.loaded_workers() if _reachable(url)]
+    def _pick_worker(self, request_idx: int, replay_timeout: float = 60.0) -> str | None:
+        """The loaded worker with the fewest open requests (ties at random), recorded as this one's."""
+        reported = [url for url in self.loaded_workers() if _reachable(url)]
+        now = time.monotonic()
         with self.lock:  # choosing and recording at once: two parallel requests go to two workers
-            done = {r["request_idx"] for report in self.reports["/delete_requests/"] for r in report["requests"]}
-            open_requests = {url: sum(1 for idx, to in self.routed if to == url and idx not in done)
-                             for url in candidates}
-            worker = min(candidates, key=open_requests.__getitem__, default=None)
-            if worker is not None:
-                self.routed.append((request_idx, worker))
+            for idx, deadline in list(self._unreceived.items()):
+                if deadline < now:
+                    del self._unreceived[idx]
+                    for requests in self._open.values():
+                        requests.discard(idx)
+            candidates = [*reported, *sorted(self.fakes)]
+            if not candidates:
+                return None
+            fewest = min(len(self._open.get(url, ())) for url in candidates)
+            worker = self._rng.choice([url for url in candidates if len(self._open.get(url, ())) == fewest])
+            self._open.setdefault(worker, set()).add(request_idx)
+            if worker in self.fakes:
+                self._unreceived[request_idx] = now + replay_timeout
+            self.routed.append((request_idx, worker))
             return worker
+
+    # The in-process fakes (tests/fleet.py) --------------------------------------------------------
+
+    def add_worker(self, url: str) -> None:
+        with self.lock:
+            self.fakes.add(url)
+
+    def remove_worker(self, url: str) -> None:
+        with self.lock:
+            self.fakes.discard(url)
+
+    def request_received(self, url: str, request_idx: int) -> None:
+        with self.lock:
+            self._unreceived.pop(request_idx, None)
+
+    def request_done(self, url: str | None, request_idx: int) -> None:
+        with self.lock:
+            self._unreceived.pop(request_idx, None)
+            for requests in ([self._open.get(url, set())] if url else self._open.values()):
+                requests.discard(request_idx)
 
     def statuses(self, url: str | None = None) -> list[dict]:
         with self.lock:
@@ -145,9 +189,12 @@ class FakeVast:
         return next((r["status"] for r in done if r["request_idx"] == request_idx), None)
 
     def sign(self, url: str) -> str:
-        """What the autoscaler signs for a worker's request: the worker's URL."""
-        message = json.dumps({"url": url}, indent=4, sort_keys=True).encode()
-        return base64.b64encode(pkcs1_15.new(self.key).sign(SHA256.new(message))).decode()
+        """What the autoscaler signs for a worker's request: the worker's URL (the same signature
+        every time: PKCS#1 v1.5 is deterministic)."""
+        if url not in self._signatures:
+            message = json.dumps({"url": url}, indent=4, sort_keys=True).encode()
+            self._signatures[url] = base64.b64encode(pkcs1_15.new(self.key).sign(SHA256.new(message))).decode()
+        return self._signatures[url]
 
     def auth_data(self, url: str, request_idx: int, signature: str | None = None) -> dict:
         return {"cost": "1", "endpoint": ENDPOINT_NAME, "reqnum": request_idx, "request_idx": request_idx,
@@ -191,6 +238,14 @@ class FakeVast:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that goes away mid-answer (a search that ends) is no error of the fake's."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def listening(port: int, host: str = "127.0.0.1") -> bool:
