@@ -187,18 +187,26 @@ def test_a_range_is_given_up_only_after_different_workers_fail_it():
     assert plan.missing() == [{"start_nonce": 0, "node_id": 0, "n_nodes": 1, "max_nonces": 100}]
 
 
-def test_a_backup_takes_the_upper_part_of_the_slowest_request():
+def test_backups_take_pieces_from_the_top_of_what_the_slowest_request_has_not_settled():
     plan = Plan([Sequence(0, 0, 1, 1000)], workers=2, give_up_after=3)
     fast, slow = plan.take(500), plan.take(500)
-    fast.opened = slow.opened = 0.0
-    fast.rate, slow.rate, fast.bound_s, slow.bound_s = 100.0, 10.0, 60.0, 60.0
+    for run, rate in ((fast, 100.0), (slow, 10.0)):
+        run.opened, run.rate, run.bound_s = 0.0, rate, 60.0
     plan.settle(fast, 500)
     plan.end(fast)
-    backup = plan.backup(rate=100.0, now=1.0)  # slow is at about 510 of [500, 1000): 49 s to go
-    assert backup.backup and backup.hi == 1000 and 500 < backup.lo < 600
-    plan.settle(backup, 1000)  # the backup did its part: slow still runs below it
-    assert plan.settle(slow, backup.lo) == [backup]  # all done: the backup, still open, may stop
-    assert plan.finished and plan.missing() == []
+    first = plan.backup(rate=100.0, now=1.0)  # slow needs 50 s for [500, 1000)
+    assert first.backup and (first.lo, first.hi) == (800, 1000)  # MIN_PART_S of the backup's worker
+    second = plan.backup(rate=100.0, now=1.0)
+    assert (second.lo, second.hi) == (600, 800)
+    plan.settle(slow, 580)
+    third = plan.backup(rate=100.0, now=1.0)  # [580, 600): the faster one does 19 of the 20 meanwhile
+    assert (third.lo, third.hi) == (581, 600)
+    # slow ends by itself only in 42 s, and settles [580, 581) maybe only then: that too is backed up.
+    fourth = plan.backup(rate=100.0, now=1.0)
+    assert (fourth.lo, fourth.hi) == (580, 581) and plan.backup(rate=100.0, now=1.0) is None
+    for backup in (first, second, third):
+        assert plan.settle(backup, backup.hi) == []
+    assert plan.settle(fourth, 581) == [slow] and plan.finished and plan.missing() == []  # slow may stop
 
 
 def test_a_duration_search_has_one_endless_part_per_worker():

@@ -241,7 +241,11 @@ class FakeVast:
 
 
 class _QuietServer(ThreadingHTTPServer):
-    """A client that goes away mid-answer (a search that ends) is no error of the fake's."""
+    """A client that goes away mid-answer (a search that ends) is no error of the fake's; hundreds
+    of clients may connect at once (socketserver's default backlog of 5 would drop their SYNs,
+    which TCP sends again only after a second or more)."""
+
+    request_queue_size = 1024
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], ConnectionError):

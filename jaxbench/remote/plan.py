@@ -4,16 +4,22 @@ The search is one or more sequences in the `/generate` schedule (docs/algorithm.
 from `start` computes the k-th nonce `start + i + k·N`. A request is a range [lo, hi) of one
 sequence's k, sent as `start_nonce = start + lo·N`, `node_id = i`, `n_nodes = N` and
 `max_nonces = hi − lo` (no `max_nonces` for a range without end), which a worker understands as it
-is. With `--max-nonces M` there is one sequence (node 0 of 1) of M nonces, handed out in parts that
-shrink as the work does (each about the rest / (`SHARE` × workers), never under `MIN_PART_S` of the
-worker's measured work): idle workers take over what a dead or slow one leaves, and the last parts
-end together. With `--duration` there is one endless sequence per worker (node i of N = workers).
+is. With `--max-nonces M` there is one sequence (node 0 of 1) of M nonces, handed out in parts:
+a worker whose speed is not known yet gets an equal share of the pending work and is asked to stop
+after PROBE_S (PROBE_S of its work too while too few speeds are known to judge the fleet's); then
+each part is the worker's speed × the time the rest of the search would take the whole fleet
+(/ SHARE, at least MIN_PART_S, less the time the worker is busy with another request of the
+search first), so that parts end together, a few a worker.
+Every part carries a time bound (`bound`): a worker slower than thought gives the rest back. With
+`--duration` there is one endless sequence per worker (node i of N = workers).
 
 `Plan` keeps, per sequence, the `done` indices (computed, every result line received), the indices
 printed but not yet done (so that no nonce is printed twice, whoever computes it again), the
 `pending` ranges nobody runs, and the `running` requests. When pending work runs out while requests
-still run, `backup` hands an idle worker the upper part of the slowest request's range; whoever
-finishes an index first settles it, and a request whose range is all done is stopped.
+still run, `backup` hands an idle worker a piece (about MIN_PART_S of its work) from the top of the
+range the slowest running request has not settled; whoever finishes an index first settles it, and
+a request whose range is all done is stopped. So the search's end waits for no slow, stuck or
+silent worker (a worker whose lines are rare settles its range only at its next line).
 A range fails `give_up_after` times in a row on different workers (a worker failing it twice
 counts once) before it is given up, and then it is listed as missing.
 """
@@ -23,13 +29,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from bisect import bisect_left
 
 from .intervals import Intervals, SortedInts
 
-SHARE = 1  # a new part is the pending work / (SHARE × workers), scaled by the worker's speed
-MIN_PART_S = 2.0  # … but at least this many seconds of the worker's measured work
+SHARE = 1.25  # a part is the worker's speed × the time the rest would take the fleet / SHARE …
+MIN_PART_S = 2.0  # … but at least this many seconds of its work
 PROBE_S = 10.0  # a worker whose speed is not known yet is asked to stop after this many seconds
 BOUND_SLACK = 1.5  # … one whose speed is known, after this × its part's expected time + MIN_PART_S
+UNSTARTED_S = 5.0  # a request without a worker after this long may be backed up
+LEFT_S = 0.5  # how long an estimate of the work left stands
 ENDLESS = 1 << 64  # the end of a sequence without one (beyond every nonce)
 
 
@@ -67,7 +76,6 @@ class Track:
         self.printed = SortedInts()  # indices printed that are not done yet
         self.valid = 0  # nonces printed
         self.running: list[Running] = []
-        self.shared: set[Running] = set()  # running requests whose ranges overlap: backups and their originals
 
 
 @dataclasses.dataclass(eq=False)
@@ -96,12 +104,24 @@ class Running:
     bound_s: float | None = None  # the request's duration_s: the worker stops after it
     quantum: int = 1  # nonces of the worker's full step, as far as known
     settled: int = 0  # absolute index: everything in [lo, settled) settled by this request
-    backup: bool = False  # it runs the upper part of another running request's range
     done_elsewhere: bool = False  # stopped because other requests did all of its range
+    ended: bool = False
+    backup: bool = False  # it runs the top of another running request's range: its `victim`
+    victim: Running | None = None
+    against: float = 0.0  # a backup: the victim's speed when the backup was made
+    uncovered: int = 0  # … and where the part of its range that the backup may take began
     stop = None  # set by the runner: a callable that ends the request
 
     def __post_init__(self):
         self.settled = self.lo
+        self.backups: list[Running] = []  # the running backups of its range
+
+    def ancestors(self):
+        """The running requests whose ranges hold this one's: its victim, the victim's, …"""
+        run = self.victim
+        while run is not None and not run.ended:
+            yield run
+            run = run.victim
 
     @property
     def fields(self) -> dict:
@@ -116,11 +136,11 @@ class Running:
             self.bound_s = PROBE_S if not rate else BOUND_SLACK * (self.hi - self.settled) / rate + MIN_PART_S
 
     def outlook(self, now: float) -> tuple[float, float]:
-        """(seconds until it ends, nonces per second it computes) as far as the client can tell: a
-        request past its time bound without a summary, or without a worker after MIN_PART_S, may be
-        stuck (inf, 0)."""
+        """(seconds until it ends by itself, nonces per second it computes) as far as the client can
+        tell: a request past its time bound without a summary, or without a worker after
+        UNSTARTED_S, may be stuck (inf, 0); one still being routed is left alone (0, 0)."""
         if self.opened is None:
-            return (math.inf, 0.0) if now - self.started > MIN_PART_S else (MIN_PART_S, self.rate or 0.0)
+            return (math.inf, 0.0) if now - self.started > UNSTARTED_S else (0.0, 0.0)
         end = self.opened + (self.bound_s if self.bound_s is not None else math.inf)
         if now > end + MIN_PART_S:
             return math.inf, 0.0
@@ -143,6 +163,7 @@ class Plan:
         self.bounded = all(s.count is not None for s in sequences)
         self.total = sum(s.count for s in sequences) if self.bounded else None
         self.computed = 0  # indices done, over every track
+        self._left, self._left_at = 0.0, -math.inf
         self.valid = 0
         self.running_count = 0
 
@@ -152,37 +173,55 @@ class Plan:
     def finished(self) -> bool:
         return self.bounded and self.computed == self.total
 
-    def part_size(self, rate: float | None, mean_rate: float | None, quantum: int) -> int:
-        """How many indices a new part of a bounded range gets, for a worker of `rate` nonces/s."""
-        share = self.pending_size / (SHARE * self.workers)
-        floor = quantum
-        if rate and mean_rate:
-            share *= rate / mean_rate
-        if rate or mean_rate:
-            floor = max(floor, (rate or mean_rate) * MIN_PART_S)
-        size = max(share, floor)
+    def part_size(self, rate: float | None, fleet_rate: float | None, quantum: int, busy_s: float = 0.0) -> int:
+        """How many indices a new part of a bounded range gets, for a worker of `rate` nonces/s
+        (None: not known yet) when all the workers together do `fleet_rate` (None: not known yet),
+        and which starts it only after `busy_s` (it runs another request first)."""
+        if rate and fleet_rate:
+            size = rate * max(MIN_PART_S, self.work_left() / fleet_rate / SHARE - busy_s)
+        elif rate:  # the fleet's speed is not known yet: PROBE_S of this worker's work
+            size = rate * PROBE_S
+        else:  # a first request: a share of the pending work (it stops after PROBE_S anyway)
+            size = self.pending_size / self.workers
         return max(quantum, math.ceil(size / quantum) * quantum)
 
-    def take(self, size: int) -> Running | None:
+    def work_left(self) -> float:
+        """Indices of bounded ranges not computed yet, as far as the client can tell: the pending
+        ones, and what the running requests have not reached at their workers' speed (their lines
+        may settle it only later). Worked out at most every LEFT_S: it costs a pass over them."""
+        now = time.monotonic()
+        if now - self._left_at > LEFT_S:
+            left = self.pending_size
+            for track in self.tracks:
+                if track.sequence.count is not None:
+                    for run in track.running:
+                        at = run.settled if not (run.rate and run.opened) else max(
+                            run.settled, run.lo + run.rate * (now - run.opened))
+                        left += max(0.0, run.hi - at)
+            self._left, self._left_at = left, now
+        return self._left
+
+    def take(self, size: int, least: int = 0) -> Running | None:
         """The next pending work: the front of the earliest pending range, `size` indices of a
-        bounded one (all of it if less than half a part would be left), or a whole endless one."""
+        bounded one (all of it if less than `least`, the smallest part worth a request of its own,
+        would be left), or a whole endless one."""
         if not self.pending:
             return None
         p = self.pending[0]
-        hi = p.hi if p.hi == ENDLESS or p.hi - p.lo < 1.5 * size else p.lo + size
+        hi = p.hi if p.hi == ENDLESS or p.hi - p.lo < size + least else p.lo + size
         if hi == p.hi:
             self._pop(0)
         else:
             self._replace(0, dataclasses.replace(p, lo=hi))
         return self._start(Running(p.track, p.lo, hi, p.failures, p.failed_on))
 
-    def resize(self, run: Running, size: int) -> None:
-        """Fit a part not yet sent to `size` indices: give the excess back, or take more from the
-        pending range that follows it."""
+    def resize(self, run: Running, size: int, least: int = 0) -> None:
+        """Fit a part not yet sent to `size` indices: give the excess back (unless less than `least`),
+        or take more from the pending range that follows it."""
         if run.hi == ENDLESS or run.backup:
             return
         want = run.lo + size
-        if want + size // 2 < run.hi:  # a smaller excess stays: a range of its own would cost a request
+        if want + least < run.hi:
             self._give_back(Pending(run.track, want, run.hi, run.failures, run.failed_on))
             run.hi = want
         elif want > run.hi:
@@ -197,36 +236,45 @@ class Plan:
                     break
 
     def backup(self, rate: float | None, now: float) -> Running | None:
-        """With nothing pending: the upper part of the uncovered range of the running request that
-        looks the slowest, sized so that both end together; None when none is worth it."""
+        """With nothing pending: a piece from the top of what the running request that looks the
+        slowest has not settled (and no other backs up), for a worker of `rate` nonces/s; None when
+        every running request ends within MIN_PART_S. A request settles an index only when a line
+        of a later step comes, maybe only with its summary: backups take its range down to what it
+        has settled, so that it can be stopped once they are done."""
         best, best_key = None, None
         for track in self.tracks:
             if track.sequence.count is None:
                 continue
             for run in track.running:
                 lo, hi = self._uncovered(run)
-                if hi - lo < 2 * run.quantum:
+                if hi - lo < run.quantum:
                     continue
                 seconds, speed = run.outlook(now)
                 key = (seconds, hi - lo)
-                if best_key is None or key > best_key:
+                if seconds >= MIN_PART_S and (best_key is None or key > best_key):
                     best, best_key = (run, lo, hi, speed), key
-        if best is None or best_key[0] < MIN_PART_S:  # none, or the slowest ends soon anyway
+        if best is None:
             return None
         run, lo, hi, speed = best
-        quantum = run.quantum
-        mine = rate or speed or 1.0
-        size = min(hi - lo, max(quantum, math.ceil((hi - lo) * mine / (mine + speed) / quantum) * quantum))
-        backup = self._start(Running(run.track, hi - size, hi, backup=True))
-        run.track.shared.update((run, backup))
+        backup = self._start(Running(run.track, lo, hi, backup=True, quantum=run.quantum))
+        backup.victim, backup.against, backup.uncovered = run, speed, lo
+        self.fit_backup(backup, rate)
+        run.backups.append(backup)
         return backup
 
+    def fit_backup(self, backup: Running, rate: float | None) -> None:
+        """Size a backup not yet sent for a worker of `rate` nonces/s: the top of its range that ends
+        when the request it backs up would reach it, at most MIN_PART_S of the worker's work."""
+        span = backup.hi - backup.uncovered
+        mine = rate or backup.against
+        if mine:
+            span = min(span * mine / (mine + backup.against), mine * MIN_PART_S)
+        size = min(backup.hi - backup.uncovered, max(backup.quantum, math.ceil(span / backup.quantum) * backup.quantum))
+        backup.lo = backup.settled = backup.hi - size
+
     def _uncovered(self, run: Running) -> tuple[int, int]:
-        """The lower end of `run`'s range that neither `done` nor a backup started later covers."""
-        hi = run.hi
-        for other in run.track.shared:
-            if other is not run and other.backup and run.settled <= other.settled < hi:
-                hi = other.settled
+        """The lowest part of what `run` has not settled that neither `done` nor its backups cover."""
+        hi = min([b.lo for b in run.backups if b.lo >= run.settled] + [run.hi])
         gaps = run.track.done.gaps(run.settled, hi)
         return gaps[0] if gaps else (hi, hi)
 
@@ -246,7 +294,8 @@ class Plan:
         return True
 
     def settle(self, run: Running, k: int) -> list[Running]:
-        """`run` has settled its range up to k: the requests whose whole range is done now."""
+        """`run` has settled its range up to k: the requests (`run` too) whose range is all done now
+        though they have not reached its end."""
         k = min(k, run.hi)
         if k <= run.settled:
             return []
@@ -258,8 +307,11 @@ class Plan:
         self.computed += added
         track.printed.drop(lo, k)
         if self.finished:
-            return [r for t in self.tracks for r in t.running if r is not run]
-        return [r for r in track.shared if r is not run and track.done.covers(r.settled, r.hi)]
+            return [r for t in self.tracks for r in t.running if r.settled < r.hi]
+        # Only the requests whose ranges overlap run's may have become all done: its own, its backups'
+        # and those it backs up.
+        return [r for r in (run, *run.backups, *run.ancestors())
+                if r.settled < r.hi and track.done.covers(r.settled, r.hi)]
 
     def end(self, run: Running, worker_failed: str | None = None) -> None:
         """The request is over; what it left undone goes back to pending unless another running
@@ -267,7 +319,9 @@ class Plan:
         `worker_failed`: the cause when the request failed through its worker (or finding one)."""
         track = run.track
         track.running.remove(run)
-        track.shared.discard(run)
+        run.ended = True
+        if run.victim is not None and run in run.victim.backups:
+            run.victim.backups.remove(run)
         self.running_count -= 1
         if not worker_failed:
             failures, failed_on = 0, frozenset()
@@ -277,7 +331,7 @@ class Plan:
             failures = run.failures + (run.worker is None or run.worker not in run.failed_on)
             failed_on = run.failed_on | {run.worker}
         left = track.done.gaps(run.settled, run.hi)
-        for other in track.shared:  # the ranges the other requests cover stay theirs
+        for other in (*run.backups, *run.ancestors()):  # what the others cover stays theirs
             left = [g for a, b in left for g in _minus(a, b, other.settled, other.hi)]
         for lo, hi in left:
             p = Pending(track, lo, hi, failures, failed_on, worker_failed)
@@ -287,11 +341,7 @@ class Plan:
                 self._give_back(p)
 
     def _give_back(self, p: Pending) -> None:
-        key = (p.track.index, p.lo)
-        i = 0
-        while i < len(self.pending) and (self.pending[i].track.index, self.pending[i].lo) < key:
-            i += 1
-        self._insert(i, p)
+        self._insert(bisect_left(self.pending, (p.track.index, p.lo), key=_order), p)
 
     def _size(self, p: Pending) -> int:
         return 0 if p.hi == ENDLESS else p.hi - p.lo
@@ -322,6 +372,15 @@ class Plan:
             for lo, hi in track.done.gaps(0, track.sequence.end):
                 out.append(track.sequence.request_fields(lo, hi))
         return out
+
+
+def least_part(rate: float | None, quantum: int) -> int:
+    """The smallest part worth a request of its own: MIN_PART_S of a worker's work (`rate`)."""
+    return max(quantum, int((rate or 0) * MIN_PART_S))
+
+
+def _order(p: Pending) -> tuple[int, int]:
+    return p.track.index, p.lo
 
 
 def _minus(a: int, b: int, c: int, d: int) -> list[tuple[int, int]]:

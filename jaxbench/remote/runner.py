@@ -26,7 +26,7 @@ import sys
 import time
 
 from ..backoff import Backoff
-from .plan import ENDLESS, Plan, Running
+from .plan import ENDLESS, Plan, Running, least_part
 from .search import Search
 from .stream import RequestCheck, Violation
 from .workers import Fleet, Worker
@@ -70,6 +70,7 @@ class RemoteSearch:
         self._idle: list[asyncio.Future] = []
         self._closing = False
         self._streaming = 0  # requests whose stream is open
+        self._running_on: dict[str, list[Running]] = {}  # worker url → the search's requests streaming there
         self._last_progress = time.monotonic()
         self._refusals: dict[str, set[str]] = {}  # what was refused → by which workers
         self._route_error = ""
@@ -170,7 +171,8 @@ class RemoteSearch:
             return None
         plan = self.plan
         if plan.pending:
-            return plan.take(plan.part_size(None, self.fleet.mean_rate, self.fleet.quantum))
+            return plan.take(plan.part_size(None, self._fleet_rate(), self.fleet.quantum),
+                             least_part(self.fleet.mean_rate, self.fleet.quantum))
         now = time.monotonic()
         if plan.bounded and plan.running_count and now >= self._no_backup_until:
             run = plan.backup(self.fleet.mean_rate, now)
@@ -258,8 +260,14 @@ class RemoteSearch:
                 continue
             worker = self.fleet.get(url)
             if not fitted:
-                self.plan.resize(run, self.plan.part_size(worker.rate, self.fleet.mean_rate,
-                                                          worker.quantum if worker.rate else self.fleet.quantum))
+                if run.backup:
+                    self.plan.fit_backup(run, worker.rate)
+                else:  # a worker that runs one of the search's requests starts this one after it
+                    quantum = worker.quantum if worker.rate else self.fleet.quantum
+                    now = time.monotonic()
+                    busy_s = max([r.outlook(now)[0] for r in self._running_on.get(url, ())] + [0.0])
+                    self.plan.resize(run, self.plan.part_size(worker.rate, self._fleet_rate(), quantum, busy_s),
+                                     least_part(worker.rate or self.fleet.mean_rate, quantum))
                 fitted = True
             run.bound(worker.rate)
             payload = self._payload(run)
@@ -298,6 +306,9 @@ class RemoteSearch:
         self.fleet.failed(url, cause, lied)
         self._note(f"{url}: {cause}; the request goes to another worker")
 
+    def _fleet_rate(self) -> float | None:
+        return self.fleet.total_rate(self.search.workers)
+
     def _payload(self, run: Running) -> dict | None:
         """The request's body: its range, and the time it may take (the rest of the search's time,
         or its part's bound); None once the search's time is up."""
@@ -317,6 +328,7 @@ class RemoteSearch:
         check = RequestCheck(sequence.nonce(base), sequence.n_nodes, None if run.hi == ENDLESS else run.hi - base,
                              self.search.r_target)
         self._streaming += 1
+        self._running_on.setdefault(url, []).append(run)
         self._last_progress = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
@@ -331,6 +343,8 @@ class RemoteSearch:
                     silence.reschedule(loop.time() + self.stall_timeout)
                     try:
                         if self._line(run, url, check, base, line):
+                            if not run.done_elsewhere:
+                                await self.router.drain(stream)
                             return None, False
                     except Violation as e:
                         return f"it sent what a correct worker never sends: {e}", True
@@ -340,6 +354,7 @@ class RemoteSearch:
             return f"no line from it for {self.stall_timeout:g} s", False
         finally:
             self._streaming -= 1
+            self._running_on[url].remove(run)
             try:
                 await stream.aclose()
             except Exception:  # noqa: BLE001 — closing a broken connection
@@ -370,7 +385,7 @@ class RemoteSearch:
         if base + check.settled > run.settled:
             self._settle(run, base + check.settled)
         self._print(run, worker, line, indices, base)
-        return False
+        return run.done_elsewhere  # the rest of its range is done: it may stop
 
     def _print(self, run: Running, worker: Worker, line: dict, indices: list[int], base: int) -> None:
         plan, track = self.plan, run.track
@@ -391,14 +406,12 @@ class RemoteSearch:
         before = self.plan.computed
         for other in self.plan.settle(run, k):
             other.done_elsewhere = True
-            if other.stop is not None:
+            if other is not run and other.stop is not None:
                 other.stop()
         if self.plan.computed > before:
             self._last_progress = time.monotonic()
             if run.worker:
                 self.fleet.get(run.worker).computed += self.plan.computed - before
-            if self.bar is not None:
-                self.bar.update(self.plan.computed - self.bar.n)
         if self.plan.finished:
             self._dispatch()
 

@@ -28,10 +28,9 @@ _MISSING = object()
 
 def _integer(line: dict, name: str, minimum: int = 0) -> int:
     value = line.get(name, _MISSING)
-    if value is _MISSING:
-        raise Violation(f"a line without {name}")
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise Violation(f"{name} {value!r:.40} is not an integer ≥ {minimum}")
+    if type(value) is not int or value < minimum:  # not a bool either
+        raise Violation(f"a line without {name}" if value is _MISSING else
+                        f"{name} {value!r:.40} is not an integer ≥ {minimum}")
     return value
 
 
@@ -54,7 +53,7 @@ class RequestCheck:
         self._reached = 0  # past the newest step's highest index seen: where it ends at the least
 
     def index(self, nonce) -> int:
-        if isinstance(nonce, bool) or not isinstance(nonce, int):
+        if type(nonce) is not int:
             raise Violation(f"nonce {nonce!r:.40} is not an integer")
         k, rest = divmod(nonce - self.first, self.stride)
         if rest or k < 0 or (self.count is not None and k >= self.count):
@@ -92,13 +91,15 @@ class RequestCheck:
             step_start = self._step_start
 
         indices = []
+        last = step_start - 1
         for nonce, d in zip(nonces, dist):
             k = self.index(nonce)
-            if k < step_start or (indices and k <= indices[-1]) or k % groups != group:
+            if k <= last or k % groups != group:
                 raise Violation(f"nonce {nonce} does not belong to group {group} of step {step}")
-            if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d >= self.r_target:
+            if type(d) is not float and type(d) is not int or not d < self.r_target or not math.isfinite(d):
                 raise Violation(f"nonce {nonce} came with distance {d!r:.40}, not one below r_target")
             indices.append(k)
+            last = k
         step_end = self._next_step_end(line, group, indices[-1])
         known_end = None if new_step else self._step_end
         if step_end is not None and known_end is not None and step_end != known_end:

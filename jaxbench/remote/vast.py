@@ -26,6 +26,7 @@ from ..backoff import Backoff
 API_KEY_VARIABLE = "VAST_API_KEY"
 DEFAULT_CONNECTION_LIMIT = 500  # the SDK's
 ROUTE_POLL = Backoff(0.25, 2.0)  # pauses between /route/ calls while no worker is given
+DRAIN_S = 1.0  # how long the end of a stream may take after its last line
 
 
 class RemoteError(Exception):
@@ -128,3 +129,14 @@ class Router:
                                    api_key=self.endpoint.api_key,
                                    body={"auth_data": auth_data, "session_id": None, "payload": payload},
                                    method="POST", retries=1, stream=True)
+
+    @staticmethod
+    async def drain(stream) -> None:
+        """Read a finished stream to its end, so that its connection carries the next request (the
+        SDK drops a connection closed before its response's end, and the next request opens one)."""
+        try:
+            async with asyncio.timeout(DRAIN_S):
+                async for _ in stream:
+                    pass
+        except Exception:  # noqa: BLE001 — whatever it was, the request is done
+            pass

@@ -18,6 +18,7 @@ from ..backoff import Backoff
 FAILED_WORKER = Backoff(2.0, 120.0)  # how long a worker that failed a request is avoided
 LYING_WORKER = Backoff(60.0, 3600.0)  # … one that sent what a correct worker never sends
 BUSY_WORKER = Backoff(1.0, 30.0)  # … one that answered 429 (its queue is full) or 503
+RATE_SPAN_S = 3.0  # a worker's speed is learnt from requests at least this long
 
 
 @dataclasses.dataclass
@@ -52,6 +53,13 @@ class Fleet:
     def mean_rate(self) -> float | None:
         return self._rate_sum / len(self._rates) if self._rates else None
 
+    def total_rate(self, workers: int) -> float | None:
+        """Nonces per second of `workers` workers: those measured, and the others at their mean;
+        None until a quarter of them (and ten) are measured: the first to report need not be typical."""
+        if len(self._rates) < min(workers, max(10, workers / 4)):
+            return None
+        return self._rate_sum + max(0, workers - len(self._rates)) * self.mean_rate
+
     def avoided(self, url: str, now: float) -> bool:
         w = self.workers.get(url)
         return w is not None and now < w.avoid_until
@@ -68,9 +76,12 @@ class Fleet:
         w.avoid_until = max(w.avoid_until, time.monotonic() + BUSY_WORKER.pause(1))
 
     def served(self, url: str, computed: int, seconds: float) -> None:
+        """A request it ended well: `computed` nonces in `seconds` from its stream's start. Its speed
+        is that of its newest request of RATE_SPAN_S or more (in a short one, starting up weighs too
+        much; the first may also have built the weights)."""
         w = self.get(url)
         w.strikes = 0
-        if computed > 0 and seconds > 0:
+        if computed > 0 and seconds >= RATE_SPAN_S:
             w.rate = computed / seconds
             self._rate_sum += w.rate - self._rates.get(url, 0.0)
             self._rates[url] = w.rate
