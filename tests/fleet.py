@@ -122,6 +122,7 @@ class FakeWorker:
         self.queued_work = 0.0  # seconds of work queued or running
         self.loaded: set[tuple] = set()
         self.first_start: int | None = None
+        self.first_request_at: float | None = None  # when its first request got past its queue
         self.transports: set = set()
         self._lock = asyncio.Lock()
 
@@ -192,6 +193,8 @@ class FakeWorker:
         spec, fault = self.spec, self.spec.fault
         kind = fault.kind if fault else None
         self.requests += 1
+        if self.first_request_at is None:
+            self.first_request_at = time.monotonic()
         if kind == "restart":
             if self.first_start is None:
                 self.first_start = req.start_nonce

@@ -4,6 +4,7 @@ vastai PyWorker (`python -m worker`), as Vast runs them on a worker."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import json
@@ -16,11 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+from aiohttp import web
 from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
 from Crypto.Signature import pkcs1_15
@@ -64,48 +65,46 @@ class FakeVast:
         self._polls: dict[int, int] = {}
         self._request_idx = itertools.count(1)
         self.lock = threading.Lock()
-        fake = self
+        # An asyncio server in a thread of its own: hundreds of clients may call at once (a thread
+        # per connection would make the first wave of a large fleet wait seconds for its routes).
+        # The routing itself runs in the loop's thread pool: it may probe a PyWorker's port.
+        self._loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_get("/pubkey/", self._serve_pubkey)
+        app.router.add_get("/api/v0/endptjobs/", self._serve_endpoints)
+        app.router.add_post("/{path:.*}", self._serve_post)
+        self._runner = web.AppRunner(app, access_log=None)
+        threading.Thread(target=self._loop.run_forever, daemon=True, name="fake-vast").start()
+        port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+        self.url = f"http://127.0.0.1:{port}"
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    async def _start(self) -> int:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]
 
-            def do_GET(self):
-                path = urlsplit(self.path).path
-                if path == "/pubkey/":
-                    return self._answer(200, fake.key.publickey().export_key())
-                if path == "/api/v0/endptjobs/":
-                    return self._answer(*fake._endpoints(self.headers))
-                self._answer(404, b"")
+    async def _serve_pubkey(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.key.publickey().export_key(), content_type="application/json")
 
-            def do_POST(self):
-                path = urlsplit(self.path).path
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"null")
-                if path in fake.reports:
-                    with fake.lock:
-                        fake.reports[path].append(body)
-                    if path == "/delete_requests/":
-                        for r in body.get("requests", []):
-                            fake.request_done(None, r["request_idx"])
-                    return self._answer(200, {})
-                if path == "/route/":
-                    return self._answer(*fake._route(self.headers, body))
-                self._answer(404, b"")
+    async def _serve_endpoints(self, request: web.Request) -> web.Response:
+        status, body = self._endpoints(request.headers)
+        return web.json_response(body, status=status)
 
-            def _answer(self, status: int, body):
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = _QuietServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    async def _serve_post(self, request: web.Request) -> web.Response:
+        path = "/" + request.match_info["path"]
+        body = json.loads(await request.read() or b"null")
+        if path in self.reports:
+            with self.lock:
+                self.reports[path].append(body)
+            if path == "/delete_requests/":
+                for r in body.get("requests", []):
+                    self.request_done(None, r["request_idx"])
+            return web.json_response({})
+        if path == "/route/":
+            status, answer = await self._loop.run_in_executor(None, self._route, request.headers, body)
+            return web.json_response(answer, status=status)
+        return web.Response(status=404)
 
     # The console ------------------------------------------------------------------------------------
 
@@ -236,20 +235,10 @@ class FakeVast:
             return False
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class _QuietServer(ThreadingHTTPServer):
-    """A client that goes away mid-answer (a search that ends) is no error of the fake's; hundreds
-    of clients may connect at once (socketserver's default backlog of 5 would drop their SYNs,
-    which TCP sends again only after a second or more)."""
-
-    request_queue_size = 1024
-
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
+        try:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
 
 
 def listening(port: int, host: str = "127.0.0.1") -> bool:
