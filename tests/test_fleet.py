@@ -177,3 +177,16 @@ def test_a_duration_search_on_a_fleet_with_a_dead_worker(fleet_of):
         expected.update({n: d for n, d in truth(BLOCK_HASH, PUBLIC_KEY, 1000, 8 * computed + 8, R_TARGET).items()
                          if n in set(nonces)})
     assert found == expected and run.summary["total_computed"] == sum(ends.values())
+
+
+def test_an_endpoint_the_account_does_not_have_is_bad_input(fleet_of):
+    vast, _ = fleet_of([WorkerSpec(**SPEC)])
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxbench", "remote", "search", "--endpoint", "no-such-endpoint",
+         "--autoscaler-url", vast.url, "--webserver-url", vast.url, "--vast-ca-file", certifi.where(),
+         "--params", "tiny", "--block-hash", BLOCK_HASH, "--public-key", PUBLIC_KEY, "--max-nonces", "10"],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "VAST_API_KEY": ACCOUNT_API_KEY},
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    assert out.stderr == (f"error: --endpoint: no endpoint named 'no-such-endpoint' in this account "
+                          f"(it has: {ENDPOINT_NAME})\n")

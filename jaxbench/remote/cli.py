@@ -57,9 +57,6 @@ def add_search(sub) -> None:
 
 
 def run_search(args) -> int:
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     search = Search.from_args(args)
     fields.integer(vars(args), "max_attempts", minimum=1)
     if args.cost is not None:
@@ -67,13 +64,11 @@ def run_search(args) -> int:
     for name in ("stall_timeout", "wait_timeout"):
         fields.number(vars(args), name)
     checked = vast.check_options(args)
-    with tqdm(total=search.max_nonces, unit="nonce", file=sys.stderr, dynamic_ncols=True, desc="remote") as bar, \
-            logging_redirect_tqdm():
-        try:
-            summary = asyncio.run(_search(args, checked, search, bar))
-        except vast.RemoteError as e:
-            bar.write(f"error: {e}", file=sys.stderr)
-            return options.EXIT_ERROR
+    try:
+        summary = asyncio.run(_search(args, checked, search))
+    except vast.RemoteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return options.EXIT_ERROR
     print(json.dumps(summary), flush=True)
     reason = summary["reason"]
     print(f"{summary['total_computed']} nonces in {summary['elapsed_seconds']:.1f} s "
@@ -84,11 +79,16 @@ def run_search(args) -> int:
     return options.EXIT_ERROR if reason == "failed" else options.EXIT_OK
 
 
-async def _search(args, checked, search: Search, bar) -> dict:
+async def _search(args, checked, search: Search) -> dict:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     # Each request in flight holds a connection to its worker, and route calls want one each too.
     async with vast.connect(args, connection_limit=2 * search.workers + 16, checked=checked) as router:
-        runner = RemoteSearch(router, search, cost=args.cost, max_attempts=args.max_attempts,
-                              stall_timeout=args.stall_timeout, wait_timeout=args.wait_timeout, bar=bar)
-        t0 = time.monotonic()
-        reason = await runner.run()
-        return runner.summary(reason, time.monotonic() - t0)
+        with tqdm(total=search.max_nonces, unit="nonce", file=sys.stderr, dynamic_ncols=True, desc="remote") as bar, \
+                logging_redirect_tqdm():
+            runner = RemoteSearch(router, search, cost=args.cost, max_attempts=args.max_attempts,
+                                  stall_timeout=args.stall_timeout, wait_timeout=args.wait_timeout, bar=bar)
+            t0 = time.monotonic()
+            reason = await runner.run()
+            return runner.summary(reason, time.monotonic() - t0)
