@@ -247,7 +247,7 @@ class Plan:
                 continue
             for run in track.running:
                 lo, hi = self._uncovered(run)
-                if hi - lo < run.quantum:
+                if hi <= lo:
                     continue
                 seconds, speed = run.outlook(now)
                 key = (seconds, hi - lo)
