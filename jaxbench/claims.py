@@ -12,6 +12,12 @@ from . import fields
 from .distance import DEFAULT_FRAUD_THRESHOLD, fraud_report
 from .params import Params
 
+# The fidelity rule (docs/algorithm.md, "Fidelity") bounds each faithful computation's largest gap to the
+# reference's float32 distances: 1e-5 in float32, else twice the reference's own gap in the dtype plus
+# 1e-5. These are its largest bounds over the vendored reference cases (tests/data/reference-vectors.json;
+# tests/test_cli.py recomputes them). Two faithful computations differ by at most twice the bound.
+FIDELITY_BOUND = {"float32": 1e-5, "float16": 5.99e-5, "bfloat16": 3.68e-4}
+
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
@@ -59,3 +65,10 @@ def validate_claim(engine, claim: Claim, on_step=None) -> dict:
     report["invalid_nonces"] = [claim.nonces[i] for i in report.pop("invalid_indices")]
     report["dtype"] = claim.dtype
     return report
+
+
+def beyond_fidelity(claim: Claim, recomputed: list[float]) -> int:
+    """How many claimed distances differ from the recomputed ones by more than two faithful computations
+    in the claim's dtype can (twice FIDELITY_BOUND); a recomputed NaN counts."""
+    gaps = np.abs(np.asarray(recomputed, dtype=np.float64) - np.asarray(claim.dist, dtype=np.float64))
+    return int(np.count_nonzero(~(gaps <= 2 * FIDELITY_BOUND[claim.dtype])))

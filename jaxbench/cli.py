@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -17,117 +18,74 @@ import signal
 import sys
 import threading
 import time
+import tomllib
 import traceback
 from pathlib import Path
 
-from . import fields, remote
-from .params import DEFAULT_R_TARGET, PRESETS, InputFileError, ParamsError, params_from_text, read_input_file
-
-EXIT_ERROR = 1
-EXIT_BAD_INPUT = 2
-EXIT_FRAUD = 3
-EXIT_INTERRUPTED = 130
+from . import fields, options, remote
+from .options import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_FRAUD, EXIT_INTERRUPTED, UsageError
+from .params import InputFileError, ParamsError, params_from_text, read_input_file
 
 
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise UsageError(message)
-
-
-def _verbose_option(p: argparse.ArgumentParser, default) -> None:
-    p.add_argument("-v", "--verbose", action="store_true", default=default, help="log progress details to stderr")
-
-
-def _add_common(p: argparse.ArgumentParser, with_hash: bool = True):
-    p.add_argument("--params", required=True, metavar="P",
-                   help=f"a preset ({', '.join(PRESETS)}), a JSON object of parameter fields, or @file.json")
-    if with_hash:
-        p.add_argument("--block-hash", required=True, metavar="H", help="the block hash the weights and target come from")
-        p.add_argument("--public-key", required=True, metavar="K", help="the public key that seeds each nonce's input")
-    _add_runtime(p)
-
-
-def _add_runtime(p: argparse.ArgumentParser):
-    p.add_argument("--dtype", default="float16", help="float16 (default, what validators run), bfloat16, float32")
-    p.add_argument("--draws", default="auto", choices=("auto", "host", "device"),
-                   help="where inputs are drawn: auto = device on GPUs, host elsewhere")
-    p.add_argument("--devices", type=int, default=None, metavar="N", help="use the first N local devices (default: all)")
-    p.add_argument("--batch", type=int, default=None, metavar="B",
-                   help="nonces per device per step (default: measured once per configuration on a GPU, 8 on the "
-                        "CPU; never more than the work or the memory allows)")
-    p.add_argument("--group-size", type=int, default=None, metavar="S",
-                   help="devices that share one replica of the weights, each running a share of the layers "
-                        "(1, 2, 4 or 8; default: the fewest whose memory holds the parameter set)")
-    p.add_argument("--device-memory", default=None, metavar="SIZE",
-                   help="memory the engine may use on each device, e.g. 24GiB (default: what the device reports)")
-    p.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="XLA compilation cache directory (default $JAXBENCH_CACHE_DIR or ~/.cache/jaxbench/xla; "
-                        "'' turns it off)")
+def _version() -> str:
+    """The project's version: pyproject.toml's in a checkout, else the installed package's."""
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    try:
+        project = tomllib.loads(pyproject.read_text())["project"]
+        if project["name"] == "jaxbench":
+            return project["version"]
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        return importlib.metadata.version("jaxbench")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser(prog: str = "jaxbench") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description="Gonka PoC nonce search in JAX.",
-                     epilog="exit status: 0 done, 1 unexpected failure, 2 bad input, 3 validate found fraud, "
-                            "130 interrupted. docs/output.md describes every output field.")
-    _verbose_option(parser, False)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    parser = options.Parser(prog=prog, description="Gonka PoC nonce search in JAX.",
+                            epilog=f"{options.EXIT_STATUSES}. docs/output.md describes every output field.")
+    options.verbose(parser)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=options.Parser, metavar="COMMAND")
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        _verbose_option(p, argparse.SUPPRESS)  # accepted after the command too; absent, the top level's stands
-        return p
-
-    p = command("distances", "distances of given nonces (one JSON object)")
-    _add_common(p)
+    p = options.command(sub, "distances", "distances of given nonces (one JSON object)")
+    options.params(p)
+    options.seeds(p)
+    options.runtime(p)
     p.add_argument("--nonces", required=True, metavar="LIST", help="comma-separated integers and inclusive a-b ranges")
 
-    p = command("search", "search for valid nonces: NDJSON result lines, then a summary line")
-    _add_common(p)
-    p.add_argument("--r-target", type=float, default=DEFAULT_R_TARGET, metavar="R",
-                   help=f"a nonce is valid when its distance is below this (default {DEFAULT_R_TARGET})")
-    p.add_argument("--start-nonce", type=int, default=0, metavar="N", help="offset of the nonce sequence (default 0)")
+    p = options.command(sub, "search", "search for valid nonces: NDJSON result lines, then a summary line")
+    options.params(p)
+    options.seeds(p)
+    options.runtime(p)
+    options.search(p)
     p.add_argument("--node-id", type=int, default=0, metavar="I", help="this node's index, below --n-nodes (default 0)")
     p.add_argument("--n-nodes", type=int, default=1, metavar="M", help="nodes sharing the nonce space (default 1)")
-    p.add_argument("--block-height", type=int, default=0, metavar="H", help="echoed in every result line (default 0)")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="append result lines and the summary to FILE ('-': stdout). Default: stdout when it "
                         "is not a terminal, else a new jaxbench-search-<UTC time>.ndjson here")
-    stop = p.add_mutually_exclusive_group()
-    stop.add_argument("--max-nonces", type=int, default=None, metavar="N", help="stop after this many nonces")
-    stop.add_argument("--duration", type=float, default=None, metavar="S", help="stop after this many seconds")
 
-    p = command("validate", f"recompute a claimed batch and give the fraud verdict (exit {EXIT_FRAUD} on fraud)")
+    p = options.command(sub, "validate",
+                        f"recompute a claimed batch and give the fraud verdict (exit {options.EXIT_FRAUD} on fraud)")
     p.add_argument("file", help="JSON with params, block_hash, public_key, nonces, dist, r_target")
     p.add_argument("--threshold", type=float, default=None, metavar="P",
                    help="fraud when the p-value is below this (default: the claim's fraud_threshold, else 1e-7)")
-    _add_runtime(p)
+    options.runtime(p)
 
-    p = command("bench", "measure end-to-end and device-only throughput (a table on stderr, JSON on stdout)")
-    _add_common(p, with_hash=False)
+    p = options.command(sub, "bench", "measure end-to-end and device-only throughput (a table on stderr, JSON on stdout)")
+    options.params(p)
+    options.seeds(p, block_hash="bench-" + "0" * 58, public_key="bench-public-key")
+    options.runtime(p)
     p.add_argument("--seconds", type=float, default=20.0, metavar="S", help="length of the end-to-end run (default 20)")
     p.add_argument("--sustained-seconds", type=float, default=fields.DEFAULT_SUSTAINED_S, metavar="S",
                    help="then float16 square products for this long on every GPU: the rate the card sustains, "
                         f"which percent_of_sustained compares the step with (default {fields.DEFAULT_SUSTAINED_S:g}; "
                         f"0 turns it off; at most {fields.MAX_SUSTAINED_S:g})")
-    p.add_argument("--block-hash", default="bench-" + "0" * 58, metavar="H", help="block hash of the weights")
-    p.add_argument("--public-key", default="bench-public-key", metavar="K", help="public key of the inputs")
 
     remote.add_parser(sub)
-    _name_options(parser)
+    options.name_options(parser)
     return parser
-
-
-def _name_options(parser: argparse.ArgumentParser) -> None:
-    """Each (sub)command's parser records its options' names for `_options`."""
-    parser.set_defaults(option_names={a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings})
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for subparser in action.choices.values():
-                _name_options(subparser)
 
 
 @contextlib.contextmanager
@@ -152,6 +110,8 @@ def _cache_dir(args) -> str | None:
     if not directory:
         return None
     source = "" if args.cache_dir is not None else " (from JAXBENCH_CACHE_DIR or the default)"
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise fields.FieldError("cache_dir", f"{directory!r}{source} is not a directory")
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -315,7 +275,7 @@ def cmd_validate(args) -> int:
         if threshold > 1:
             raise fields.FieldError("threshold", f"must be at most 1 (a p-value bound), got {threshold}")
     data = _read_json_file(args.file, "file")
-    from .claims import parse_claim, validate_claim
+    from .claims import FIDELITY_BOUND, beyond_fidelity, parse_claim, validate_claim
 
     if isinstance(data, dict):
         data = {"dtype": dtype, **data}
@@ -330,8 +290,15 @@ def cmd_validate(args) -> int:
         report = validate_claim(engine, claim, on_step=bar.update)
     print(json.dumps(report))
     verdict = "FRAUD" if report["fraud"] else "not fraud"
-    print(f"{report['n_invalid']} of {report['n']} invalid, p-value {report['p_value']:.3g}: {verdict} "
-          f"at threshold {report['fraud_threshold']:g}", file=sys.stderr)
+    line = (f"{report['n_invalid']} of {report['n']} invalid, p-value {report['p_value']:.3g}: {verdict} "
+            f"at threshold {report['fraud_threshold']:g}")
+    far = beyond_fidelity(claim, report["recomputed_dist"])
+    if far:
+        line += (f"; {far} claimed distance(s) differ from the recomputed ones by more than two faithful "
+                 f"{claim.dtype} computations can ({2 * FIDELITY_BOUND[claim.dtype]:.3g}; largest gap "
+                 f"{report['max_abs_gap']:.3g}), which the verdict leaves out: the network's rule counts only "
+                 f"recomputed distances above r_target")
+    print(line, file=sys.stderr)
     return EXIT_FRAUD if report["fraud"] else 0
 
 

@@ -258,4 +258,14 @@ def params_from_text(text: str) -> Params:
         except (ValueError, RecursionError) as e:  # JSONDecodeError, and integers too long to convert
             raise ParamsError("params", f"invalid JSON: {e}") from None
         return Params.from_dict(data)
+    if text not in PRESETS and _is_json(text):  # '[]', '"tiny"', 3: JSON, but not an object
+        raise ParamsError("params", f"{text!r:.60} is not a preset ({', '.join(PRESETS)}) or a JSON object")
     return resolve_params(text)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True

@@ -143,7 +143,7 @@ def test_a_batch_far_beyond_the_work_is_lowered_to_it():
     assert time.monotonic() - started < 60
 
 
-def _claim(engine, tmp_path, tamper: int) -> str:
+def _claim(engine, tmp_path, tamper: int, claimed_gap: float = 0.0) -> str:
     nonces = list(range(20))
     dist = engine.distances(PRESETS["tiny"], BLOCK_HASH, PUBLIC_KEY, nonces, "float16")
     r_target = float(np.max(dist)) + 1e-3
@@ -151,7 +151,9 @@ def _claim(engine, tmp_path, tamper: int) -> str:
              "dist": dist.tolist(), "r_target": r_target}
     if tamper:
         claim["r_target"] = float(np.sort(dist)[tamper - 1]) - 1e-6  # the `20 - tamper + 1` largest now fail
-    path = tmp_path / f"claim{tamper}.json"
+    if claimed_gap:
+        claim["dist"][:3] = [d - claimed_gap for d in claim["dist"][:3]]  # claimed closer than computed
+    path = tmp_path / f"claim{tamper}-{claimed_gap}.json"
     path.write_text(json.dumps(claim))
     return str(path)
 
@@ -166,6 +168,46 @@ def test_validate_exits_0_on_an_honest_claim_and_3_on_fraud(engine, tmp_path):
     report = json.loads(bad.stdout)
     assert report["n_invalid"] == 6 and report["fraud"] is True and report["p_value"] < 1e-7
     assert "FRAUD" in bad.stderr
+
+
+def test_validate_says_when_claimed_distances_are_beyond_the_fidelity_bound(engine, tmp_path):
+    """Still not fraud (the network's rule counts recomputed distances above r_target), but said."""
+    far = run_cli("validate", _claim(engine, tmp_path, 0, claimed_gap=0.01))
+    assert far.returncode == 0, far.stderr
+    assert json.loads(far.stdout)["max_abs_gap"] > 0.009
+    verdict = far.stderr.strip().splitlines()[-1]
+    assert verdict.startswith("0 of 20 invalid, p-value 1: not fraud at threshold 1e-07; 3 claimed distance(s) "
+                              "differ from the recomputed ones by more than two faithful float16 computations can")
+    assert "counts only recomputed distances above r_target" in verdict
+    near = run_cli("validate", _claim(engine, tmp_path, 0, claimed_gap=2e-5))  # within the bound
+    assert near.returncode == 0 and "differ" not in near.stderr, near.stderr
+
+
+def test_the_fidelity_bounds_are_the_reference_cases_largest():
+    from jaxbench.claims import FIDELITY_BOUND
+
+    cases = load_cases()
+    assert FIDELITY_BOUND["float32"] == 1e-5
+    for dtype, key in (("float16", "dist_f16"), ("bfloat16", "dist_bf16")):
+        largest = max(2 * np.max(np.abs(np.array(c[key]) - np.array(c["dist_f32"]))) + 1e-5 for c in cases)
+        assert largest <= FIDELITY_BOUND[dtype] <= largest * 1.01, (dtype, largest)
+
+
+def test_version_is_the_projects():
+    import tomllib
+
+    from conftest import ROOT
+
+    out = run_cli("--version")
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert out.returncode == 0 and out.stdout.strip() == f"python -m jaxbench {version}", out
+
+
+def test_a_missing_command_names_help():
+    line = assert_one_line(run_cli(), cli.EXIT_BAD_INPUT, "COMMAND")
+    assert line.endswith("(`python -m jaxbench --help` lists the commands)"), line
+    line = assert_one_line(run_cli("remote"), cli.EXIT_BAD_INPUT, "COMMAND")
+    assert line.endswith("(`python -m jaxbench remote --help` lists the commands)"), line
 
 
 def test_bench_reports_every_figure():
@@ -210,6 +252,10 @@ DISTANCES = ["distances", *TINY, "--nonces", "1"]
         (["distances", "--params", "{" * 100_000, "--block-hash", "a", "--public-key", "b", "--nonces", "1"], "--params"),
         (["distances", "--params", "@/nonexistent.json", "--block-hash", "a", "--public-key", "b", "--nonces", "1"],
          "--params"),
+        (["distances", "--params", "[]", "--block-hash", "a", "--public-key", "b", "--nonces", "1"],
+         "--params: '[]' is not a preset (mainnet, testnet, bench, tiny) or a JSON object"),
+        (["distances", "--params", "7", "--block-hash", "a", "--public-key", "b", "--nonces", "1"],
+         "is not a preset"),
         (["distances", "--params", "@/dev/zero", "--block-hash", "a", "--public-key", "b", "--nonces", "1"], "--params"),
         (["distances", *TINY, "--nonces", "1,x"], "--nonces"),
         (["distances", *TINY, "--nonces", "9-2"], "--nonces"),
@@ -228,6 +274,7 @@ DISTANCES = ["distances", *TINY, "--nonces", "1"]
         ([*DISTANCES, "--devices", "64"], "--devices"),
         ([*DISTANCES, "--batch", "0"], "--batch"),
         ([*DISTANCES, "--cache-dir", "/dev/null/x"], "--cache-dir"),
+        ([*DISTANCES, "--cache-dir", "/dev/null"], "--cache-dir: '/dev/null' is not a directory"),
         ([*DISTANCES, "--draws", "gpu"], "--draws"),
         (["search", *TINY, "--r-target", "-1"], "--r-target"),
         (["search", *TINY, "--r-target", "nan"], "--r-target"),

@@ -1,12 +1,15 @@
-"""`python -m jaxbench remote search`: the part bookkeeping on made-up lines, then end to end: the
-real client (the vastai SDK's Serverless client, streaming) against two real workers (model server
-and PyWorker, CPU, `tiny`) behind a fake Vast autoscaler, all on 127.0.0.1, one worker killed mid-run.
+"""`python -m jaxbench remote search`: the bookkeeping on made-up lines (a request's stream checks,
+the plan of parts, what is done and printed), bad input, then end to end: the real client (the
+vastai SDK's Serverless client, streaming) against two real workers (model server and PyWorker,
+CPU, `tiny`) behind a fake Vast autoscaler, all on 127.0.0.1, one worker killed mid-run.
+tests/test_fleet.py runs the client against a simulated fleet of misbehaving workers.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +19,9 @@ import pytest
 from service_helpers import PLATFORM_ENV, host_devices_env, wait_until
 from vast_helpers import ACCOUNT_API_KEY, ENDPOINT_API_KEY, ENDPOINT_NAME, ROOT, FakeVast, WorkerStack
 
-from jaxbench.remote import Part, RemoteError
+from jaxbench.remote.intervals import Intervals, SortedInts
+from jaxbench.remote.plan import ENDLESS, Plan, Sequence
+from jaxbench.remote.stream import RequestCheck, Violation
 
 DEVICES = 2
 BATCH = 32
@@ -26,71 +31,195 @@ SEARCH = ["--params", "tiny", "--block-hash", "remote-block", "--public-key", "r
 START_TIMEOUT_S = 180
 
 
-# The part bookkeeping -------------------------------------------------------------------------------
+# A request's stream --------------------------------------------------------------------------------
 
 
-def result(part: Part, step: int, group: int, groups: int, batch: int, ks: list[int], base: int = 0) -> dict:
-    """A worker's line for device group `group` of step `step` (numbered from 1) of a request for
-    `part` that started at k = base: its valid nonces are the part's k in `ks`."""
-    step_start = base + (step - 1) * groups * batch
-    following = step_start + groups * batch + group
-    return {"worker_id": group, "batch_number": step, "nonces": [part.nonce(k) for k in ks],
-            "dist": [1.0] * len(ks), "aggregated_total_computed": step * groups * batch,
-            "next_nonce": part.nonce(following) if part.count is None or following < part.count else None}
+def result(check: RequestCheck, step: int, group: int, groups: int, batch: int, ks: list[int],
+           line_number: int, valid_before: int) -> dict:
+    """A worker's line for device group `group` of step `step` (from 1) of the request `check`
+    holds: its valid nonces are the request's indices `ks`."""
+    following = step * groups * batch + group
+    end = check.count
+    return {"worker_id": group, "batch_number": step, "nonces": [check.first + k * check.stride for k in ks],
+            "dist": [1.0] * len(ks), "batch_valid": len(ks), "batch_computed": batch, "n_workers": groups,
+            "aggregated_batch_number": line_number, "aggregated_total_valid": valid_before + len(ks),
+            "next_nonce": None if end is not None and following >= end else check.first + following * check.stride}
+
+
+class Stream:
+    """Lines for one RequestCheck, numbered and counted as a correct worker does."""
+
+    def __init__(self, check: RequestCheck, groups: int, batch: int):
+        self.check, self.groups, self.batch = check, groups, batch
+        self.lines = self.valid = 0
+
+    def line(self, step: int, group: int, ks: list[int]) -> dict:
+        self.lines += 1
+        out = result(self.check, step, group, self.groups, self.batch, ks, self.lines, self.valid)
+        self.valid += len(ks)
+        return out
 
 
 def test_the_resume_point_trails_the_last_whole_step():
-    part = Part(node_id=1, n_nodes=3, start_nonce=100, count=None)  # nonces 101, 104, 107, …
-    part.begin("worker-a")
-    assert part.request_fields() == {"start_nonce": 100, "node_id": 1, "n_nodes": 3}
+    check = RequestCheck(first=101, stride=3, count=None, r_target=1.5)  # nonces 101, 104, 107, …
+    lines = Stream(check, groups=2, batch=4)
     # Two groups of 4: step 1 holds k 0-7 (group 0: k 0, 2, 4, 6; group 1: k 1, 3, 5, 7).
-    assert part.on_result(result(part, 1, 0, 2, 4, [0, 4]))["nonces"] == [101, 113]
-    part.on_result(result(part, 1, 1, 2, 4, [7]))
-    assert part.resume == 0  # step 1's lines may not all be in yet
-    part.on_result(result(part, 2, 1, 2, 4, [9]))
-    assert part.resume == 8  # a line of step 2: step 1 is whole
-    part.on_result(result(part, 4, 0, 2, 4, [24]))  # step 3 had no valid nonce
-    assert part.resume == 16
-    # The worker dies here: step 4's line for group 1, if any, is lost. The next request starts at k 16.
-    part.end("connection lost")
-    assert part.request_fields() == {"start_nonce": 100 + 16 * 3, "node_id": 1, "n_nodes": 3}
-
-    part.begin("worker-b")  # the same steps again, now from k 16
-    again = part.on_result(result(part, 1, 0, 2, 4, [16, 18], base=16))
-    assert again["nonces"] == [part.nonce(16), part.nonce(18)]  # not sent before
-    assert part.on_result(result(part, 2, 0, 2, 4, [24], base=16)) is None  # k 24 was printed already
-    assert part.on_result(result(part, 2, 1, 2, 4, [25], base=16))["nonces"] == [part.nonce(25)]
-    assert part.valid == 8 and part.progress == 16 + 16
-    assert part.on_summary({"status": "done", "reason": "duration", "total_computed": 40}, until_deadline=True)
-    assert part.resume == 56 and part.finished
+    assert check.result(lines.line(1, 0, [0, 4])) == [0, 4]
+    check.result(lines.line(1, 1, [7]))
+    assert check.settled == 0  # step 1's lines may not all be in yet
+    check.result(lines.line(2, 1, [9]))
+    assert check.settled == 8  # a line of step 2: step 1 is whole
+    check.result(lines.line(4, 0, [24]))  # step 3 had no valid nonce
+    assert check.settled == 16
+    assert check.summary({"status": "done", "reason": "duration", "total_computed": 40, "total_valid": 5}) == "duration"
+    assert check.settled == 40
 
 
-def test_a_bounded_part_ends_at_its_count_and_checks_the_nonces():
-    part = Part(node_id=0, n_nodes=2, start_nonce=0, count=10)
-    part.begin("w")
+def test_a_bounded_request_ends_at_its_count():
+    check = RequestCheck(first=0, stride=2, count=10, r_target=1.5)
+    lines = Stream(check, groups=4, batch=2)
     # Step 1 ends at k 8 (4 groups of 2); in step 2 only k 8 and 9 remain: group 1's next is past the end.
-    part.on_result(result(part, 1, 3, 4, 2, [7]))
-    last = result(part, 2, 1, 4, 2, [9])
+    check.result(lines.line(1, 3, [7]))
+    last = lines.line(2, 1, [9])
     assert last["next_nonce"] is None
-    part.on_result(last)
-    assert part.resume == 8
-    part.end("connection lost")  # k 8 and 9 were computed, but their lines may be incomplete
-    assert part.request_fields()["max_nonces"] == 2
-    with pytest.raises(RemoteError):
-        part.on_result(result(part, 3, 0, 4, 2, [3]) | {"nonces": [3]})  # an odd nonce: not node 0's
-    part.begin("w2")
-    with pytest.raises(RemoteError):
-        part.on_result({**result(part, 1, 0, 4, 2, []), "nonces": [2]})  # k 1: before this request's start
-    assert part.on_summary({"status": "done", "reason": "completed", "total_computed": 2}, until_deadline=False)
-    assert part.resume == 10
+    check.result(last)
+    assert check.settled == 8
+    with pytest.raises(Violation, match="counts 9 nonces computed, its lines show 10 of 10"):
+        check.summary({"status": "done", "reason": "completed", "total_computed": 9, "total_valid": 2})
+    check.summary({"status": "done", "reason": "completed", "total_computed": 10, "total_valid": 2})
+    assert check.settled == 10
 
 
-def test_a_part_without_next_nonce_settles_on_its_highest_nonce():
-    part = Part(node_id=0, n_nodes=1, start_nonce=0, count=None)
-    part.begin("w")
-    part.on_result({**result(part, 1, 0, 1, 8, [2, 5]), "next_nonce": None})
-    part.on_result(result(part, 2, 0, 1, 8, [9]))
-    assert part.resume == 6  # everything up to the highest valid nonce of step 1 is certain
+def test_a_step_without_next_nonce_settles_on_its_highest_nonce():
+    check = RequestCheck(first=0, stride=1, count=100, r_target=1.5)
+    lines = Stream(check, groups=1, batch=8)
+    check.result({**lines.line(1, 0, [2, 5]), "next_nonce": None})
+    check.result(lines.line(2, 0, [9]))
+    assert check.settled == 6  # everything up to the highest valid nonce of step 1 is certain
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda s, c: {**s.line(2, 0, [8])} | {"aggregated_batch_number": 3}, "line 3 of the stream came after line 1"),
+    (lambda s, c: {**s.line(1, 0, [0])} | {"aggregated_batch_number": 1}, "came after line 1"),  # sent twice
+    (lambda s, c: s.line(2, 0, [8]) | {"dist": []}, "nonces and dist"),
+    (lambda s, c: s.line(2, 0, [8]) | {"nonces": [c.first + 8 + 1000]}, "is not one of the request's"),
+    (lambda s, c: s.line(2, 0, [8]) | {"nonces": [c.first - 1]}, "is not one of the request's"),
+    (lambda s, c: s.line(2, 0, [8]) | {"nonces": [c.first + 2]}, "does not belong to group 0 of step 2"),
+    (lambda s, c: s.line(2, 1, [8]), "does not belong to group 1"),
+    (lambda s, c: s.line(2, 0, [8]) | {"dist": [1.6]}, "not one below r_target"),
+    (lambda s, c: s.line(2, 0, [8]) | {"dist": [float("nan")]}, "not one below r_target"),
+    (lambda s, c: s.line(2, 0, [8]) | {"batch_valid": 2}, "batch_valid 2 for 1 nonces"),
+    (lambda s, c: s.line(2, 0, [8]) | {"aggregated_total_valid": 7}, "aggregated_total_valid"),
+    (lambda s, c: s.line(2, 0, [8]) | {"n_workers": 3}, "n_workers changed"),
+    (lambda s, c: s.line(1, 0, [2]), "step 1, group 0 came after step 1, group 0"),
+    (lambda s, c: s.line(2, 0, [8]) | {"next_nonce": c.first + 9}, "does not follow group 0"),
+    (lambda s, c: {k: v for k, v in s.line(2, 0, [8]).items() if k != "next_nonce"}, "without next_nonce"),
+])
+def test_a_line_no_correct_worker_sends_breaks_the_stream(spoil, message):
+    check = RequestCheck(first=1000, stride=1, count=64, r_target=1.5)
+    lines = Stream(check, groups=2, batch=4)
+    check.result(lines.line(1, 0, [0, 6]))
+    with pytest.raises(Violation, match=message):
+        check.result(spoil(lines, check))
+    assert check.settled == 0 and check.lines == 1  # nothing of the bad line was taken
+
+
+def test_a_summary_that_disagrees_with_the_lines_breaks_the_stream():
+    check = RequestCheck(first=0, stride=1, count=64, r_target=1.5)
+    lines = Stream(check, groups=1, batch=8)
+    check.result(lines.line(1, 0, [3]))
+    check.result(lines.line(2, 0, [9]))
+    with pytest.raises(Violation, match="counts 1 valid nonces, its lines 2"):  # a line was lost at the end
+        check.summary({"status": "done", "reason": "duration", "total_computed": 16, "total_valid": 1})
+    with pytest.raises(Violation, match="counts 12 nonces computed, its lines show 16"):
+        check.summary({"status": "done", "reason": "duration", "total_computed": 12, "total_valid": 2})
+    with pytest.raises(Violation, match="completed after 16 of 64"):
+        check.summary({"status": "done", "reason": "completed", "total_computed": 16, "total_valid": 2})
+    assert check.settled == 8
+
+
+# The plan --------------------------------------------------------------------------------------------
+
+
+def test_intervals_merge_and_report_gaps():
+    done = Intervals()
+    assert done.add(10, 20) == 10 and done.add(30, 40) == 10 and done.add(15, 32) == 10
+    assert done.intervals() == [(10, 40)] and done.size == 30
+    assert done.add(0, 5) == 5 and done.gaps(0, 50) == [(5, 10), (40, 50)]
+    assert 3 in done and 5 not in done and done.covers(10, 40) and not done.covers(4, 11)
+    printed = SortedInts()
+    assert printed.add(5) and not printed.add(5) and printed.add(9) and printed.add(12)
+    printed.drop(6, 12)
+    assert 5 in printed and 9 not in printed and 12 in printed and len(printed) == 2
+
+
+def test_parts_shrink_as_the_work_does_and_what_fails_goes_back():
+    plan = Plan([Sequence(start=100, node_id=0, n_nodes=1, count=10_000)], workers=4, give_up_after=3)
+    sizes = []
+    while plan.pending:
+        run = plan.take(plan.part_size(None, None, quantum=8))
+        sizes.append(run.hi - run.lo)
+    assert sizes[0] == 2504 and sizes == sorted(sizes, reverse=True) and sum(sizes) == 10_000
+    assert all(size % 8 == 0 for size in sizes[:-1])
+    first, second = plan.tracks[0].running[:2]
+    assert first.fields == {"start_nonce": 100, "node_id": 0, "n_nodes": 1, "max_nonces": 2504}
+    # The first request prints two nonces, settles [0, 1000) and dies: the rest goes back to pending.
+    track = first.track
+    assert plan.is_new(track, 400) and plan.is_new(track, 1200) and not plan.is_new(track, 1200)
+    plan.settle(first, 1000)
+    assert plan.computed == 1000 and not plan.is_new(track, 400)  # done: never printed again
+    first.worker = "w1"
+    plan.end(first, worker_failed="its stream broke")
+    (back,) = plan.pending
+    assert (back.lo, back.hi, back.failures) == (1000, 2504, 1)
+    again = plan.take(10_000)
+    assert again.fields["start_nonce"] == 1100 and not plan.is_new(track, 1200)  # printed before it died
+    assert plan.missing() == [{"start_nonce": 1100, "node_id": 0, "n_nodes": 1, "max_nonces": 9000}]
+
+
+def test_a_range_is_given_up_only_after_different_workers_fail_it():
+    plan = Plan([Sequence(0, 0, 1, 100)], workers=1, give_up_after=3)
+    for worker in ("a", "a", "b", "a", "c"):  # a failing twice in a row counts once
+        run = plan.take(100)
+        run.worker = worker
+        plan.end(run, worker_failed=f"{worker} failed")
+    assert not plan.pending and len(plan.given_up) == 1 and plan.given_up[0].cause == "c failed"
+    assert plan.missing() == [{"start_nonce": 0, "node_id": 0, "n_nodes": 1, "max_nonces": 100}]
+
+
+def test_backups_take_pieces_from_the_top_of_what_the_slowest_request_has_not_settled():
+    plan = Plan([Sequence(0, 0, 1, 1000)], workers=2, give_up_after=3)
+    fast, slow = plan.take(500), plan.take(500)
+    for run, rate in ((fast, 100.0), (slow, 10.0)):
+        run.opened, run.rate, run.bound_s = 0.0, rate, 60.0
+    plan.settle(fast, 500)
+    plan.end(fast)
+    first = plan.backup(rate=100.0, now=1.0)  # slow needs 50 s for [500, 1000)
+    assert first.backup and (first.lo, first.hi) == (800, 1000)  # MIN_PART_S of the backup's worker
+    second = plan.backup(rate=100.0, now=1.0)
+    assert (second.lo, second.hi) == (600, 800)
+    plan.settle(slow, 580)
+    third = plan.backup(rate=100.0, now=1.0)  # [580, 600): the faster one does 19 of the 20 meanwhile
+    assert (third.lo, third.hi) == (581, 600)
+    # slow ends by itself only in 42 s, and settles [580, 581) maybe only then: that too is backed up.
+    fourth = plan.backup(rate=100.0, now=1.0)
+    assert (fourth.lo, fourth.hi) == (580, 581) and plan.backup(rate=100.0, now=1.0) is None
+    for backup in (first, second, third):
+        assert plan.settle(backup, backup.hi) == []
+    assert plan.settle(fourth, 581) == [slow] and plan.finished and plan.missing() == []  # slow may stop
+
+
+def test_a_duration_search_has_one_endless_part_per_worker():
+    plan = Plan([Sequence(7, i, 3, None) for i in range(3)], workers=3, give_up_after=5)
+    runs = [plan.take(1) for _ in range(3)]
+    assert [r.fields for r in runs] == [{"start_nonce": 7, "node_id": i, "n_nodes": 3} for i in range(3)]
+    assert all(r.hi == ENDLESS for r in runs) and plan.take(1) is None
+    plan.settle(runs[1], 40)
+    plan.end(runs[1])
+    assert plan.take(1).fields == {"start_nonce": 7 + 40 * 3, "node_id": 1, "n_nodes": 3}
+
+
+# The command line ----------------------------------------------------------------------------------
 
 
 def test_bad_input_is_one_line_and_status_2():
@@ -104,15 +233,31 @@ def test_bad_input_is_one_line_and_status_2():
                         (["--max-nonces", "10", "--max-attempts", "0"], "--max-attempts"),
                         (["--max-nonces", "10", "--stall-timeout", "nan"], "--stall-timeout"),
                         (["--max-nonces", "10", "--vast-ca-file", "/nonexistent.pem"], "--vast-ca-file"),
-                        (["--max-nonces", "10", "--vast-ca-file", __file__], "--vast-ca-file")):
+                        (["--max-nonces", "10", "--vast-ca-file", __file__], "--vast-ca-file"),
+                        (["--max-nonces", "10", "--start-nonce", str(2**63)], "--start-nonce"),
+                        (["--max-nonces", "11", "--start-nonce", str(2**63 - 10)], "--max-nonces"),
+                        (["--max-nonces", "10", "--block-height", str(2**63)], "--block-height")):
         out = subprocess.run([sys.executable, "-m", "jaxbench", "remote", "search", "--endpoint", "e", *SEARCH, *args],
                              env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and out.stderr.startswith(f"error: {field}:"), out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
-    out = subprocess.run([sys.executable, "-m", "jaxbench", "remote", "search", "--endpoint", "e", *SEARCH,
+    # The last nonce of the space is a nonce: --start-nonce 2**63 - 10 with 10 nonces is fine (it fails later, at
+    # Vast, which is not there).
+    out = subprocess.run([sys.executable, "-m", "jaxbench", "remote", "search", "-v", "--endpoint", "e", *SEARCH,
                           "--max-nonces", "10"], env={**env, "VAST_API_KEY": ""}, capture_output=True, text=True,
                          timeout=60)
-    assert out.returncode == 1 and "VAST_API_KEY" in out.stderr
+    assert out.returncode == 2 and out.stderr == ("error: VAST_API_KEY: is not set (the API key of the Vast.ai "
+                                                  "account that owns the endpoint)\n"), out.stderr
+
+
+def test_the_sdks_connection_limit_follows_the_workers():
+    from argparse import Namespace
+
+    from jaxbench.remote import vast
+
+    args = Namespace(autoscaler_url=None, webserver_url=None)
+    assert vast.client("key", args, None, connection_limit=2 * 510 + 16).connection_limit == 1036
+    assert vast.client("key", args, None, connection_limit=10).connection_limit == 500  # never below the SDK's
 
 
 # End to end -----------------------------------------------------------------------------------------
@@ -210,10 +355,10 @@ def test_interrupt_stops_the_workers(endpoint):
 
 def test_duration_search_ends_at_the_deadline(endpoint, truth):
     vast, _ = endpoint
-    client = Client(vast, "--workers", "2", "--duration", "4", "--start-nonce", "0")
-    status, results, summary, _ = client.finish(90)
+    client = Client(vast, "-v", "--workers", "2", "--duration", "4", "--start-nonce", "0")
+    status, results, summary, stderr = client.finish(90)
     assert status == 0 and summary["reason"] == "duration" and summary["restarts"] == 0
-    assert all(p["requests"][-1]["ended"] == "duration" for p in summary["parts"])
+    assert re.findall(r"INFO jaxbench.remote: \S+: (\w+) after \d+ nonces", stderr) == ["duration", "duration"]
     found = printed(results)
     # Each part computed a prefix of its node's nonces (node i: 2k + i for k below its end): every
     # nonce printed lies in it, and below 30000 (what the local search covers) every valid one of it
@@ -228,7 +373,7 @@ def test_split_search_survives_a_worker_killed_mid_run(endpoint, truth):
     """Runs last: kills one of the two workers while it computes its part."""
     vast, stacks = endpoint
     routes_before = len(vast.routes)
-    client = Client(vast, "--workers", "2", "--max-nonces", "30000")
+    client = Client(vast, "-v", "--workers", "2", "--max-nonces", "30000")
 
     def midway() -> WorkerStack | None:  # the first worker to be part-way through a part
         for stack in stacks:
@@ -248,14 +393,20 @@ def test_split_search_survives_a_worker_killed_mid_run(endpoint, truth):
     assert found == truth  # every valid nonce of 0 … 29999 exactly once, with the same distance
     assert summary["total_valid"] == len(truth)
 
-    (lost,) = [p for p in summary["parts"] if p["requests"][0]["worker"] == doomed.worker_url]
-    first, *later = lost["requests"]
-    assert first["ended"] == "connection lost" and later and later[-1]["ended"] == "completed"
-    assert all(r["worker"] == survivor.worker_url for r in later)
-    resumed = later[0]["from"]
-    assert 4000 < resumed < 30000 and resumed % 2 == lost["node_id"]  # the rest of its sequence, not all of it
+    lost = summary["workers"][doomed.worker_url]
+    assert lost["failures"] == 1 and lost["last_failure"].startswith("its stream broke")
+    assert summary["workers"][survivor.worker_url]["failures"] == 0
+    assert lost["computed"] + summary["workers"][survivor.worker_url]["computed"] == 30000
+    # Its part goes on from where its lines had settled it, not from the part's beginning: at most
+    # the step in flight and the one before it (no line of a later step had come) are done again.
+    url = re.escape(doomed.worker_url)
+    started = [int(n) for n in re.findall(rf"INFO jaxbench.remote: {url}: nonces from (\d+)", stderr)]
+    resumed = int(re.search(rf"{url}: its stream broke .*; nonces from (\d+) go back to the queue", stderr).group(1))
+    part_start = max(n for n in started if n <= resumed)
+    assert resumed - part_start >= 4000 - 2 * DEVICES * BATCH
+    later = re.findall(r"INFO jaxbench.remote: (\S+): nonces from (\d+)", stderr.split("go back to the queue")[1])
+    assert any(worker == survivor.worker_url and int(n) == resumed for worker, n in later)
     assert summary["restarts"] >= 1
-    assert f"part {lost['node_id']}: the worker's stream broke" in stderr and f"going on from nonce {resumed}" in stderr
 
     # The SDK routed every request with the endpoint's key, polled while no worker was given, and
     # sent replay_timeout.

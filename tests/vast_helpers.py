@@ -4,10 +4,12 @@ vastai PyWorker (`python -m worker`), as Vast runs them on a worker."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -15,11 +17,11 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+from aiohttp import web
 from Crypto.Hash import SHA256
 from Crypto.PublicKey import RSA
 from Crypto.Signature import pkcs1_15
@@ -41,62 +43,76 @@ class FakeVast:
       among the fields) and POST /route/, which answers a worker's signed address, or no `url`
       while none is ready.
 
-    /route/ sends a request to the reachable, loaded worker with the fewest requests routed to it
-    that it has not yet reported done; `unready_polls` first answers without a url that many times
-    per request, as the real one does while workers load.
+    /route/ sends a request to the loaded worker with the fewest open requests (routed to it and not
+    yet reported done), ties broken at random (`seed`); `unready_polls` first answers without a url
+    that many times per request, as the real one does while workers load. Workers are the PyWorkers
+    that reported themselves loaded (and accept connections), and the in-process fakes of
+    tests/fleet.py, registered with `add_worker` and dropped with `remove_worker` (when the
+    autoscaler notices they are gone). A fake reports each request when it receives it and when it
+    ends; a request routed to one that never receives it stops counting after the route's
+    `replay_timeout`.
     """
 
-    def __init__(self, unready_polls: int = 0, instances: dict[int, dict] | None = None):
+    def __init__(self, unready_polls: int = 0, seed: int = 0, instances: dict[int, dict] | None = None):
         self.key = RSA.generate(2048)
         self.unready_polls = unready_polls
         self.instances = instances or {}
         self.reports: dict[str, list[dict]] = {"/worker_status/": [], "/delete_requests/": []}
         self.routes: list[dict] = []  # every /route/ call: its body and auth header
         self.routed: list[tuple[int, str]] = []  # (request_idx, worker url) of each answer with a url
+        self.fakes: set[str] = set()  # registered in-process workers that are routable
+        self._open: dict[str, set[int]] = {}  # worker url → request_idx routed to it and not done
+        self._unreceived: dict[int, float] = {}  # request_idx routed to a fake, not yet received → deadline
+        self._signatures: dict[str, str] = {}
+        self._rng = random.Random(seed)
         self._polls: dict[int, int] = {}
         self._request_idx = itertools.count(1)
         self.lock = threading.Lock()
-        fake = self
+        # An asyncio server in a thread of its own: hundreds of clients may call at once (a thread
+        # per connection would make the first wave of a large fleet wait seconds for its routes).
+        # The routing itself runs in the loop's thread pool: it may probe a PyWorker's port.
+        self._loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_get("/pubkey/", self._serve_pubkey)
+        app.router.add_get("/api/v0/endptjobs/", self._serve_endpoints)
+        app.router.add_get(r"/api/v0/instances/{id:\d+}/", self._serve_instance)
+        app.router.add_post("/{path:.*}", self._serve_post)
+        self._runner = web.AppRunner(app, access_log=None)
+        threading.Thread(target=self._loop.run_forever, daemon=True, name="fake-vast").start()
+        port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(30)
+        self.url = f"http://127.0.0.1:{port}"
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    async def _start(self) -> int:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]
 
-            def do_GET(self):
-                path = urlsplit(self.path).path
-                if path == "/pubkey/":
-                    return self._answer(200, fake.key.publickey().export_key())
-                if path == "/api/v0/endptjobs/":
-                    return self._answer(*fake._endpoints(self.headers))
-                if match := re.fullmatch(r"/api/v0/instances/(\d+)/", path):
-                    return self._answer(*fake._instance(self.headers, int(match.group(1))))
-                self._answer(404, b"")
+    async def _serve_pubkey(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.key.publickey().export_key(), content_type="application/json")
 
-            def do_POST(self):
-                path = urlsplit(self.path).path
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"null")
-                if path in fake.reports:
-                    with fake.lock:
-                        fake.reports[path].append(body)
-                    return self._answer(200, {})
-                if path == "/route/":
-                    return self._answer(*fake._route(self.headers, body))
-                self._answer(404, b"")
+    async def _serve_instance(self, request: web.Request) -> web.Response:
+        status, body = self._instance(request.headers, int(request.match_info["id"]))
+        return web.json_response(body, status=status)
 
-            def _answer(self, status: int, body):
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+    async def _serve_endpoints(self, request: web.Request) -> web.Response:
+        status, body = self._endpoints(request.headers)
+        return web.json_response(body, status=status)
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    async def _serve_post(self, request: web.Request) -> web.Response:
+        path = "/" + request.match_info["path"]
+        body = json.loads(await request.read() or b"null")
+        if path in self.reports:
+            with self.lock:
+                self.reports[path].append(body)
+            if path == "/delete_requests/":
+                for r in body.get("requests", []):
+                    self.request_done(None, r["request_idx"])
+            return web.json_response({})
+        if path == "/route/":
+            status, answer = await self._loop.run_in_executor(None, self._route, request.headers, body)
+            return web.json_response(answer, status=status)
+        return web.Response(status=404)
 
     # The console ------------------------------------------------------------------------------------
 
@@ -127,27 +143,57 @@ class FakeVast:
         with self.lock:
             idx = body.get("request_idx") or next(self._request_idx)
             polls = self._polls[idx] = self._polls.get(idx, 0) + 1
-        worker = self._pick_worker(idx) if polls > self.unready_polls else None
+        worker = self._pick_worker(idx, body.get("replay_timeout") or 60.0) if polls > self.unready_polls else None
         if worker is None:
             return 200, {"request_idx": idx}
         return 200, {"url": worker, "signature": self.sign(worker), "reqnum": idx, "request_idx": idx,
                      "cost": body.get("cost"), "endpoint": ENDPOINT_NAME}
 
     def loaded_workers(self) -> list[str]:
+        """The PyWorkers that reported themselves loaded (fakes not included)."""
         with self.lock:
             return sorted({s["url"] for s in self.reports["/worker_status/"] if s["loadtime"] > 0})
 
-    def _pick_worker(self, request_idx: int) -> str | None:
-        """The reachable loaded worker with the fewest open requests, recorded as this one's."""
-        candidates = [url for url in self.loaded_workers() if _reachable(url)]
+    def _pick_worker(self, request_idx: int, replay_timeout: float = 60.0) -> str | None:
+        """The loaded worker with the fewest open requests (ties at random), recorded as this one's."""
+        reported = [url for url in self.loaded_workers() if _reachable(url)]
+        now = time.monotonic()
         with self.lock:  # choosing and recording at once: two parallel requests go to two workers
-            done = {r["request_idx"] for report in self.reports["/delete_requests/"] for r in report["requests"]}
-            open_requests = {url: sum(1 for idx, to in self.routed if to == url and idx not in done)
-                             for url in candidates}
-            worker = min(candidates, key=open_requests.__getitem__, default=None)
-            if worker is not None:
-                self.routed.append((request_idx, worker))
+            for idx, deadline in list(self._unreceived.items()):
+                if deadline < now:
+                    del self._unreceived[idx]
+                    for requests in self._open.values():
+                        requests.discard(idx)
+            candidates = [*reported, *sorted(self.fakes)]
+            if not candidates:
+                return None
+            fewest = min(len(self._open.get(url, ())) for url in candidates)
+            worker = self._rng.choice([url for url in candidates if len(self._open.get(url, ())) == fewest])
+            self._open.setdefault(worker, set()).add(request_idx)
+            if worker in self.fakes:
+                self._unreceived[request_idx] = now + replay_timeout
+            self.routed.append((request_idx, worker))
             return worker
+
+    # The in-process fakes (tests/fleet.py) --------------------------------------------------------
+
+    def add_worker(self, url: str) -> None:
+        with self.lock:
+            self.fakes.add(url)
+
+    def remove_worker(self, url: str) -> None:
+        with self.lock:
+            self.fakes.discard(url)
+
+    def request_received(self, url: str, request_idx: int) -> None:
+        with self.lock:
+            self._unreceived.pop(request_idx, None)
+
+    def request_done(self, url: str | None, request_idx: int) -> None:
+        with self.lock:
+            self._unreceived.pop(request_idx, None)
+            for requests in ([self._open.get(url, set())] if url else self._open.values()):
+                requests.discard(request_idx)
 
     def statuses(self, url: str | None = None) -> list[dict]:
         with self.lock:
@@ -160,9 +206,12 @@ class FakeVast:
         return next((r["status"] for r in done if r["request_idx"] == request_idx), None)
 
     def sign(self, url: str) -> str:
-        """What the autoscaler signs for a worker's request: the worker's URL."""
-        message = json.dumps({"url": url}, indent=4, sort_keys=True).encode()
-        return base64.b64encode(pkcs1_15.new(self.key).sign(SHA256.new(message))).decode()
+        """What the autoscaler signs for a worker's request: the worker's URL (the same signature
+        every time: PKCS#1 v1.5 is deterministic)."""
+        if url not in self._signatures:
+            message = json.dumps({"url": url}, indent=4, sort_keys=True).encode()
+            self._signatures[url] = base64.b64encode(pkcs1_15.new(self.key).sign(SHA256.new(message))).decode()
+        return self._signatures[url]
 
     def auth_data(self, url: str, request_idx: int, signature: str | None = None) -> dict:
         return {"cost": "1", "endpoint": ENDPOINT_NAME, "reqnum": request_idx, "request_idx": request_idx,
@@ -204,8 +253,10 @@ class FakeVast:
             return False
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        try:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
 
 
 def listening(port: int, host: str = "127.0.0.1") -> bool:

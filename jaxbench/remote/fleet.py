@@ -14,7 +14,7 @@ Files in `--out-dir` (default `jaxbench-fleet-<UTC time>`): fleet.json (the rows
 worker's whole answer; also printed on stdout), fleet.csv (a row per worker), fleet.md (a Markdown
 table) and fleet.png (nonces/s and nonces per dollar per worker). A progress bar and the table on
 stderr. Exit status 0, 1 when a worker's request failed (the files are written all the same), 2
-for bad input.
+for bad input (a missing VAST_API_KEY or an unknown endpoint included).
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import fields
-from .params import DEFAULT_R_TARGET, PRESETS, params_from_text
+from .. import fields, options
+from ..params import DEFAULT_R_TARGET, PRESETS, params_from_text
+from . import vast
 
-log = logging.getLogger("jaxbench.fleet")
+log = logging.getLogger("jaxbench.remote.fleet")
 
 ROUTE = "/benchmark"
 BLOCK_HASH = "jaxbench-fleet-benchmark"
@@ -60,23 +61,23 @@ ROW_FIELDS = (
 
 
 def add_parser(remote_commands) -> None:
-    p = remote_commands.add_parser("bench", help="run the benchmark on N workers: a row each (JSON, CSV, Markdown, PNG)")
-    p.add_argument("--endpoint", required=True, help="the endpoint's name (the API key comes from VAST_API_KEY)")
-    p.add_argument("--workers", type=int, default=1, help="workers to benchmark, one request each, all at once")
-    p.add_argument("--params", default="bench", help=f"a preset ({', '.join(PRESETS)}), a JSON object, or @file.json")
-    p.add_argument("--dtype", default="float16", help="float16 (default, what validators run), bfloat16, float32")
-    p.add_argument("--seconds", type=float, default=20.0, help="length of each worker's search (default 20)")
+    p = options.command(remote_commands, "bench", "run the benchmark on N workers: a row each (JSON, CSV, Markdown, "
+                                                  "PNG)")
+    vast.add_connection_options(p)
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="workers to benchmark, one request each, all at once (default 1)")
+    p.add_argument("--params", default="bench", metavar="P",
+                   help=f"a preset ({', '.join(PRESETS)}), a JSON object, or @file.json (default bench)")
+    options.dtype(p)
+    p.add_argument("--seconds", type=float, default=20.0, metavar="S", help="length of each worker's search (default 20)")
     p.add_argument("--sustained-seconds", type=float, default=fields.DEFAULT_SUSTAINED_S,
                    help="then float16 square products for this long: the rate each card sustains "
                         f"(default {fields.DEFAULT_SUSTAINED_S:g}; 0 turns it off)")
     p.add_argument("--out-dir", default=None,
                    help="where fleet.json, fleet.csv, fleet.md and fleet.png go (default jaxbench-fleet-<UTC time>)")
-    p.add_argument("--wait-timeout", type=float, default=900.0,
+    p.add_argument("--wait-timeout", type=float, default=900.0, metavar="S",
                    help="seconds a request may wait for a worker to start it (routing, cold start, queue)")
-    p.add_argument("--autoscaler-url", default=None, help="Vast's autoscaler (default: the SDK's, run.vast.ai)")
-    p.add_argument("--webserver-url", default=None, help="Vast's console API (default: the SDK's)")
-    p.add_argument("--vast-ca-file", default=None,
-                   help="Vast's root certificate, read from this file instead of downloaded at each start")
+    p.set_defaults(run=run)
 
 
 # Rows -------------------------------------------------------------------------------------------
@@ -217,17 +218,12 @@ def _price(api_key: str, webserver_url: str | None, instance_id) -> float | None
     return float(price) if isinstance(price, (int, float)) and not isinstance(price, bool) and price > 0 else None
 
 
-async def _fleet(args, api_key: str, ca_context, payload: dict, workers: int, bar) -> list[tuple[dict, float | None]]:
-    from .remote import RemoteError, _client
-
-    async with _client(api_key, args, ca_context) as client:
-        try:
-            endpoint = await client.get_endpoint(args.endpoint)
-        except Exception as e:  # noqa: BLE001 — the SDK raises plain exceptions
-            raise RemoteError(f"cannot find endpoint {args.endpoint!r}: {e}") from None
+async def _fleet(args, checked, payload: dict, workers: int, bar) -> list[tuple[dict, float | None]]:
+    api_key = checked[0]
+    async with vast.connect(args, connection_limit=workers + 16, checked=checked) as router:
 
         async def one() -> tuple[dict, float | None]:
-            answer = await _benchmark(endpoint, payload, args.wait_timeout)
+            answer = await _benchmark(router.endpoint, payload, args.wait_timeout)
             body = answer.get("response")
             instance = body.get("vast_instance_id") if answer.get("ok") and isinstance(body, dict) else None
             price = await asyncio.to_thread(_price, api_key, args.webserver_url, instance)
@@ -252,31 +248,24 @@ def run(args) -> int:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .remote import EXIT_FAILED, RemoteError, _ca_context
-
     params = params_from_text(args.params)
     dtype = fields.dtype(vars(args))
     workers = fields.integer(vars(args), "workers", minimum=1)
     seconds = fields.number(vars(args), "seconds")
     sustained_seconds = fields.sustained_seconds(vars(args))
     fields.number(vars(args), "wait_timeout")
-    ca_context = None if args.vast_ca_file is None else _ca_context(args.vast_ca_file)
+    checked = vast.check_options(args)
     out_dir = _out_dir(args)
-    api_key = os.environ.get("VAST_API_KEY", "")
-    if not api_key:
-        print("error: VAST_API_KEY is not set (the API key of the Vast.ai account that owns the endpoint)",
-              file=sys.stderr)
-        return EXIT_FAILED
 
     payload = _payload(params, dtype, seconds, sustained_seconds)
     started = time.time()
     with tqdm(total=workers, unit="worker", file=sys.stderr, dynamic_ncols=True, desc="remote bench") as bar, \
             logging_redirect_tqdm():
         try:
-            answers = asyncio.run(_fleet(args, api_key, ca_context, payload, workers, bar))
-        except RemoteError as e:
+            answers = asyncio.run(_fleet(args, checked, payload, workers, bar))
+        except vast.RemoteError as e:
             bar.write(f"error: {e}", file=sys.stderr)
-            return EXIT_FAILED
+            return options.EXIT_ERROR
     rows = [row(answer, price) for answer, price in answers]
     preset = next((name for name, p in PRESETS.items() if p == params), None)
     report = {"endpoint": args.endpoint, "params": preset or params.to_dict(), "dtype": dtype, "seconds": seconds,
@@ -300,4 +289,4 @@ def run(args) -> int:
     print(table, end="", file=sys.stderr)
     print(f"{workers - len(failed)} of {workers} worker(s) measured ({distinct} distinct); "
           f"{', '.join(written)} in {out_dir}", file=sys.stderr)
-    return EXIT_FAILED if failed else 0
+    return options.EXIT_ERROR if failed else options.EXIT_OK

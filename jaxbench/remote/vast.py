@@ -1,0 +1,142 @@
+"""The vastai SDK's Serverless client, as `jaxbench remote` uses it (checked against vastai 1.9.1).
+
+`connect(args, connection_limit)` is the one way in for every `remote` command: it reads the
+account's key (VAST_API_KEY), Vast's root certificate (`--vast-ca-file`, else the SDK downloads it),
+the endpoint (`--endpoint`) and the SDK's URLs (`--autoscaler-url`, `--webserver-url`), and yields a
+`Router` on that endpoint.
+
+A request goes in two steps, the two the SDK's own `request()` takes, kept apart so that the client
+sees which worker it got before it sends anything: `route()` asks the autoscaler's `/route/` for a
+worker (a fresh route each time, polled until a worker is given: `Endpoint._route`), then `open()`
+posts `{"auth_data", "payload"}` to it and returns its NDJSON stream (the SDK's `_make_request`).
+The SDK's request would retry a failing worker itself (the same route, with no bound on a streaming
+request's wait); here the caller decides, and bounds the wait itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+
+from .. import fields
+from ..backoff import Backoff
+
+API_KEY_VARIABLE = "VAST_API_KEY"
+DEFAULT_CONNECTION_LIMIT = 500  # the SDK's
+ROUTE_POLL = Backoff(0.25, 2.0)  # pauses between /route/ calls while no worker is given
+DRAIN_S = 1.0  # how long the end of a stream may take after its last line
+
+
+class RemoteError(Exception):
+    """The remote command cannot start: Vast is unreachable or refuses the account."""
+
+
+def add_connection_options(p) -> None:
+    """The options every `remote` command takes to reach an endpoint."""
+    p.add_argument("--endpoint", required=True, metavar="NAME",
+                   help=f"the Serverless endpoint's name (the account's API key comes from {API_KEY_VARIABLE})")
+    p.add_argument("--autoscaler-url", default=None, metavar="URL", help="Vast's autoscaler (default: the SDK's, run.vast.ai)")
+    p.add_argument("--webserver-url", default=None, metavar="URL", help="Vast's console API (default: the SDK's)")
+    p.add_argument("--vast-ca-file", default=None, metavar="FILE",
+                   help="Vast's root certificate, read from this file instead of downloaded at each start")
+
+
+def api_key() -> str:
+    key = os.environ.get(API_KEY_VARIABLE, "")
+    if not key:
+        raise fields.FieldError(API_KEY_VARIABLE, "is not set (the API key of the Vast.ai account that owns the "
+                                                  "endpoint)")
+    return key
+
+
+def ca_context(ca_file: str) -> ssl.SSLContext:
+    """A context that trusts the certificates of `ca_file` beside the system's, as the SDK's
+    context trusts the downloaded one."""
+    context = ssl.create_default_context()
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise fields.FieldError("vast_ca_file", f"cannot load certificates from {ca_file!r}: "
+                                                f"{getattr(e, 'strerror', None) or e}") from None
+    context.verify_flags &= ~ssl.VERIFY_X509_STRICT  # Vast's root lacks keyCertSign (see the SDK)
+    return context
+
+
+def client(api_key: str, args, ca: ssl.SSLContext | None, connection_limit: int = DEFAULT_CONNECTION_LIMIT):
+    """The SDK's async client for the options of `add_connection_options`; given a context that
+    trusts Vast's root certificate, it uses that one instead of downloading the certificate."""
+    from vastai.serverless.client import CoroutineServerless
+
+    class Client(CoroutineServerless):
+        async def get_ssl_context(self) -> ssl.SSLContext:
+            return ca or await super().get_ssl_context()
+
+    urls = {k: v for k, v in (("autoscaler_url", args.autoscaler_url), ("webserver_url", args.webserver_url)) if v}
+    return Client(api_key, connection_limit=max(DEFAULT_CONNECTION_LIMIT, connection_limit), **urls)
+
+
+def check_options(args) -> tuple[str, ssl.SSLContext | None]:
+    """The key and the certificate context, checked before anything is sent (FieldError if bad)."""
+    ca = None if args.vast_ca_file is None else ca_context(args.vast_ca_file)
+    return api_key(), ca
+
+
+@contextlib.asynccontextmanager
+async def connect(args, connection_limit: int = DEFAULT_CONNECTION_LIMIT, checked=None):
+    """A `Router` on `--endpoint`; `checked`: what `check_options(args)` returned, if it ran."""
+    key, ca = checked or check_options(args)
+    async with client(key, args, ca, connection_limit) as c:
+        try:
+            endpoints = await c.get_endpoints()
+        except Exception as e:  # noqa: BLE001 — the SDK raises plain exceptions
+            raise RemoteError(f"cannot list the account's endpoints: {e}") from None
+        for endpoint in endpoints:
+            if endpoint.name == args.endpoint:
+                yield Router(c, endpoint)
+                return
+        names = ", ".join(sorted(e.name for e in endpoints)) or "none"
+        raise fields.FieldError("endpoint", f"no endpoint named {args.endpoint!r} in this account (it has: {names})")
+
+
+class Router:
+    """One endpoint's workers, through the SDK: `route()` then `open()`."""
+
+    def __init__(self, client, endpoint):
+        self.client = client
+        self.endpoint = endpoint
+
+    async def route(self, cost: float) -> dict:
+        """A worker for a request of `cost` (its workload for the autoscaler): the route's answer,
+        its url and what the worker needs to check that the autoscaler sent the request
+        (auth_data). Polls while the autoscaler has none ready; the caller bounds the wait."""
+        answer = await self.endpoint._route(cost=cost, req_idx=0, timeout=60.0)
+        polls = 0
+        while answer.status != "READY":
+            polls += 1
+            await asyncio.sleep(ROUTE_POLL.pause(polls))
+            answer = await self.endpoint._route(cost=cost, req_idx=answer.request_idx, timeout=60.0)
+        return answer.body
+
+    async def open(self, auth_data: dict, route: str, payload: dict) -> dict:
+        """Post the request to the routed worker. Returns the SDK's result: `ok`, `status`, and
+        `stream` (an async iterator of the NDJSON lines as dicts) or the error's `json`/`text`.
+        Raises the connection's errors (the worker is unreachable or went away)."""
+        from vastai.serverless.client.connection import _make_request
+
+        return await _make_request(client=self.client, url=auth_data["url"], route=route,
+                                   api_key=self.endpoint.api_key,
+                                   body={"auth_data": auth_data, "session_id": None, "payload": payload},
+                                   method="POST", retries=1, stream=True)
+
+    @staticmethod
+    async def drain(stream) -> None:
+        """Read a finished stream to its end, so that its connection carries the next request (the
+        SDK drops a connection closed before its response's end, and the next request opens one)."""
+        try:
+            async with asyncio.timeout(DRAIN_S):
+                async for _ in stream:
+                    pass
+        except Exception:  # noqa: BLE001 — whatever it was, the request is done
+            pass
