@@ -242,13 +242,20 @@ def cmd_search(args) -> int:
         job = SearchJob(v["params"], v["block_hash"], v["public_key"], v["r_target"],
                         NonceSchedule.for_node(v["start_nonce"], node_id, n_nodes, limit=limit), v["dtype"], duration)
         tally = SearchTally(job, block_height=v["block_height"], node_id=node_id)
-        with _progress(limit, "search") as bar:
-            on_ready = lambda *ready: bar.write(_ready_message(engine, *ready), file=sys.stderr)
-            for step in engine.search(job, stop, batch=args.batch, on_ready=on_ready):
-                for line in tally.add(step):
-                    print(json.dumps(line), file=results, flush=True)
-                bar.update(step.computed)
-                bar.set_postfix(valid=tally.total_valid, refresh=False)
+        try:
+            with _progress(limit, "search") as bar:
+                on_ready = lambda *ready: bar.write(_ready_message(engine, *ready), file=sys.stderr)
+                for step in engine.search(job, stop, batch=args.batch, on_ready=on_ready):
+                    for line in tally.add(step):
+                        print(json.dumps(line), file=results, flush=True)
+                    bar.update(step.computed)
+                    bar.set_postfix(valid=tally.total_valid, refresh=False)
+        except (fields.FieldError, ParamsError):
+            raise
+        except Exception as e:  # a device error mid-search: the lines computed stand, the summary says why
+            failed = {**tally.summary("error"), "error": f"{type(e).__name__}: {_one_line(str(e))}"}
+            print(json.dumps(failed), file=results, flush=True)
+            raise
         summary = tally.summary("interrupted" if stop.is_set() else tally.end_reason(False))
         print(json.dumps(summary), file=results, flush=True)
     except BaseException:

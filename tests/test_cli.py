@@ -440,6 +440,31 @@ def test_an_unexpected_failure_is_one_line_and_v_adds_its_traceback(monkeypatch,
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_a_device_error_mid_search_keeps_the_lines_and_ends_with_the_summary(monkeypatch, capsys):
+    """What a runtime error of the device in the third step looks like: the two steps already
+    computed are written, then the summary with the reason and the error, then one line and exit 1."""
+    from jaxbench.engine import Engine
+
+    real = Engine.search
+
+    def failing(self, job, stop=None, batch=None, on_ready=None):
+        for n, step in enumerate(real(self, job, stop, batch=batch, on_ready=on_ready)):
+            if n == 2:
+                raise RuntimeError("INTERNAL: CUDA error: an illegal memory access was encountered\nmore")
+            yield step
+
+    monkeypatch.setattr(Engine, "search", failing)
+    status = cli.main(["search", "--params", "tiny", "--block-hash", "a", "--public-key", "b", "--r-target", "2",
+                       "--max-nonces", "64", "--batch", "8", "--draws", "host", "--cache-dir", "", "--out", "-"])
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert status == cli.EXIT_ERROR
+    assert [n for line in lines[:-1] for n in line["nonces"]] == list(range(16))  # two steps of 8, every nonce valid
+    assert lines[-1]["status"] == "done" and lines[-1]["reason"] == "error" and lines[-1]["total_computed"] == 16
+    assert lines[-1]["error"] == "RuntimeError: INTERNAL: CUDA error: an illegal memory access was encountered"
+    assert err.strip().splitlines()[-1].startswith("error: RuntimeError: INTERNAL: CUDA error: an illegal memory")
+
+
 LOGS_AN_EXCEPTION = """
 import logging, sys
 from jaxbench import cli
