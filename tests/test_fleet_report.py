@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from service_helpers import host_devices_env
-from vast_helpers import ACCOUNT_API_KEY, ENDPOINT_NAME, ROOT, FakeVast, WorkerStack
+from vast_helpers import ACCOUNT_API_KEY, ENDPOINT_NAME, ROOT, FakeVast, running_workers
 
 from jaxbench import telemetry
 from jaxbench.remote import fleet
@@ -93,20 +93,8 @@ def endpoint(tmp_path_factory, compile_cache):
     vast = FakeVast(instances=PRICED)
     env = {"MODEL_BATCH": str(BATCH), "MODEL_BENCHMARK_NONCES": "64", "JAXBENCH_BENCHMARK_STEPS": "2",
            **host_devices_env(DEVICES)}
-    stacks = [WorkerStack(tmp_path_factory.mktemp(f"fleet{i}"), vast, compile_cache, container_id=i + 1, env=env)
-              for i in range(2)]
-    try:
-        for stack in stacks:
-            stack.wait_loaded(START_TIMEOUT_S)
+    with running_workers(vast, 2, tmp_path_factory, compile_cache, env, START_TIMEOUT_S, name="fleet") as stacks:
         yield vast, stacks
-    except AssertionError:
-        for stack in stacks:
-            print(stack.outputs())
-        raise
-    finally:
-        for stack in stacks:
-            stack.close()
-        vast.close()
 
 
 def remote_bench(vast: FakeVast, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -17,7 +17,8 @@ import threading
 
 import pytest
 from service_helpers import PLATFORM_ENV, host_devices_env, wait_until
-from vast_helpers import ACCOUNT_API_KEY, ENDPOINT_API_KEY, ENDPOINT_NAME, ROOT, FakeVast, WorkerStack
+from vast_helpers import (ACCOUNT_API_KEY, ENDPOINT_API_KEY, ENDPOINT_NAME, ROOT, FakeVast, WorkerStack,
+                          running_workers)
 
 from jaxbench.remote.intervals import Intervals, SortedInts
 from jaxbench.remote.plan import ENDLESS, Plan, Sequence
@@ -284,20 +285,8 @@ def endpoint(tmp_path_factory, truth, compile_cache):
     vast = FakeVast(unready_polls=1)
     env = {"MODEL_BATCH": str(BATCH), "MODEL_BENCHMARK_NONCES": "128", "JAXBENCH_BENCHMARK_STEPS": "2",
            **host_devices_env(DEVICES)}
-    stacks = [WorkerStack(tmp_path_factory.mktemp(f"worker{i}"), vast, compile_cache, container_id=i + 1, env=env)
-              for i in range(2)]
-    try:
-        for stack in stacks:
-            stack.wait_loaded(START_TIMEOUT_S)
+    with running_workers(vast, 2, tmp_path_factory, compile_cache, env, START_TIMEOUT_S) as stacks:
         yield vast, stacks
-    except AssertionError:
-        for stack in stacks:
-            print(stack.outputs())
-        raise
-    finally:
-        for stack in stacks:
-            stack.close()
-        vast.close()
 
 
 class Client:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import os
@@ -373,3 +374,25 @@ class WorkerStack:
     def outputs(self) -> str:
         return "\n".join(f"--- {self.tmp / name}\n{(self.tmp / name).read_text(errors='replace')[-4000:]}"
                          for name in ("server.out", "pyworker.out"))
+
+
+@contextlib.contextmanager
+def running_workers(vast: FakeVast, n: int, tmp_path_factory, compile_cache: Path, env: dict, timeout: float,
+                    name: str = "worker"):
+    """`n` WorkerStacks behind `vast`, each loaded within `timeout`; their outputs printed if one fails
+    the test; every stack and `vast` closed at the end."""
+    stacks = [WorkerStack(tmp_path_factory.mktemp(f"{name}{i}"), vast, compile_cache, container_id=i + 1, env=env)
+              for i in range(n)]
+    try:
+        for stack in stacks:
+            stack.wait_loaded(timeout)
+        yield stacks
+    except AssertionError:
+        for stack in stacks:
+            print(stack.outputs())
+        raise
+    finally:
+        for stack in stacks:
+            stack.close()
+        vast.close()
+
