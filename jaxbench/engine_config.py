@@ -121,7 +121,3 @@ class EngineConfig:
 
     def attention_for(self, dtype: str) -> str:
         return "xla" if dtype == "float32" else self.attention
-
-    def describe(self) -> dict:
-        return {"draws": self.draws, "attention": self.attention, "ffn": self.ffn, "group_size": self.group_size,
-                "device_memory": self.device_memory}

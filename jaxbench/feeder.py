@@ -22,8 +22,8 @@ from . import device_draws
 from .draws import HostDrawer
 from .job import SearchJob
 from .nonces import device_major
-from .steps import PERMUTATION_AXES, input_axes
 from .placement import Stage
+from .steps import PERMUTATION_AXES, input_axes
 
 READY_STEPS = 2  # steps drawn ahead of the devices
 
