@@ -33,6 +33,7 @@ from .job import GroupResult, SearchJob, StepResult
 from .nonces import NonceSchedule
 from .params import Params
 from .placement import Placement, Planner, Stage
+from .sizes import format_size
 from .steps import TARGET_AXES, CompiledSteps, PipelinedStep, StepKey
 
 log = logging.getLogger("jaxbench.engine")
@@ -53,6 +54,7 @@ class LoadedModel:
     weights: list[dict]  # each stage's, on that stage's devices
     target: jax.Array  # on the last stage's devices
     build_seconds: float
+    screen_weights: list[dict] | None = None  # each stage's weights for the "fp8" products, made when first asked
 
 
 class Engine:
@@ -131,25 +133,53 @@ class Engine:
                      dtype, params.describe(), placement.n_groups, placement.group_size, self._model.build_seconds)
             return self._model
 
+    def screen_weights(self, model: LoadedModel) -> list[dict]:
+        """The loaded weights with the layers' matrices in e4m3, for a screen's step: made once and kept
+        beside the model's own (the norms and the head shared) while the model stays. FieldError on
+        `screen` where the devices cannot hold them too."""
+        with self._lock:
+            if model.screen_weights is None:
+                key = self.step_key(model.params, model.dtype, 1, "fp8")
+                specs = [key.weight_specs(stage.layers) for stage in model.stages]
+                need = max(weights_mod.spec_bytes(weights_mod.quantized_part(s)) for s in specs)
+                available = self.planner.available_bytes()
+                held = self.planner.stage_need(model.params, model.dtype).total(1)
+                if available is not None and held + need > available:
+                    raise FieldError("screen", f"its e4m3 weights need {format_size(need)} more on each device "
+                                               f"beside the {format_size(held)} the search holds; "
+                                               f"{format_size(available)} available")
+                t0 = time.perf_counter()
+                made = []
+                for stage, weights, spec in zip(model.stages, model.weights, specs):
+                    shardings = jax.tree.map(lambda t, stage=stage: stage.sharding(t.axes),
+                                             weights_mod.quantized_part(spec))
+                    products = jax.jit(weights_mod.quantized_products, out_shardings=shardings)(weights)
+                    made.append(weights_mod.with_products(weights, jax.block_until_ready(products)))
+                model.screen_weights = made
+                log.info("quantized the weights to e4m3 for the screen in %.2f s (%s a device)",
+                         time.perf_counter() - t0, format_size(need))
+            return model.screen_weights
+
     # Compiled steps --------------------------------------------------------------------------
 
-    def step_key(self, params: Params, dtype: str, batch: int) -> StepKey:
+    def step_key(self, params: Params, dtype: str, batch: int, products: str = "exact") -> StepKey:
         placement = self.placement(params, dtype)
         c = self.config
         return StepKey(params, dtype, batch, placement.n_groups, placement.group_size, c.draws,
-                       c.attention_for(dtype), c.ffn, c.layout)
+                       c.attention_for(dtype), c.ffn, c.layout, products)
 
-    def compiled_step(self, params: Params, dtype: str, batch: int) -> PipelinedStep:
-        """The step for (params, dtype, batch) on these devices, compiled once and kept."""
-        key = self.step_key(params, dtype, batch)
+    def compiled_step(self, params: Params, dtype: str, batch: int, products: str = "exact") -> PipelinedStep:
+        """The step for (params, dtype, batch) on these devices, compiled once and kept; with `products`
+        "fp8", a screen's step, which takes screen_weights."""
+        key = self.step_key(params, dtype, batch, products)
         step = self.steps.get(key)
         if step is None:
             self.check_fits(params, dtype, batch)
             step, compiled = self.steps.get_or_compile(key, self.placement(params, dtype))
             if compiled:
-                log.info("compiled step (batch %d × %d group(s) of %d device(s), %s, %s draws, %s attention, %s ffn)"
-                         " in %.2f s", batch, key.groups, key.group_size, dtype, key.draws, key.attention, key.ffn,
-                         step.compile_seconds)
+                log.info("compiled step (batch %d × %d group(s) of %d device(s), %s, %s draws, %s attention, %s ffn,"
+                         " %s products) in %.2f s", batch, key.groups, key.group_size, dtype, key.draws, key.attention,
+                         key.ffn, products, step.compile_seconds)
         return step
 
     def is_compiled(self, params: Params, dtype: str, batch: int) -> bool:
@@ -164,30 +194,36 @@ class Engine:
     # Work ------------------------------------------------------------------------------------
 
     def search(self, job: SearchJob, stop: threading.Event | None = None, batch: int | None = None,
-               on_ready: Callable[[LoadedModel, int, float], None] | None = None) -> Iterator[StepResult]:
+               on_ready: Callable[[LoadedModel, int, float], None] | None = None, products: str = "exact",
+               fit_batch: bool = True) -> Iterator[StepResult]:
         """Run the schedule step by step, yielding each step's distances as soon as it finishes.
 
         Stops at the end of the schedule, after `duration_s`, or within one step of `stop` being
         set; every step already dispatched is still collected and yielded. An out-of-memory at a
         batch size retreats to half the size and redoes the lost steps. Any other failure ends the
-        search with that exception, once every step it had collected has been yielded.
+        search with that exception, once every step it had collected has been yielded. With
+        `products` "fp8" the distances are a screen's (screen.py), never to be reported. Without
+        `fit_batch`, `batch` is run as given (one that a search ran), however few the job's nonces.
         """
         stop = stop or threading.Event()
         if stop.is_set():
             return
         model = self.load(job.params, job.block_hash, job.dtype)
-        batch = self.batches.fit(job, batch or self.batches.default(job.params, job.dtype), model.placement.n_groups)
+        weights = self.screen_weights(model) if products == "fp8" else model.weights
+        batch = batch or self.batches.default(job.params, job.dtype)
+        if fit_batch:
+            batch = self.batches.fit(job, batch, model.placement.n_groups)
         if stop.is_set():  # stopped while the weights were built: no compilation for nothing
             return
         deadline = None if job.duration_s is None else time.monotonic() + job.duration_s
         flat_next, step_no = 0, 0  # the first flat index and step not yet yielded
         while True:
             try:
-                step_fn = self.compiled_step(job.params, job.dtype, batch)
+                step_fn = self.compiled_step(job.params, job.dtype, batch, products)
                 if on_ready:  # weights built, step compiled: (model, batch, compile seconds)
                     on_ready(model, batch, step_fn.compile_seconds)
                     on_ready = None
-                for result in self._run_steps(job, model, step_fn, batch, flat_next, step_no, stop, deadline):
+                for result in self._run_steps(job, model, weights, step_fn, batch, flat_next, step_no, stop, deadline):
                     flat_next, step_no = result.flat_start + result.computed, result.step + 1
                     yield result
                 return
@@ -195,11 +231,12 @@ class Engine:
                 if not is_out_of_memory(e) or batch == 1:
                     raise
                 log.warning("out of memory at batch %d; retrying at %d", batch, batch // 2)
-                self.steps.discard(self.step_key(job.params, job.dtype, batch))
+                self.steps.discard(self.step_key(job.params, job.dtype, batch, products))
                 batch //= 2
 
-    def _run_steps(self, job, model: LoadedModel, step_fn: PipelinedStep, batch: int, flat_start: int, step_no: int,
-                   stop: threading.Event, deadline: float | None) -> Iterator[StepResult]:
+    def _run_steps(self, job, model: LoadedModel, weights: list[dict], step_fn: PipelinedStep, batch: int,
+                   flat_start: int, step_no: int, stop: threading.Event, deadline: float | None
+                   ) -> Iterator[StepResult]:
         """Dispatch prepared steps while up to one per stage and one more are in flight; collect the oldest."""
         feeder = StepFeeder(self.drawer, self.draws_mode, model.stages, job, batch, flat_start, step_no)
         prepared = iter(feeder)
@@ -219,7 +256,7 @@ class Engine:
                         failure = e
                 if item is not None:
                     t0 = time.perf_counter()
-                    dist = step_fn(model.weights, item.inputs, item.permutations, model.target)
+                    dist = step_fn(weights, item.inputs, item.permutations, model.target)
                     in_flight.append((item, dist, t0, waited))
                 if in_flight and (item is None or len(in_flight) >= depth):
                     done, dist, t0, waited = in_flight.popleft()
@@ -237,13 +274,15 @@ class Engine:
             feeder.close()
 
     def distances(self, params: Params, block_hash: str, public_key: str, nonces: Sequence[int],
-                  dtype: str = "float16", batch: int | None = None, on_step: Callable[[int], None] | None = None
-                  ) -> np.ndarray:
-        """Distances of the given nonces, in the order given; `on_step(n)` after each step of n."""
+                  dtype: str = "float16", batch: int | None = None, on_step: Callable[[int], None] | None = None,
+                  fit_batch: bool = True) -> np.ndarray:
+        """Distances of the given nonces, in the order given; `on_step(n)` after each step of n. Without
+        `fit_batch`, in steps of `batch` however few the nonces: the step a search of that batch runs,
+        so the distances are bit for bit that search's."""
         job = SearchJob(params, block_hash, public_key, r_target=0.0, schedule=NonceSchedule.of(nonces), dtype=dtype)
         out = np.empty(len(nonces), dtype=np.float32)
         offset = 0
-        for result in self.search(job, batch=batch):
+        for result in self.search(job, batch=batch, fit_batch=fit_batch):
             # Group g of a step holds flat offsets g, g + G, …: put them back in flat order.
             n, n_groups = result.computed, len(result.groups)
             for g in result.groups:

@@ -105,8 +105,9 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 # "xla": two products and the SwiGLU (over w1 and w3, or one product over w13); "pallas": with w13, gate, up
 # and SwiGLU in one Hopper kernel (gated_ffn.py) where the shape allows, one XLA product over w13 elsewhere.
 FFN_IMPLEMENTATIONS = ("xla", "pallas")
-# "exact": every product in the model dtype, as the reference; "fp8": the weight products through e4m3
-# operands (fp8.py), for a screen whose distances are never reported.
+# "exact": every product in the model dtype, as the reference; "fp8": the blocks' weight products through
+# e4m3 operands (fp8.py; the weights from weights.quantize_products), for a screen whose distances are
+# never reported. Attention's own products and the head stay in the model dtype.
 PRODUCTS = ("exact", "fp8")
 
 
@@ -139,7 +140,8 @@ class ModelConfig:
             raise ValueError(f"products must be one of {', '.join(PRODUCTS)}, got {self.products!r}")
 
     def weight_product(self) -> Callable[[str, jax.Array, jax.Array], jax.Array]:
-        """(einsum spec, x, weight) -> x·weight, in the model dtype or through e4m3 operands."""
+        """(einsum spec, x, weight) -> x·weight: in the model dtype, or through e4m3 operands with `weight`
+        an fp8.Fp8Weight."""
         if self.products == "fp8":
             return lambda spec, x, w: fp8.linear(x, w)
         return matmul
@@ -164,11 +166,11 @@ class Attention(nnx.Module):
         kv, group, hd = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
         x_q, cos_q, sin_q = (x[:, -1:], cos[-1:], sin[-1:]) if last_only else (x, cos, sin)
         project = self.product
-        q = apply_rope(project("bsd,de->bse", x_q, self.wq[...]).reshape(b, -1, self.n_heads, hd), cos_q, sin_q)
-        k = apply_rope(project("bsd,de->bse", x, self.wk[...]).reshape(b, s, kv, hd), cos, sin)
-        v = project("bsd,de->bse", x, self.wv[...]).reshape(b, s, kv, hd)
+        q = apply_rope(project("bsd,de->bse", x_q, self.wq.get_value()).reshape(b, -1, self.n_heads, hd), cos_q, sin_q)
+        k = apply_rope(project("bsd,de->bse", x, self.wk.get_value()).reshape(b, s, kv, hd), cos, sin)
+        v = project("bsd,de->bse", x, self.wv.get_value()).reshape(b, s, kv, hd)
         if self.implementation == "cudnn" and not last_only:
-            return project("bse,ed->bsd", flash_attention(q, k, v).reshape(b, s, -1), self.wo[...])
+            return project("bse,ed->bsd", flash_attention(q, k, v).reshape(b, s, -1), self.wo.get_value())
 
         # Query head j reads kv head j // group.
         q = q.reshape(b, -1, kv, group, hd)
@@ -179,7 +181,7 @@ class Attention(nnx.Module):
             scores = jnp.where(causal, scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = matmul("bkgqt,btkd->bqkgd", probs, v).reshape(b, -1, self.n_heads * hd)
-        return project("bse,ed->bsd", out, self.wo[...])
+        return project("bse,ed->bsd", out, self.wo.get_value())
 
 
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
@@ -211,18 +213,18 @@ class FeedForward(nnx.Module):
     def gated(self, x: jax.Array) -> jax.Array:
         project = self.product
         if self.w13 is None:
-            return swiglu(project("bsd,dh->bsh", x, self.w1[...]), project("bsd,dh->bsh", x, self.w3[...]))
-        b, s, d = x.shape
-        w13 = self.w13[...]
-        hidden = w13.shape[-1] // 2
-        kernel = dataclasses.replace(gated_ffn.DEFAULT_CONFIG, block=self.block)  # tiles on the interleaving's blocks
-        if (self.implementation == "pallas" and project is matmul
-                and gated_ffn.applies(b * s, d, hidden, x.dtype, kernel)):
-            return gated_ffn.gated_ffn(x.reshape(b * s, d), w13, kernel).reshape(b, s, hidden)
+            return swiglu(project("bsd,dh->bsh", x, self.w1.get_value()), project("bsd,dh->bsh", x, self.w3.get_value()))
+        w13 = self.w13.get_value()
+        if self.implementation == "pallas" and project is matmul:
+            b, s, d = x.shape
+            hidden = w13.shape[-1] // 2
+            kernel = dataclasses.replace(gated_ffn.DEFAULT_CONFIG, block=self.block)  # tiles on the interleaving's blocks
+            if gated_ffn.applies(b * s, d, hidden, x.dtype, kernel):
+                return gated_ffn.gated_ffn(x.reshape(b * s, d), w13, kernel).reshape(b, s, hidden)
         return swiglu(*split_gate_up(project("bsd,dh->bsh", x, w13), self.block))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.product("bsh,hd->bsd", self.gated(x), self.w2[...])
+        return self.product("bsh,hd->bsd", self.gated(x), self.w2.get_value())
 
 
 class Block(nnx.Module):
@@ -273,7 +275,7 @@ class Stage(nnx.Module):
             return h
         h = self.last(h, cos, sin, last_only=True)[:, 0]
         h = rms_norm(h, self.norm[...], config.params.norm_eps)
-        return config.weight_product()("bd,dv->bv", h, self.output[...]).astype(jnp.float32)
+        return matmul("bd,dv->bv", h, self.output[...]).astype(jnp.float32)
 
 
 def stage_fn(config: ModelConfig):

@@ -52,16 +52,20 @@ class StepKey:
     attention: str
     ffn: str
     layout: WeightLayout
+    products: str = "exact"  # model.PRODUCTS: "fp8" is a screen's step
 
     def describe(self) -> dict:
         """The key as /health shows it; `devices` counts the devices the step runs on."""
         return {"params": self.params.to_dict(), "dtype": self.dtype, "batch": self.batch,
                 "devices": self.groups * self.group_size, "groups": self.groups, "group_size": self.group_size,
-                "draws": self.draws, "attention": self.attention, "ffn": self.ffn}
+                "draws": self.draws, "attention": self.attention, "ffn": self.ffn, "products": self.products}
 
     @property
     def model(self) -> ModelConfig:
-        return ModelConfig(self.params, self.dtype, self.attention, self.ffn, self.layout)
+        return ModelConfig(self.params, self.dtype, self.attention, self.ffn, self.layout, self.products)
+
+    def weight_specs(self, layers: range | None) -> dict:
+        return weight_specs(self.params, self.dtype, self.layout, layers, self.products)
 
 
 def input_axes(draws: str) -> tuple[str, ...]:
@@ -71,7 +75,7 @@ def input_axes(draws: str) -> tuple[str, ...]:
 def abstract_weights(key: StepKey, stage: Stage) -> Any:
     """The stage's weights as placed ShapeDtypeStructs."""
     return jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=stage.sharding(t.axes)),
-                        weight_specs(key.params, key.dtype, key.layout, stage.layers))
+                        key.weight_specs(stage.layers))
 
 
 class PipelinedStep:
@@ -106,7 +110,7 @@ def _stage_program(key: StepKey, stage: Stage) -> Callable:
         return distances(out, *distance_args) if stage.is_last else out
 
     weight_spec = jax.tree.map(lambda t: partition_spec(t.axes),
-                               weight_specs(key.params, key.dtype, key.layout, stage.layers))
+                               key.weight_specs(stage.layers))
     in_specs = (weight_spec, partition_spec(input_axes(key.draws) if stage.is_first else INPUT_AXES))
     if stage.is_last:
         in_specs += (partition_spec(PERMUTATION_AXES), partition_spec(TARGET_AXES))

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import draws
+from . import draws, fp8
 from .device_draws import draw_pool_on_device
 from .params import Params
 
@@ -49,6 +49,7 @@ LAYER_TENSORS = {
     "ffn_norm": Tensor("ffn_norm.weight", ("embed",)),
 }
 TOP_TENSORS = {"norm": Tensor("norm.weight", ("embed",)), "output": Tensor("output.weight", ("embed", "vocab"))}
+PRODUCT_WEIGHTS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "w13")  # the layers' matrices, w13 as arranged
 LAYERS_AXIS = "layers"  # the leading axis of the stacked blocks
 
 
@@ -136,6 +137,22 @@ def _build(pool: jax.Array, rotations: dict, params: Params, layout: WeightLayou
     return out
 
 
+def quantized_products(weights: dict) -> dict:
+    """The layers' matrices of a stage's weights (build_weights) as fp8.Fp8Weights, in the same tree
+    ("blocks" and "last", where present); with_products puts them in place of the originals."""
+    def layer(tensors: dict, stacked: bool) -> dict:
+        quantize = partial(jax.lax.map, fp8.quantize_weight) if stacked else fp8.quantize_weight  # a layer at a time
+        return {k: quantize(w) for k, w in tensors.items() if k in PRODUCT_WEIGHTS}
+
+    return {part: layer(weights[part], part == "blocks") for part in ("blocks", "last") if part in weights}
+
+
+def with_products(weights: dict, products: dict) -> dict:
+    """The weights for the "fp8" products: `products` (quantized_products) in place of the layers'
+    matrices, the norms and the head shared with `weights`."""
+    return {part: {**tensors, **products[part]} if part in products else tensors for part, tensors in weights.items()}
+
+
 def placements(params: Params, block_hash: str) -> dict[str, PoolPlacement]:
     """Every parameter's placement, by reference name."""
     return {
@@ -189,9 +206,29 @@ class TensorSpec:
     axes: tuple[str, ...]  # logical axes, one per dimension
 
 
-def weight_specs(params: Params, dtype: str, layout: WeightLayout = REFERENCE_LAYOUT, layers: range | None = None
-                 ) -> dict:
-    """The pytree build_weights returns for these arguments, as TensorSpecs."""
+def _quantized_spec(t: TensorSpec) -> fp8.Fp8Weight:
+    """The spec of fp8.quantize_weight's result for a weight (…, K, N)."""
+    *lead, k, n = t.shape
+    *lead_axes, k_axis, n_axis = t.axes
+    return fp8.Fp8Weight(TensorSpec((*lead, n, k), fp8.E4M3, (*lead_axes, n_axis, k_axis)),
+                         TensorSpec((*lead, n), jnp.float32, (*lead_axes, n_axis)))
+
+
+def quantized_part(specs: dict) -> dict:
+    """The part of a weight_specs tree for the "fp8" products that quantized_products makes."""
+    return {part: {k: t for k, t in specs[part].items() if k in PRODUCT_WEIGHTS}
+            for part in ("blocks", "last") if part in specs}
+
+
+def spec_bytes(specs) -> int:
+    return sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize
+               for t in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, TensorSpec)))
+
+
+def weight_specs(params: Params, dtype: str, layout: WeightLayout = REFERENCE_LAYOUT, layers: range | None = None,
+                 products: str = "exact") -> dict:
+    """The pytree build_weights returns for these arguments, as TensorSpecs; with `products` "fp8", the
+    pytree quantize_products makes of it."""
     blocks, ends = stage_layers(params, layers)
     jnp_dtype = JNP_DTYPES[dtype]
 
@@ -202,6 +239,8 @@ def weight_specs(params: Params, dtype: str, layout: WeightLayout = REFERENCE_LA
             w1 = tensors.pop("w1")
             tensors.pop("w3")
             tensors["w13"] = TensorSpec((*w1.shape[:-1], 2 * w1.shape[-1]), jnp_dtype, w1.axes)  # w1 and w3 side by side
+        if products == "fp8":
+            tensors = {k: _quantized_spec(t) if k in PRODUCT_WEIGHTS else t for k, t in tensors.items()}
         return tensors
 
     out = {"blocks": layer((len(blocks),), (LAYERS_AXIS,))}
