@@ -269,3 +269,66 @@ def _device_draw_rate(engine: Engine, params: Params, dtype: str, states: jax.Ar
         reps += 1
     return reps * local.shape[0] / (time.perf_counter() - t0)
 
+
+
+def run_screen_bench(engine: Engine, params: Params, dtype: str, block_hash: str, public_key: str, seconds: float,
+                     r_target: float, margin: float, products: str = "fp8", batch: int | None = None) -> dict:
+    """The screened search against the exact one on the same nonces: the exact search for `seconds`, then
+    the screen over the nonces it computed; each one's rate, valid nonces per second at `r_target` and
+    energy per nonce, and the screen's recall of the exact search's valid nonces."""
+    from .screen import ScreenedSearch
+
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    model = engine.load(params, block_hash, dtype)
+    batch = batch or engine.batches.default(params, dtype)
+    log(f"bench --screen {products}: compiling the exact and the screen's steps (batch {batch}), quantizing the weights")
+    engine.compiled_step(params, dtype, batch)
+    engine.compiled_step(params, dtype, batch, products)
+    engine.screen_weights(model)
+
+    def window(steps, nonces: int | None) -> dict:
+        valid: dict[int, float] = {}
+        computed = 0
+        with TelemetrySampler(model.placement.devices) as sampler, _window_progress(seconds, sampler) as progress:
+            sampler.begin()
+            t0 = time.perf_counter()
+            for result in steps:
+                computed += result.computed
+                for g in result.groups:
+                    valid.update(zip(*g.valid(r_target)))
+                progress(computed, time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            energy = sampler.end().fields(computed).get("energy_joules_per_nonce")
+        return {"nonces": computed, "seconds": round(wall, 2), "nonces_per_s": round(computed / wall, 2),
+                "valid": len(valid), "valid_per_s": round(len(valid) / wall, 3), "energy_joules_per_nonce": energy,
+                "_valid": valid}
+
+    start = 2 * 10**9  # away from bench's own window
+    log(f"exact: {seconds:g} s")
+    exact_job = SearchJob(params, block_hash, public_key, r_target, NonceSchedule.for_node(start), dtype, seconds)
+    exact = window(engine.search(exact_job, batch=batch), None)
+    log(f"screen: the same {exact['nonces']:,} nonces")
+    screened_job = SearchJob(params, block_hash, public_key, r_target,
+                             NonceSchedule.for_node(start, limit=exact["nonces"]), dtype)
+    search = ScreenedSearch(engine, screened_job, margin, products)
+    screened = window(search.steps(batch=batch), exact["nonces"])
+    found, reported = exact.pop("_valid"), screened.pop("_valid")
+    kept = sum(1 for nonce in reported if nonce in found)
+    screened.update(search.counts.describe(),
+                    candidate_share=round(search.counts.candidates / max(search.counts.screened, 1), 5))
+    report = {
+        "params": params.to_dict(), "dtype": dtype, "device_kind": engine.devices[0].device_kind,
+        "devices": len(model.placement.devices), "batch_per_device": batch, "r_target": r_target,
+        "screen": products, "screen_margin": margin, "exact": exact, "screened": screened,
+        "valid_per_s_ratio": round(screened["valid_per_s"] / exact["valid_per_s"], 3) if exact["valid_per_s"] else None,
+        "recall": round(kept / len(found), 6) if found else None,
+        "missed": len(found) - kept,
+        # What the screen cannot change: every nonce it reports, the exact search reports with the same distance.
+        "reported_are_exact": all(found.get(nonce) == dist for nonce, dist in reported.items()),
+    }
+    log(f"screen       {screened['nonces_per_s']:,.2f} nonces/s screened against {exact['nonces_per_s']:,.2f} exact; "
+        f"valid/s {screened['valid_per_s']:,.3f} against {exact['valid_per_s']:,.3f} "
+        f"(× {report['valid_per_s_ratio']}) at r_target {r_target}; recall {report['recall']} "
+        f"({report['missed']} missed), candidates {100 * screened['candidate_share']:.2f} %; "
+        f"J/nonce {screened['energy_joules_per_nonce']} against {exact['energy_joules_per_nonce']}")
+    return report

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import fields, options, remote
 from .options import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_FRAUD, EXIT_INTERRUPTED, UsageError
-from .params import InputFileError, ParamsError, params_from_text, read_input_file
+from .params import DEFAULT_R_TARGET, InputFileError, ParamsError, params_from_text, read_input_file
 
 
 def _version() -> str:
@@ -60,6 +60,7 @@ def build_parser(prog: str = "jaxbench") -> argparse.ArgumentParser:
     options.seeds(p)
     options.runtime(p)
     options.search(p)
+    options.screen(p)
     p.add_argument("--node-id", type=int, default=0, metavar="I", help="this node's index, below --n-nodes (default 0)")
     p.add_argument("--n-nodes", type=int, default=1, metavar="M", help="nodes sharing the nonce space (default 1)")
     p.add_argument("--out", default=None, metavar="FILE",
@@ -78,6 +79,9 @@ def build_parser(prog: str = "jaxbench") -> argparse.ArgumentParser:
     options.seeds(p, block_hash="bench-" + "0" * 58, public_key="bench-public-key")
     options.runtime(p)
     p.add_argument("--seconds", type=float, default=20.0, metavar="S", help="length of the end-to-end run (default 20)")
+    options.screen(p)
+    p.add_argument("--r-target", type=float, default=DEFAULT_R_TARGET, metavar="R",
+                   help=f"with --screen: valid nonces are counted below this (default {DEFAULT_R_TARGET})")
     p.add_argument("--sustained-seconds", type=float, default=fields.DEFAULT_SUSTAINED_S, metavar="S",
                    help="then float16 square products for this long on every GPU: the rate the card sustains, "
                         f"which percent_of_sustained compares the step with (default {fields.DEFAULT_SUSTAINED_S:g}; "
@@ -214,6 +218,10 @@ def _result_file(out: str | None) -> str | None:
     return out or time.strftime("jaxbench-search-%Y%m%dT%H%M%SZ.ndjson", time.gmtime())
 
 
+def _screen_counts(screened) -> dict:
+    return screened.counts.describe() if screened else {}
+
+
 def cmd_search(args) -> int:
     stop = threading.Event()
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored (`&` in a script): stays so
@@ -224,6 +232,7 @@ def cmd_search(args) -> int:
     node_id = fields.integer(vars(args), "node_id")
     if node_id >= n_nodes:
         raise fields.FieldError("node_id", f"must be below --n-nodes ({n_nodes}), got {node_id}")
+    screen, margin = fields.screen(vars(args))
     limit = v["max_nonces"]
     duration = None if args.duration is None else fields.number(vars(args), "duration")
     path = _result_file(args.out)
@@ -236,27 +245,34 @@ def cmd_search(args) -> int:
     from .job import SearchJob
     from .nonces import NonceSchedule
     from .results import SearchTally
+    from .screen import ScreenedSearch
 
     try:
         engine = _engine(args, v["params"], v["dtype"])
         job = SearchJob(v["params"], v["block_hash"], v["public_key"], v["r_target"],
                         NonceSchedule.for_node(v["start_nonce"], node_id, n_nodes, limit=limit), v["dtype"], duration)
         tally = SearchTally(job, block_height=v["block_height"], node_id=node_id)
+        screened = ScreenedSearch(engine, job, margin) if screen else None
+        said = screened.describe() if screened else {}  # on every line and the summary
         try:
             with _progress(limit, "search") as bar:
                 on_ready = lambda *ready: bar.write(_ready_message(engine, *ready), file=sys.stderr)
-                for step in engine.search(job, stop, batch=args.batch, on_ready=on_ready):
+                steps = (screened.steps(stop, batch=args.batch, on_ready=on_ready) if screened
+                         else engine.search(job, stop, batch=args.batch, on_ready=on_ready))
+                for step in steps:
                     for line in tally.add(step):
-                        print(json.dumps(line), file=results, flush=True)
+                        print(json.dumps({**line, **said}), file=results, flush=True)
                     bar.update(step.computed)
                     bar.set_postfix(valid=tally.total_valid, refresh=False)
         except (fields.FieldError, ParamsError):
             raise
         except Exception as e:  # a device error mid-search: the lines computed stand, the summary says why
-            failed = {**tally.summary("error"), "error": f"{type(e).__name__}: {_one_line(str(e))}"}
+            failed = {**tally.summary("error"), **said, **_screen_counts(screened),
+                      "error": f"{type(e).__name__}: {_one_line(str(e))}"}
             print(json.dumps(failed), file=results, flush=True)
             raise
-        summary = tally.summary("interrupted" if stop.is_set() else tally.end_reason(False))
+        summary = {**tally.summary("interrupted" if stop.is_set() else tally.end_reason(False)), **said,
+                   **_screen_counts(screened)}
         print(json.dumps(summary), file=results, flush=True)
     except BaseException:
         if created and results.tell() == 0:  # a file this run made and never wrote to
@@ -321,8 +337,18 @@ def cmd_bench(args) -> int:
             engine.check_fits(v["params"], v["dtype"], args.batch)
         except fields.FieldError as e:
             raise fields.FieldError("batch", e.message) from None
-    report = run_bench(engine, v["params"], v["dtype"], v["block_hash"], v["public_key"], seconds,
-                       batch=args.batch, sustained_seconds=sustained_seconds)
+    screen, margin = fields.screen(vars(args))
+    if screen:
+        from .bench import run_screen_bench
+        from .screen import ScreenedSearch
+
+        ScreenedSearch.check(engine, screen)
+        r_target = fields.number(vars(args), "r_target")
+        report = run_screen_bench(engine, v["params"], v["dtype"], v["block_hash"], v["public_key"], seconds,
+                                  r_target, margin, screen, batch=args.batch)
+    else:
+        report = run_bench(engine, v["params"], v["dtype"], v["block_hash"], v["public_key"], seconds,
+                           batch=args.batch, sustained_seconds=sustained_seconds)
     print(json.dumps(report))
     return 0
 

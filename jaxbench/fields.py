@@ -13,6 +13,7 @@ MAX_SEED_TEXT = 4096
 MAX_NONCE_LIST = 1_000_000
 DEFAULT_SUSTAINED_S = 5.0  # bench's ceiling probe after its end-to-end window
 MAX_SUSTAINED_S = 30.0  # the ceiling probe holds the devices this long at most
+MAX_SCREEN_MARGIN = 0.1  # a screen margin wider than this screens nothing out (distances spread ~0.01)
 
 
 class FieldError(ValueError):
@@ -91,6 +92,19 @@ def sustained_seconds(data: Mapping[str, Any], name: str = "sustained_seconds", 
     if not 0 <= value <= MAX_SUSTAINED_S:
         raise FieldError(name, f"must be between 0 and {MAX_SUSTAINED_S:g} seconds, got {value}")
     return value
+
+
+def screen(data: Mapping[str, Any]) -> tuple[str | None, float]:
+    """`screen` (None or one of screen.PRODUCTS) and `screen_margin` (0 to MAX_SCREEN_MARGIN)."""
+    from .screen import DEFAULT_MARGIN, PRODUCTS
+
+    products = _get(data, "screen", None)
+    if products is not None and products not in PRODUCTS:
+        raise FieldError("screen", f"must be one of {', '.join(PRODUCTS)} or absent, got {products!r:.60}")
+    margin = number(data, "screen_margin", DEFAULT_MARGIN, positive=False)
+    if not 0 <= margin <= MAX_SCREEN_MARGIN:
+        raise FieldError("screen_margin", f"must be between 0 and {MAX_SCREEN_MARGIN:g}, got {margin}")
+    return products, margin
 
 
 def dtype(data: Mapping[str, Any], name: str = "dtype", default: str = "float16") -> str:

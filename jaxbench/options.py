@@ -84,6 +84,18 @@ def search(p: argparse.ArgumentParser, stop_required: bool = False) -> None:
     stop.add_argument("--duration", type=float, default=None, metavar="S", help="stop after this many seconds")
 
 
+def screen(p: argparse.ArgumentParser) -> None:
+    """--screen and --screen-margin (jaxbench/screen.py)."""
+    from .screen import DEFAULT_MARGIN, PRODUCTS
+
+    p.add_argument("--screen", default=None, choices=PRODUCTS,
+                   help="screen every nonce with e4m3 weight products and recompute in the model dtype only those "
+                        "below r_target + margin; every reported distance is still the model dtype's, a valid "
+                        "nonce the screen misses is lost (default: no screen, the exact search)")
+    p.add_argument("--screen-margin", type=float, default=DEFAULT_MARGIN, metavar="M",
+                   help=f"how far above r_target a screened distance still makes a candidate (default {DEFAULT_MARGIN})")
+
+
 def runtime(p: argparse.ArgumentParser) -> None:
     """How this machine computes: dtype, draws, devices, batch, groups, memory, compile cache."""
     dtype(p)
