@@ -175,7 +175,8 @@ def rss_bytes(pid: int) -> int:
 def bases(peer_url: str) -> dict[str, tuple[dict, dict, dict]]:
     """route -> (valid body, optional fields with a valid value, field_cases keyword arguments)."""
     generate = {**TINY_BODY, "params": TINY, "max_nonces": 8}
-    generate_optional = {"duration_s": 5, "dtype": "float16", "node_id": 0, "n_nodes": 1}
+    generate_optional = {"duration_s": 5, "dtype": "float16", "node_id": 0, "n_nodes": 1, "screen": "fp8",
+                         "screen_margin": 0.01}
     return {
         "/generate": (generate, generate_optional, {}),
         "/benchmark": ({**generate, "block_hash": "bench"}, generate_optional, {"params_key": None}),
