@@ -176,6 +176,7 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
     @app.post("/pooled")
     async def pooled():
         req = rq.pooled_request(await body(), settings)
+        check_screen(req.screen)
         job = await manager.acquire("pooled")
         return ndjson(manager.start_session(job, lambda chan: pooled_driver(ctx, job, chan, req)))
 

@@ -326,6 +326,7 @@ class PooledRequest:
     final_flush_s: float
     peer_grace_s: float
     send_empty_results: bool
+    screen: Screen | None
 
     @property
     def backoff(self) -> Backoff:
@@ -337,8 +338,9 @@ def pooled_request(data: Mapping[str, Any], settings: Settings) -> PooledRequest
     """docs/protocol.md §3.1 (`orchestrator_url` http/https, trailing slash stripped) plus optional overrides of
     every interval (see config.py), a stable `worker_id` (default: a fresh UUID, as the predecessor),
     `dtype` (default float16, as the predecessor's pooled mode), `peer_grace_s` (how long the
-    orchestrator may fail every call before the session ends) and `send_empty_results` (default
-    false: only batches with a valid nonce are posted; true posts every batch like the predecessor)."""
+    orchestrator may fail every call before the session ends), `send_empty_results` (default
+    false: only batches with a valid nonce are posted; true posts every batch like the predecessor)
+    and `screen`/`screen_margin` (every part of the range searched through the screen)."""
     url = http_url(data, "orchestrator_url")
     worker = worker_id(data)
     send_empty = data.get("send_empty_results", False)
@@ -367,6 +369,7 @@ def pooled_request(data: Mapping[str, Any], settings: Settings) -> PooledRequest
         final_flush_s=_seconds(data, "final_flush_s", settings.final_flush_s),
         peer_grace_s=_seconds(data, "peer_grace_s", settings.pooled_peer_grace_s),
         send_empty_results=send_empty,
+        screen=screen(data),
     )
 
 

@@ -242,7 +242,8 @@ def test_a_screen_the_devices_cannot_run_is_a_400_naming_it():
     screened = {**TINY_BODY, "max_nonces": 4, "screen": "fp8"}
 
     async def scenario(client):
-        for path, body in (("/generate", screened), ("/benchmark", screened)):
+        for path, body in (("/generate", screened), ("/benchmark", screened),
+                           ("/pooled", {"orchestrator_url": "http://127.0.0.1:9", "screen": "fp8"})):
             r = await client.post(path, json=body)
             answer = await r.get_json()
             assert r.status_code == 400 and answer["field"] == "screen", (path, answer)
