@@ -56,12 +56,14 @@ def fp8_refusal(device) -> str | None:
 
 
 class ScreenedSearch:
-    """A search of `job` on `engine` through the screen; iterate `steps()` like `Engine.search`."""
+    """A search of `job` on `engine` through the screen; iterate `steps()` like `Engine.search`. It
+    counts into `counts` when given: the total of several searches (a /pooled session's)."""
 
-    def __init__(self, engine, job: SearchJob, margin: float = DEFAULT_MARGIN, products: str = "fp8"):
+    def __init__(self, engine, job: SearchJob, margin: float = DEFAULT_MARGIN, products: str = "fp8",
+                 counts: ScreenCounts | None = None):
         self.check(engine, products)
         self.engine, self.job, self.margin, self.products = engine, job, margin, products
-        self.counts = ScreenCounts()
+        self.counts = ScreenCounts() if counts is None else counts
 
     @staticmethod
     def check(engine, products: str) -> None:

@@ -9,9 +9,10 @@ Routes (bodies may be wrapped as `{"payload": {...}}`):
   POST /validate   one JSON object: jaxbench.claims' report
   GET|POST /health device, job and compile state; 503 and "unhealthy" once a device is broken
 Errors before a stream starts: 400 {"error", "field"} for a bad field (a parameter set that cannot
-fit the devices is a bad `params`), 409 {"error": "busy", "job"} while a job runs, 503 when the
-device is broken or the server is shutting down, 413 {"error", "field": "body"} for a body over
-MAX_CONTENT_LENGTH; every other 4xx names what it is about too (`method`, `path`, `body`).
+fit the devices is a bad `params`, a screen they cannot run a bad `screen`), 409 {"error": "busy",
+"job"} while a job runs, 503 when the device is broken or the server is shutting down, 413
+{"error", "field": "body"} for a body over MAX_CONTENT_LENGTH; every other 4xx names what it is
+about too (`method`, `path`, `body`).
 An exception no check foresaw is logged with its traceback ("unhandled error in …") and answered
 400 {"error", "field": "body", "internal_error": true}: a last line of defence, never the plan.
 """
@@ -100,6 +101,11 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
     async def body() -> dict:
         return rq.parse_body(await request.get_data())
 
+    def check_screen(screen: rq.Screen | None) -> None:
+        """A 400 naming `screen` where the devices cannot run it, before the job starts."""
+        if screen is not None:
+            screen.check(engine)
+
     @app.errorhandler(rq.FieldError)
     async def _bad_field(e: rq.FieldError):
         return jsonify({"error": str(e), "field": e.field}), 400
@@ -130,6 +136,7 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
     @app.post("/generate")
     async def generate():
         req = rq.generate_request(await body(), settings)
+        check_screen(req.screen)
         job = await manager.acquire("generate", ((req.params, req.dtype),))
         return ndjson(manager.start_session(job, lambda chan: generate_driver(ctx, job, chan, req)))
 
@@ -138,6 +145,7 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
         data = await body()
         req = rq.generate_request(data, settings, default_max_nonces=settings.benchmark_nonces)
         probe_s = fields.sustained_seconds(data, default=0.0)
+        check_screen(req.screen)
         job = await manager.acquire("benchmark", ((req.params, req.dtype),))
         chan = manager.start_session(job, lambda chan: benchmark_driver(ctx, job, chan, req, probe_s))
         errors, summary = [], None
@@ -168,6 +176,7 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
     @app.post("/pooled")
     async def pooled():
         req = rq.pooled_request(await body(), settings)
+        check_screen(req.screen)
         job = await manager.acquire("pooled")
         return ndjson(manager.start_session(job, lambda chan: pooled_driver(ctx, job, chan, req)))
 

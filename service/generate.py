@@ -29,11 +29,13 @@ async def run_generation(ctx: Context, job: Job, chan: LineChannel, req: Generat
     is "generation failed" after an error, "stopped (<reason>)" when the job was stopped. The
     caller emits the summary. `on_step` sees each step as it is counted."""
     sjob = req.search_job()
-    outcome = Outcome(SearchTally(sjob, block_height=req.block_height))
+    outcome = Outcome(SearchTally(sjob, block_height=req.block_height), screen=req.screen)
     job.phase = "computing"
     job.detail.update({"block_hash": req.block_hash[:16], "public_key": req.public_key[:16],
                        "start_nonce": req.start_nonce, "max_nonces": req.max_nonces})
-    run = job.search(sjob)
+    screened = None if req.screen is None else req.screen.search(ctx.engine, sjob, outcome.screened)
+    run = job.search(sjob, screened=screened)
+    said = outcome.line_fields()
     try:
         async for step in run:
             lines = outcome.tally.add(step)
@@ -41,7 +43,7 @@ async def run_generation(ctx: Context, job: Job, chan: LineChannel, req: Generat
                 on_step(step)
             if emit_results:
                 for line in lines:
-                    await chan.emit(line)
+                    await chan.emit({**line, **said})
     except Exception as e:  # noqa: BLE001 — reported as a line; the stream still ends with its summary
         log.warning("job %s: search failed: %s: %s", job.id, type(e).__name__, e)
         await chan.emit(error_line(e))

@@ -3,8 +3,9 @@
 * `JobManager.acquire(kind)` hands out the single `Job`, or raises `Refused` (409 busy, 503 broken
   device or shutting down). It never waits.
 * A job's device work runs in worker threads (`Job.call` for one function, `Job.search` for
-  `engine.search`, read on the loop as a `SearchRun`: service/search_run.py), never on the event
-  loop. A few steps may wait unread, then the search thread waits (backpressure, nothing is dropped).
+  `engine.search` or a screened search, read on the loop as a `SearchRun`: service/search_run.py),
+  never on the event loop. A few steps may wait unread, then the search thread waits (backpressure,
+  nothing is dropped).
 * A job's driver (the /generate, /warmup or /pooled flow) runs as its own task and writes lines to a
   `LineChannel`; the HTTP response only relays them. A client that disconnects detaches the channel,
   which stops the job (`Job.stop("disconnected")`): the stop Event of every search is set, the engine
@@ -36,6 +37,7 @@ from jaxbench.engine import Engine
 from jaxbench.job import SearchJob
 from jaxbench.params import Params
 from jaxbench.results import SearchTally
+from jaxbench.screen import ScreenedSearch
 
 from . import signals
 from .caches import CacheTrim
@@ -213,8 +215,8 @@ class Job:
         self._start_thread(target, getattr(fn, "__name__", "call"))
         return await fut
 
-    def search(self, sjob: SearchJob, batch: int | None = None) -> SearchRun:
-        run = SearchRun(self, sjob, batch)
+    def search(self, sjob: SearchJob, batch: int | None = None, screened: ScreenedSearch | None = None) -> SearchRun:
+        run = SearchRun(self, sjob, batch, screened)
         self._runs = [r for r in self._runs if not r.ended] + [run]
         if self.stop_reason is not None:
             run.stop.set()

@@ -2,9 +2,10 @@
 failures mean the device can no longer be trusted.
 
 Every driver (generate.py, warmup.py, pooled.py) keeps one `Outcome`; its summary line is
-`jaxbench.results.SearchTally.summary(reason)`, to which a driver may add fields of its own (warmup:
-`callback`; pooled: `detail`). `error` is what the job tells its peers and /health about a failure:
-warmup's completion callback and the orchestrator's shutdown notice carry it.
+`jaxbench.results.SearchTally.summary(reason)` (with a screen, plus the screen's fields and counts),
+to which a driver may add fields of its own (warmup: `callback`; pooled: `detail`). `error` is what
+the job tells its peers and /health about a failure: warmup's completion callback and the
+orchestrator's shutdown notice carry it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import jax
 
 from jaxbench.engine import is_out_of_memory
 from jaxbench.results import SearchTally
+from jaxbench.screen import ScreenCounts
+
+from .requests import Screen
 
 
 @dataclasses.dataclass
@@ -22,12 +26,21 @@ class Outcome:
     tally: SearchTally  # what was computed: the summary's counts
     reason: str = "error"  # the summary's reason (a failure unless a driver says otherwise)
     error: str | None = None  # why it failed or stopped, in a sentence
+    screen: Screen | None = None  # the request's, said on every result line and the summary
+    screened: ScreenCounts = dataclasses.field(default_factory=ScreenCounts)  # of every search of the job
 
     def fail(self, reason: str, error: str) -> None:
         self.reason, self.error = reason, error
 
+    def line_fields(self) -> dict:
+        """What every result line says besides the tally's."""
+        return {} if self.screen is None else self.screen.describe()
+
     def summary(self) -> dict:
-        return self.tally.summary(self.reason)
+        out = self.tally.summary(self.reason)
+        if self.screen is not None:
+            out |= {**self.screen.describe(), **self.screened.describe()}
+        return out
 
 
 # XLA statuses of runtime errors that say "this request was wrong", not "the device is bad".

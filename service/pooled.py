@@ -6,10 +6,10 @@ SIGTERM).
 
 Lines streamed back: registering, registered, waiting_block_hash, received_block_hash,
 loading_model, model_loaded, ready, computing, then one result object per device group and step
-with ≥1 valid nonce (docs/protocol.md §3.7 fields; also the empty ones with `send_empty_results`),
-`switched_public_key`, `idle` (once per state; `reason`: range_complete, empty_range, no_public_key,
-no_r_target — the predecessor computed on with r_target 0, where nothing is valid), error lines,
-and at the end
+with ≥1 valid nonce (docs/protocol.md §3.7 fields, and `screen`/`screen_margin` with a screen; also
+the empty ones with `send_empty_results`), `switched_public_key`, `idle` (once per state;
+`reason`: range_complete, empty_range, no_public_key, no_r_target — the predecessor computed on
+with r_target 0, where nothing is valid), error lines, and at the end
 `{"status": "shutdown", "total_batches_sent", "session_duration", "dropped_results",
 "unsent_results", "reason"}` and the summary line `{"status": "done", …}`.
 
@@ -93,7 +93,7 @@ class PooledSession:
         self.orch = Orchestrator(ctx.http, req, job, ctx.settings.max_body_bytes)
         self.sender = ResultSender(self.orch, req.result_buffer, req.backoff)
         self.cfg: dict[str, Any] = dict(ORCHESTRATOR_CONFIG)
-        self.outcome = Outcome(SearchTally(None))  # session totals and the summary line
+        self.outcome = Outcome(SearchTally(None), screen=req.screen)  # session totals and the summary line
         self.counts = SearchTally(None)  # the result objects' counters, reset by switch_job
         self.covered: dict[tuple, list[list[int]]] = {}
         self.model_key: tuple | None = None
@@ -342,7 +342,8 @@ class PooledSession:
         self.idle_state = None
         self.job.detail.update({"public_key": c["public_key"][:16], "nonce_range": [lo, hi], "segment": [a, b]})
         log.info("pooled %s: computing [%d, %d) of [%d, %d) for %s…", self.job.id, a, b, lo, hi, c["public_key"][:16])
-        self.segment = _Segment(self.job.search(sjob), sjob, a, key)
+        screened = None if self.req.screen is None else self.req.screen.search(self.engine, sjob, self.outcome.screened)
+        self.segment = _Segment(self.job.search(sjob, screened=screened), sjob, a, key)
         self.outcome.tally.job = sjob
 
     async def _idle(self, why: str) -> None:
@@ -367,8 +368,9 @@ class PooledSession:
             if not nonces and not self.req.send_empty_results:
                 continue
             w = g.group
-            result = batch_result(sjob, self.cfg["block_height"], g, nonces, dist, counts.worker_batches[w],
-                                  counts.worker_computed[w], counts.worker_valid[w], counts.elapsed())
+            result = {**batch_result(sjob, self.cfg["block_height"], g, nonces, dist, counts.worker_batches[w],
+                                     counts.worker_computed[w], counts.worker_valid[w], counts.elapsed()),
+                      **self.outcome.line_fields()}
             self.results_produced += 1
             self.sender.add(result)
             await self.chan.emit(result)

@@ -33,6 +33,7 @@ from jaxbench.backoff import Backoff
 from jaxbench.job import SearchJob
 from jaxbench.nonces import NonceSchedule
 from jaxbench.params import Params
+from jaxbench.screen import ScreenCounts, ScreenedSearch
 
 from .config import Settings
 
@@ -203,6 +204,32 @@ def url_origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Screen:
+    """A request's `screen` and `screen_margin`: every search of its job runs through
+    jaxbench.screen.ScreenedSearch."""
+
+    products: str
+    margin: float
+
+    def check(self, engine) -> None:
+        """FieldError naming `screen` where the engine's devices cannot run it."""
+        ScreenedSearch.check(engine, self.products)
+
+    def search(self, engine, sjob: SearchJob, counts: ScreenCounts) -> ScreenedSearch:
+        return ScreenedSearch(engine, sjob, self.margin, self.products, counts)
+
+    def describe(self) -> dict:
+        """What every result line and the summary say of it (as ScreenedSearch.describe)."""
+        return {"screen": self.products, "screen_margin": self.margin}
+
+
+def screen(data: Mapping[str, Any]) -> Screen | None:
+    """The optional `screen` ("fp8") and `screen_margin` (default jaxbench.screen.DEFAULT_MARGIN)."""
+    products, margin = fields.screen(data)
+    return None if products is None else Screen(products, margin)
+
+
 # /generate, /benchmark and the generation input of /warmup ----------------------------------------
 
 
@@ -220,6 +247,7 @@ class GenerateRequest:
     max_nonces: int | None
     duration_s: float
     dtype: str
+    screen: Screen | None
 
     def search_job(self) -> SearchJob:
         schedule = NonceSchedule.for_node(self.start_nonce, self.node_id, self.n_nodes, limit=self.max_nonces)
@@ -229,15 +257,16 @@ class GenerateRequest:
 
 def generate_request(data: Mapping[str, Any], settings: Settings, default_max_nonces: int | None = None) -> GenerateRequest:
     """docs/protocol.md §1.1 fields, all required and type/range-checked, plus the optional extensions
-    `max_nonces`, `duration_s` (default MODEL_DURATION_S = 420), `dtype` (default float16) and
-    `node_id`/`n_nodes` (default 0 of 1: the schedule of docs/algorithm.md §7)."""
+    `max_nonces`, `duration_s` (default MODEL_DURATION_S = 420), `dtype` (default float16),
+    `node_id`/`n_nodes` (default 0 of 1: the schedule of docs/algorithm.md §7) and `screen`/`screen_margin`."""
     search = fields.search_fields(data)
     batch_size = fields.integer(data, "batch_size", minimum=1)
     node_id, n_nodes = fields.node(data, search["start_nonce"])
     if search["max_nonces"] is None:
         search["max_nonces"] = default_max_nonces
     duration_s = _seconds(data, "duration_s", settings.duration_s, MAX_DURATION_S)
-    return GenerateRequest(**search, batch_size=batch_size, node_id=node_id, n_nodes=n_nodes, duration_s=duration_s)
+    return GenerateRequest(**search, batch_size=batch_size, node_id=node_id, n_nodes=n_nodes, duration_s=duration_s,
+                           screen=screen(data))
 
 
 # /warmup ------------------------------------------------------------------------------------------
@@ -297,6 +326,7 @@ class PooledRequest:
     final_flush_s: float
     peer_grace_s: float
     send_empty_results: bool
+    screen: Screen | None
 
     @property
     def backoff(self) -> Backoff:
@@ -308,8 +338,9 @@ def pooled_request(data: Mapping[str, Any], settings: Settings) -> PooledRequest
     """docs/protocol.md §3.1 (`orchestrator_url` http/https, trailing slash stripped) plus optional overrides of
     every interval (see config.py), a stable `worker_id` (default: a fresh UUID, as the predecessor),
     `dtype` (default float16, as the predecessor's pooled mode), `peer_grace_s` (how long the
-    orchestrator may fail every call before the session ends) and `send_empty_results` (default
-    false: only batches with a valid nonce are posted; true posts every batch like the predecessor)."""
+    orchestrator may fail every call before the session ends), `send_empty_results` (default
+    false: only batches with a valid nonce are posted; true posts every batch like the predecessor)
+    and `screen`/`screen_margin` (every part of the range searched through the screen)."""
     url = http_url(data, "orchestrator_url")
     worker = worker_id(data)
     send_empty = data.get("send_empty_results", False)
@@ -338,6 +369,7 @@ def pooled_request(data: Mapping[str, Any], settings: Settings) -> PooledRequest
         final_flush_s=_seconds(data, "final_flush_s", settings.final_flush_s),
         peer_grace_s=_seconds(data, "peer_grace_s", settings.pooled_peer_grace_s),
         send_empty_results=send_empty,
+        screen=screen(data),
     )
 
 

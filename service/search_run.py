@@ -1,5 +1,5 @@
-"""A search of a job: `engine.search` in one of the job's worker threads, its steps read on the
-event loop.
+"""A search of a job: `engine.search`, or a ScreenedSearch's steps, in one of the job's worker
+threads, its steps read on the event loop.
 
 The thread hands each finished step to an asyncio.Queue through `Job.post`
 (`loop.call_soon_threadsafe`). At most MAX_UNREAD_STEPS steps wait there unread; then the thread
@@ -16,6 +16,7 @@ import threading
 from typing import TYPE_CHECKING, Callable
 
 from jaxbench.job import SearchJob, StepResult
+from jaxbench.screen import ScreenedSearch
 
 if TYPE_CHECKING:
     from .jobs import Job
@@ -29,13 +30,15 @@ class _End:
 
 
 class SearchRun:
-    """`engine.search` in a worker thread, read on the event loop: `await run.next()` gives the next
-    StepResult, None at the end, or raises the search's exception."""
+    """`engine.search` (or `screened.steps`, the search of `sjob` through a screen) in a worker
+    thread, read on the event loop: `await run.next()` gives the next StepResult, None at the end, or
+    raises the search's exception."""
 
-    def __init__(self, job: "Job", sjob: SearchJob, batch: int | None):
+    def __init__(self, job: "Job", sjob: SearchJob, batch: int | None, screened: ScreenedSearch | None = None):
         self.job = job
         self.sjob = sjob
         self.batch = batch
+        self.screened = screened
         self.stop = threading.Event()
         self.queue: asyncio.Queue = asyncio.Queue()
         self._credits = threading.Semaphore(MAX_UNREAD_STEPS)
@@ -52,7 +55,9 @@ class SearchRun:
         end = _End(None)
         try:
             batch = self.batch or manager.batches.batch_for(self.sjob.params, self.sjob.dtype)
-            for step in manager.engine.search(self.sjob, self.stop, batch=batch):
+            steps = (self.screened.steps(self.stop, batch=batch) if self.screened
+                     else manager.engine.search(self.sjob, self.stop, batch=batch))
+            for step in steps:
                 self.job.computed += step.computed
                 if step.batch < batch:  # the engine retreated after an out-of-memory
                     manager.batches.remember(self.sjob.params, self.sjob.dtype, step.batch)

@@ -131,12 +131,14 @@ async def fetch_params(ctx: Context, job: Job, req: rq.WarmupRequest, timeout: f
 
 
 def generation_input(ctx: Context, data: Any) -> rq.GenerateRequest:
-    """The callback's generation input, checked like a /generate body, and its parameter set
-    checked against the devices' memory."""
+    """The callback's generation input, checked like a /generate body, its parameter set against
+    the devices' memory and its screen against what they can run."""
     if not isinstance(data, dict):
         raise rq.FieldError("params", "the callback's ready answer must carry a `params` object")
     gen = rq.generate_request(data, ctx.settings)
     ctx.engine.check_fits(gen.params, gen.dtype)
+    if gen.screen is not None:
+        gen.screen.check(ctx.engine)
     return gen
 
 

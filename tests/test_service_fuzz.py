@@ -175,7 +175,8 @@ def rss_bytes(pid: int) -> int:
 def bases(peer_url: str) -> dict[str, tuple[dict, dict, dict]]:
     """route -> (valid body, optional fields with a valid value, field_cases keyword arguments)."""
     generate = {**TINY_BODY, "params": TINY, "max_nonces": 8}
-    generate_optional = {"duration_s": 5, "dtype": "float16", "node_id": 0, "n_nodes": 1}
+    generate_optional = {"duration_s": 5, "dtype": "float16", "node_id": 0, "n_nodes": 1, "screen": "fp8",
+                         "screen_margin": 0.01}
     return {
         "/generate": (generate, generate_optional, {}),
         "/benchmark": ({**generate, "block_hash": "bench"}, generate_optional, {"params_key": None}),
@@ -186,7 +187,7 @@ def bases(peer_url: str) -> dict[str, tuple[dict, dict, dict]]:
                      "wait_poll_interval_s": 0.05, "heartbeat_interval_s": 0.2, "http_timeout_s": 1, "retry_attempts": 1},
                     {"dtype": "float16", "block_hash_timeout_s": 5, "session_timeout_s": 5, "retry_base_s": 0.05,
                      "retry_max_s": 0.1, "result_buffer": 10, "final_flush_s": 0.5, "peer_grace_s": 5,
-                     "send_empty_results": False}, {"params_key": None}),
+                     "send_empty_results": False, "screen": "fp8", "screen_margin": 0.01}, {"params_key": None}),
         "/validate": ({"params": TINY, "block_hash": "vbh", "public_key": "vpk", "nonces": [3, 4], "dist": [1.0, 1.0],
                        "r_target": 2.0}, {"dtype": "float16", "fraud_threshold": 0.01},
                       {"list_fields": ("nonces", "dist")}),

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from jaxbench.screen import DEFAULT_MARGIN
 from service_helpers import JAX_PLATFORMS, TINY_BODY, assert_clean_log, cli_distances, read_stream, wait_until
 from service import signals
 
@@ -125,6 +126,11 @@ BAD_REQUESTS = [
     (body(duration_s="long"), "duration_s"),
     (body(n_nodes=2, node_id=2), "node_id"),
     (body(n_nodes=0), "n_nodes"),
+    (body(screen="fp4"), "screen"),
+    (body(screen=True), "screen"),
+    (body(screen="fp8", screen_margin=-0.01), "screen_margin"),
+    (body(screen="fp8", screen_margin=0.5), "screen_margin"),
+    (body(screen="fp8", screen_margin="wide"), "screen_margin"),
 ]
 
 
@@ -185,6 +191,30 @@ def test_a_request_right_after_a_disconnect_waits_for_the_stopping_job(server, c
     lines = [line for _, line in read_stream(client, "/generate", body(max_nonces=16, params=slow))]
     assert lines[-1]["reason"] == "completed" and lines[-1]["total_computed"] == 16
     assert server.health()["last_job"]["kind"] == "generate"
+
+
+def test_a_screened_search_reports_the_exact_searchs_nonces_and_distances(client):
+    """The screen changes which nonces the exact step computes, never a reported distance: with a
+    margin far above tiny's fp8 gap it reports every valid nonce, each with its bit-identical distance."""
+    search = body(block_hash="screened-bh", max_nonces=200, r_target=1.40)
+    pairs = lambda rows: {n: d for r in rows for n, d in zip(r["nonces"], r["dist"])}
+    *exact, exact_summary = [line for _, line in read_stream(client, "/generate", search)]
+    *results, summary = [line for _, line in read_stream(client, "/generate",
+                                                         {**search, "screen": "fp8", "screen_margin": 0.02})]
+    assert 0 < len(pairs(exact)) < 200  # a real threshold: some nonces valid, not all
+    assert pairs(results) == pairs(exact)
+    assert all(set(r) == set(RESULT_FIELDS) | {"screen", "screen_margin"} for r in results)
+    assert all(r["screen"] == "fp8" and r["screen_margin"] == 0.02 for r in results)
+    assert set(summary) == SUMMARY_FIELDS | {"screen", "screen_margin", "screened", "candidates_recomputed"}
+    assert summary["screen"] == "fp8" and summary["screen_margin"] == 0.02
+    assert summary["total_computed"] == summary["screened"] == 200 and summary["reason"] == "completed"
+    assert summary["total_valid"] == exact_summary["total_valid"] <= summary["candidates_recomputed"] < 200
+
+    r = client.post("/benchmark", json={**search, "screen": "fp8"})  # the default margin
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["screen"] == "fp8" and out["screen_margin"] == DEFAULT_MARGIN
+    assert out["screened"] == out["workload"] == 200 and out["total_valid"] == exact_summary["total_valid"]
 
 
 def test_benchmark_runs_to_completion(client):

@@ -1,5 +1,5 @@
-"""Shutdown on SIGTERM (live servers), a broken device (in-process, with an engine that fails),
-and the log signals."""
+"""Shutdown on SIGTERM (live servers), a broken device (in-process, with an engine that fails), a
+screen the device cannot run (in-process), and the log signals."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import httpx
 import jax
@@ -229,6 +230,29 @@ def test_out_of_memory_is_an_error_not_a_broken_device():
         assert (await generate_lines(client))[-1]["reason"] == "error"  # new jobs still run
 
     run_in_process(FailingEngine(failure), scenario)
+
+
+class OldGpuEngine(FailingEngine):
+    """A GPU without e4m3 tensor cores (compute capability 8.6)."""
+
+    devices = [types.SimpleNamespace(platform="gpu", device_kind="old card", compute_capability="8.6")]
+
+
+def test_a_screen_the_devices_cannot_run_is_a_400_naming_it():
+    screened = {**TINY_BODY, "max_nonces": 4, "screen": "fp8"}
+
+    async def scenario(client):
+        for path, body in (("/generate", screened), ("/benchmark", screened),
+                           ("/pooled", {"orchestrator_url": "http://127.0.0.1:9", "screen": "fp8"})):
+            r = await client.post(path, json=body)
+            answer = await r.get_json()
+            assert r.status_code == 400 and answer["field"] == "screen", (path, answer)
+            assert "compute capability 8.9" in answer["error"]
+        r = await client.get("/health")
+        h = await r.get_json()
+        assert h["last_job"] is None and h["steps_completed"] == 0  # no job started
+
+    run_in_process(OldGpuEngine(RuntimeError("unused")), scenario)
 
 
 def test_signal_strings_only_in_signal_lines():

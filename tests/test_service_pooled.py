@@ -210,6 +210,39 @@ def test_dropped_results_are_counted_and_reported(client, server):
     server.wait_idle()
 
 
+def test_a_screened_session_sends_the_exact_sessions_results(client, server):
+    """A screen applies to every part of the range searched; what is sent is what the unscreened
+    session sends, distances bit for bit."""
+
+    def session(**screen) -> tuple[list[dict], dict]:
+        orch = FakeOrchestrator(ready_reply={"status": "ok", "public_key": "pk-S", "nonce_range_start": 0,
+                                             "nonce_range_end": 96, "r_target": 1.40})
+        orch.connect_reply = {"status": "ok", "block_hash": "bh-screen", "params": "tiny"}
+
+        def on_line(line):
+            if line.get("status") == "idle" and line["reason"] == "range_complete":
+                if line["nonce_range_end"] == 96:  # a second part: the screen goes on with it
+                    orch.push({"type": "compute", "nonce_range_end": 160})
+                else:
+                    orch.push({"type": "shutdown"})
+
+        with FakeHTTPServer(orch) as http:
+            lines = [line for _, line in read_stream(client, "/pooled", pooled_body(http.url, **screen), on_line=on_line)]
+        server.wait_idle()
+        assert sorted(map(str, (line for line in lines if "nonces" in line))) == sorted(map(str, orch.results))
+        return orch.results, lines[-1]
+
+    pairs = lambda results: {n: d for r in results for n, d in zip(r["nonces"], r["dist"])}
+    exact, exact_summary = session()
+    screened, summary = session(screen="fp8", screen_margin=0.02)
+    assert 0 < len(pairs(exact)) < 160 and pairs(screened) == pairs(exact)
+    assert all(r["screen"] == "fp8" and r["screen_margin"] == 0.02 for r in screened)
+    assert not any("screen" in r for r in exact) and "screened" not in exact_summary
+    assert summary["screen"] == "fp8" and summary["screen_margin"] == 0.02
+    assert summary["screened"] == summary["total_computed"] == 160
+    assert summary["total_valid"] == exact_summary["total_valid"] <= summary["candidates_recomputed"] < 160
+
+
 def test_waits_for_a_public_key_and_r_target(client, server):
     orch = FakeOrchestrator(ready_reply={"status": "ok"})
     orch.connect_reply = {"status": "ok", "block_hash": "bh-wait", "params": "tiny", "nonce_range_start": 7,
@@ -272,6 +305,8 @@ def test_disconnect_ends_the_session_and_notifies(client, server):
     ({"orchestrator_url": "http://o", "result_buffer": 0}, "result_buffer"),
     ({"orchestrator_url": "http://o", "worker_id": ""}, "worker_id"),
     ({"orchestrator_url": "http://o", "send_empty_results": "yes"}, "send_empty_results"),
+    ({"orchestrator_url": "http://o", "screen": "int8"}, "screen"),
+    ({"orchestrator_url": "http://o", "screen": "fp8", "screen_margin": -1}, "screen_margin"),
 ])
 def test_malformed_pooled_is_400(client, payload, field):
     r = client.post("/pooled", json=payload)
