@@ -38,7 +38,7 @@ REROUTE = Backoff(0.2, 5.0)  # pauses between route calls while a request looks 
 RETRY = Backoff(1.0, 30.0)  # a runner's pause after its request failed, longer after each failure in a row
 BUSY_STATUSES = (409, 429, 503)
 REFUSED_STATUSES = (400, 413, 422)  # the request itself is refused
-FLUSH_S = 0.1  # result lines reach stdout within this (and at the end)
+FLUSH_S = 0.1  # result lines go to stdout in one write at most this often, and at each tick and the end
 TICK_S = 0.5  # how often idle runners look for a backup and the progress bar's counts refresh
 DEADLINE_GRACE_S = 30.0  # requests still open this long after a --duration search's deadline are closed
 
@@ -74,6 +74,7 @@ class RemoteSearch:
         self._last_progress = time.monotonic()
         self._refusals: dict[str, set[str]] = {}  # what was refused → by which workers
         self._route_error = ""
+        self._unwritten: list[str] = []  # result lines not yet written to `out`
         self._flushed = 0.0
         self._no_backup_until = 0.0
 
@@ -396,11 +397,17 @@ class RemoteSearch:
             line = {**line, "nonces": [line["nonces"][i] for i in keep], "dist": [line["dist"][i] for i in keep],
                     "batch_valid": len(keep)}
         worker.valid += len(keep)
-        self.out.write(json.dumps(line) + "\n")
-        now = time.monotonic()
-        if now - self._flushed > FLUSH_S:  # a flush is a system call: at most a few a second
-            self.out.flush()
-            self._flushed = now
+        self._unwritten.append(json.dumps(line) + "\n")
+        if time.monotonic() - self._flushed > FLUSH_S:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the lines held back, in one system call even where stdout is unbuffered (PYTHONUNBUFFERED)."""
+        if self._unwritten:
+            self.out.write("".join(self._unwritten))
+            self._unwritten.clear()
+        self.out.flush()
+        self._flushed = time.monotonic()
 
     def _settle(self, run: Running, k: int) -> None:
         before = self.plan.computed
@@ -451,7 +458,7 @@ class RemoteSearch:
             log.warning(message)
 
     def _show(self) -> None:
-        self.out.flush()
+        self._flush()
         if self.bar is not None:
             self.bar.update(self.plan.computed - self.bar.n)
             self.bar.set_postfix(valid=self.plan.valid, running=self._streaming, restarts=self.restarts)
