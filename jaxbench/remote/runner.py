@@ -336,14 +336,14 @@ class RemoteSearch:
             async with asyncio.timeout(self.stall_timeout) as silence:  # one timer, pushed back at each line
                 while True:
                     try:
-                        line = await anext(stream)
+                        text, line = await anext(stream)
                     except StopAsyncIteration:
                         return "its stream ended without a summary", False
                     except Exception as e:  # noqa: BLE001 — aiohttp's payload and connection errors: the worker is gone
                         return f"its stream broke ({type(e).__name__}: {e})", False
                     silence.reschedule(loop.time() + self.stall_timeout)
                     try:
-                        if self._line(run, url, check, base, line):
+                        if self._line(run, url, check, base, line, text):
                             if not run.done_elsewhere:
                                 await self.router.drain(stream)
                             return None, False
@@ -361,8 +361,8 @@ class RemoteSearch:
             except Exception:  # noqa: BLE001 — closing a broken connection
                 pass
 
-    def _line(self, run: Running, url: str, check: RequestCheck, base: int, line) -> bool:
-        """One line of a request's stream; True once it was the summary."""
+    def _line(self, run: Running, url: str, check: RequestCheck, base: int, line, text: str) -> bool:
+        """One line of a request's stream (`text`, parsed: `line`); True once it was the summary."""
         if not isinstance(line, dict):
             raise Violation(f"a line that is not an object: {json.dumps(line)[:80]}")
         if line.get("status") == "done":
@@ -385,19 +385,19 @@ class RemoteSearch:
             self.fleet.quantum = max(self.fleet.quantum, worker.quantum)
         if base + check.settled > run.settled:
             self._settle(run, base + check.settled)
-        self._print(run, worker, line, indices, base)
+        self._print(run, worker, line, text, indices, base)
         return run.done_elsewhere  # the rest of its range is done: it may stop
 
-    def _print(self, run: Running, worker: Worker, line: dict, indices: list[int], base: int) -> None:
+    def _print(self, run: Running, worker: Worker, line: dict, text: str, indices: list[int], base: int) -> None:
         plan, track = self.plan, run.track
         keep = [i for i, k in enumerate(indices) if plan.is_new(track, base + k)]
         if not keep:
             return
         if len(keep) < len(indices):
-            line = {**line, "nonces": [line["nonces"][i] for i in keep], "dist": [line["dist"][i] for i in keep],
-                    "batch_valid": len(keep)}
+            text = json.dumps({**line, "nonces": [line["nonces"][i] for i in keep],
+                               "dist": [line["dist"][i] for i in keep], "batch_valid": len(keep)})
         worker.valid += len(keep)
-        self._unwritten.append(json.dumps(line) + "\n")
+        self._unwritten.append(text + "\n")
         if time.monotonic() - self._flushed > FLUSH_S:
             self._flush()
 
