@@ -49,6 +49,15 @@ def add_connection_options(p) -> None:
                    help="Vast's root certificate, read from this file instead of downloaded at each start")
 
 
+def run_async(main):
+    """`asyncio.run(main)`, on uvloop's event loop where uvloop is installed (it is not on Windows)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return asyncio.run(main, loop_factory=uvloop.new_event_loop)
+
+
 def api_key() -> str:
     key = os.environ.get(API_KEY_VARIABLE, "")
     if not key:
