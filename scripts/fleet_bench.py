@@ -21,6 +21,10 @@ client's whole run (start-up and endpoint lookup included); `client_cpu_fraction
 seconds / its wall time; `fleet_step_lag_s` how late the simulated steps ran on average (near 0:
 this process kept up). Prints one JSON object per scenario (and writes them to --out); exits 1 when
 a result is not exact or over its target.
+
+FLEET_BENCH_VERBOSE=1 gives the client -v and keeps its stderr; FLEET_BENCH_CLIENT_PREFIX puts a
+command before the client's, a profiler for instance (its CPU counts in client_cpu_s):
+`FLEET_BENCH_CLIENT_PREFIX='py-spy record -f raw -o client.txt --'`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import os
 import random
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -82,7 +87,8 @@ def run(name: str, seconds: float, seed: int, valid_fraction: float = VALID_FRAC
         healthy_rate = sum(w.rate for w in fleet.workers)
         total = int(healthy_rate * seconds)
         r_target = r_target_for(valid_fraction)
-        argv = [sys.executable, "-m", "jaxbench", "remote", "search", "--endpoint", ENDPOINT_NAME,
+        argv = [*shlex.split(os.environ.get("FLEET_BENCH_CLIENT_PREFIX", "")), sys.executable,
+                "-m", "jaxbench", "remote", "search", "--endpoint", ENDPOINT_NAME,
                 "--autoscaler-url", vast.url, "--webserver-url", vast.url, "--vast-ca-file", certifi.where(),
                 "--params", "bench", "--block-hash", BLOCK_HASH, "--public-key", PUBLIC_KEY,
                 "--r-target", repr(r_target), "--workers", str(len(workers)), "--max-nonces", str(total),

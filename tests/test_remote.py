@@ -7,6 +7,7 @@ tests/test_fleet.py runs the client against a simulated fleet of misbehaving wor
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from vast_helpers import (ACCOUNT_API_KEY, ENDPOINT_API_KEY, ENDPOINT_NAME, ROOT
 from jaxbench.remote.intervals import Intervals, SortedInts
 from jaxbench.remote.plan import ENDLESS, Plan, Sequence
 from jaxbench.remote.stream import RequestCheck, Violation
+from jaxbench.remote.vast import Lines
 
 DEVICES = 2
 BATCH = 32
@@ -137,6 +139,35 @@ def test_a_summary_that_disagrees_with_the_lines_breaks_the_stream():
     with pytest.raises(Violation, match="completed after 16 of 64"):
         check.summary({"status": "done", "reason": "completed", "total_computed": 16, "total_valid": 2})
     assert check.settled == 8
+
+
+class Response:
+    """What Lines reads of an aiohttp response: `content.readany()`, then `release()`."""
+
+    def __init__(self, chunks: list[bytes]):
+        self.content = self
+        self.chunks = chunks
+        self.released = False
+
+    async def readany(self) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+    def release(self) -> None:
+        self.released = True
+
+
+def test_a_streams_lines_are_whole_across_chunks_and_kept_as_sent():
+    response = Response([b'{"a": 1}\n{"b": [1.', b'50]}\n\n', b'data: {"c": 2}\nnot json\n{"d": 3}'])
+
+    async def read():
+        lines = Lines(response)
+        out = [pair async for pair in lines]
+        await lines.aclose()
+        return out
+
+    assert asyncio.run(read()) == [('{"a": 1}', {"a": 1}), ('{"b": [1.50]}', {"b": [1.5]}),
+                                   ('{"c": 2}', {"c": 2}), ('{"d": 3}', {"d": 3})]
+    assert response.released
 
 
 # The plan --------------------------------------------------------------------------------------------

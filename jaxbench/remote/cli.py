@@ -9,7 +9,6 @@ router.endpoint the endpoint).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
@@ -66,7 +65,7 @@ def run_search(args) -> int:
         fields.number(vars(args), name)
     checked = vast.check_options(args)
     try:
-        summary = asyncio.run(_search(args, checked, search))
+        summary = vast.run_async(_search(args, checked, search))
     except vast.RemoteError as e:
         print(f"error: {e}", file=sys.stderr)
         return options.EXIT_ERROR

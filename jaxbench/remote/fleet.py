@@ -262,7 +262,7 @@ def run(args) -> int:
     with tqdm(total=workers, unit="worker", file=sys.stderr, dynamic_ncols=True, desc="remote bench") as bar, \
             logging_redirect_tqdm():
         try:
-            answers = asyncio.run(_fleet(args, checked, payload, workers, bar))
+            answers = vast.run_async(_fleet(args, checked, payload, workers, bar))
         except vast.RemoteError as e:
             bar.write(f"error: {e}", file=sys.stderr)
             return options.EXIT_ERROR

@@ -38,7 +38,7 @@ REROUTE = Backoff(0.2, 5.0)  # pauses between route calls while a request looks 
 RETRY = Backoff(1.0, 30.0)  # a runner's pause after its request failed, longer after each failure in a row
 BUSY_STATUSES = (409, 429, 503)
 REFUSED_STATUSES = (400, 413, 422)  # the request itself is refused
-FLUSH_S = 0.1  # result lines reach stdout within this (and at the end)
+FLUSH_S = 0.1  # result lines go to stdout in one write at most this often, and at each tick and the end
 TICK_S = 0.5  # how often idle runners look for a backup and the progress bar's counts refresh
 DEADLINE_GRACE_S = 30.0  # requests still open this long after a --duration search's deadline are closed
 
@@ -74,6 +74,7 @@ class RemoteSearch:
         self._last_progress = time.monotonic()
         self._refusals: dict[str, set[str]] = {}  # what was refused → by which workers
         self._route_error = ""
+        self._unwritten: list[str] = []  # result lines not yet written to `out`
         self._flushed = 0.0
         self._no_backup_until = 0.0
 
@@ -335,14 +336,14 @@ class RemoteSearch:
             async with asyncio.timeout(self.stall_timeout) as silence:  # one timer, pushed back at each line
                 while True:
                     try:
-                        line = await anext(stream)
+                        text, line = await anext(stream)
                     except StopAsyncIteration:
                         return "its stream ended without a summary", False
                     except Exception as e:  # noqa: BLE001 — aiohttp's payload and connection errors: the worker is gone
                         return f"its stream broke ({type(e).__name__}: {e})", False
                     silence.reschedule(loop.time() + self.stall_timeout)
                     try:
-                        if self._line(run, url, check, base, line):
+                        if self._line(run, url, check, base, line, text):
                             if not run.done_elsewhere:
                                 await self.router.drain(stream)
                             return None, False
@@ -360,8 +361,8 @@ class RemoteSearch:
             except Exception:  # noqa: BLE001 — closing a broken connection
                 pass
 
-    def _line(self, run: Running, url: str, check: RequestCheck, base: int, line) -> bool:
-        """One line of a request's stream; True once it was the summary."""
+    def _line(self, run: Running, url: str, check: RequestCheck, base: int, line, text: str) -> bool:
+        """One line of a request's stream (`text`, parsed: `line`); True once it was the summary."""
         if not isinstance(line, dict):
             raise Violation(f"a line that is not an object: {json.dumps(line)[:80]}")
         if line.get("status") == "done":
@@ -384,23 +385,29 @@ class RemoteSearch:
             self.fleet.quantum = max(self.fleet.quantum, worker.quantum)
         if base + check.settled > run.settled:
             self._settle(run, base + check.settled)
-        self._print(run, worker, line, indices, base)
+        self._print(run, worker, line, text, indices, base)
         return run.done_elsewhere  # the rest of its range is done: it may stop
 
-    def _print(self, run: Running, worker: Worker, line: dict, indices: list[int], base: int) -> None:
+    def _print(self, run: Running, worker: Worker, line: dict, text: str, indices: list[int], base: int) -> None:
         plan, track = self.plan, run.track
         keep = [i for i, k in enumerate(indices) if plan.is_new(track, base + k)]
         if not keep:
             return
         if len(keep) < len(indices):
-            line = {**line, "nonces": [line["nonces"][i] for i in keep], "dist": [line["dist"][i] for i in keep],
-                    "batch_valid": len(keep)}
+            text = json.dumps({**line, "nonces": [line["nonces"][i] for i in keep],
+                               "dist": [line["dist"][i] for i in keep], "batch_valid": len(keep)})
         worker.valid += len(keep)
-        self.out.write(json.dumps(line) + "\n")
-        now = time.monotonic()
-        if now - self._flushed > FLUSH_S:  # a flush is a system call: at most a few a second
-            self.out.flush()
-            self._flushed = now
+        self._unwritten.append(text + "\n")
+        if time.monotonic() - self._flushed > FLUSH_S:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the lines held back, in one system call even where stdout is unbuffered (PYTHONUNBUFFERED)."""
+        if self._unwritten:
+            self.out.write("".join(self._unwritten))
+            self._unwritten.clear()
+        self.out.flush()
+        self._flushed = time.monotonic()
 
     def _settle(self, run: Running, k: int) -> None:
         before = self.plan.computed
@@ -451,7 +458,7 @@ class RemoteSearch:
             log.warning(message)
 
     def _show(self) -> None:
-        self.out.flush()
+        self._flush()
         if self.bar is not None:
             self.bar.update(self.plan.computed - self.bar.n)
             self.bar.set_postfix(valid=self.plan.valid, running=self._streaming, restarts=self.restarts)

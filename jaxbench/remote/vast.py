@@ -8,15 +8,21 @@ the endpoint (`--endpoint`) and the SDK's URLs (`--autoscaler-url`, `--webserver
 A request goes in two steps, the two the SDK's own `request()` takes, kept apart so that the client
 sees which worker it got before it sends anything: `route()` asks the autoscaler's `/route/` for a
 worker (a fresh route each time, polled until a worker is given: `Endpoint._route`), then `open()`
-posts `{"auth_data", "payload"}` to it and returns its NDJSON stream (the SDK's `_make_request`).
-The SDK's request would retry a failing worker itself (the same route, with no bound on a streaming
-request's wait); here the caller decides, and bounds the wait itself.
+posts `{"auth_data", "payload"}` to it and returns its NDJSON stream. The SDK's request would retry
+a failing worker itself (the same route, with no bound on a streaming request's wait); here the
+caller decides, and bounds the wait itself.
+
+`open()` sends what the SDK's streaming `_make_request` sends (its headers, through its session),
+but reads the stream itself (`Lines`): the SDK's stream yields parsed objects only, through two
+generators, and each line printed would be encoded again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
 import os
 import ssl
 
@@ -41,6 +47,15 @@ def add_connection_options(p) -> None:
     p.add_argument("--webserver-url", default=None, metavar="URL", help="Vast's console API (default: the SDK's)")
     p.add_argument("--vast-ca-file", default=None, metavar="FILE",
                    help="Vast's root certificate, read from this file instead of downloaded at each start")
+
+
+def run_async(main):
+    """`asyncio.run(main)`, on uvloop's event loop where uvloop is installed (it is not on Windows)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return asyncio.run(main, loop_factory=uvloop.new_event_loop)
 
 
 def api_key() -> str:
@@ -120,23 +135,75 @@ class Router:
         return answer.body
 
     async def open(self, auth_data: dict, route: str, payload: dict) -> dict:
-        """Post the request to the routed worker. Returns the SDK's result: `ok`, `status`, and
-        `stream` (an async iterator of the NDJSON lines as dicts) or the error's `json`/`text`.
-        Raises the connection's errors (the worker is unreachable or went away)."""
-        from vastai.serverless.client.connection import _make_request
+        """Post the request to the routed worker. Returns `ok`, `status`, and `stream` (`Lines`) or
+        the error's `json`/`text`, as the SDK's result does. Raises the connection's errors (the
+        worker is unreachable or went away)."""
+        import aiohttp
+        from vastai.utils import VERSION
 
-        return await _make_request(client=self.client, url=auth_data["url"], route=route,
-                                   api_key=self.endpoint.api_key,
-                                   body={"auth_data": auth_data, "session_id": None, "payload": payload},
-                                   method="POST", retries=1, stream=True)
+        key = self.endpoint.api_key
+        session = await self.client._get_session()
+        response = await session.post(auth_data["url"] + route, params={"api_key": key},
+                                      headers={"Authorization": f"Bearer {key}", "User-Agent": f"vastai-sdk/{VERSION}"},
+                                      json={"auth_data": auth_data, "session_id": None, "payload": payload},
+                                      ssl=await self.client.get_ssl_context(), timeout=aiohttp.ClientTimeout(total=None))
+        if 200 <= response.status < 300:
+            return {"ok": True, "status": response.status, "stream": Lines(response)}
+        try:
+            text = await response.text()
+        finally:
+            response.release()
+        answer = {"ok": False, "status": response.status, "text": text, "json": None}
+        if text.lstrip().startswith(("{", "[")):
+            with contextlib.suppress(ValueError):
+                answer["json"] = json.loads(text)
+        return answer
 
     @staticmethod
     async def drain(stream) -> None:
-        """Read a finished stream to its end, so that its connection carries the next request (the
-        SDK drops a connection closed before its response's end, and the next request opens one)."""
+        """Read a finished stream to its end, so that its connection carries the next request (aiohttp
+        drops a connection closed before its response's end, and the next request opens one)."""
         try:
             async with asyncio.timeout(DRAIN_S):
                 async for _ in stream:
                     pass
         except Exception:  # noqa: BLE001 — whatever it was, the request is done
             pass
+
+
+class Lines:
+    """A worker's NDJSON stream: its lines as (text, object) pairs. As the SDK's stream does, it passes
+    over blank lines and lines that are not JSON (stream.py's checks see what they lost), and takes
+    an SSE `data:` line's data."""
+
+    def __init__(self, response):
+        self.response = response
+        self._partial: bytes | None = b""  # the start of a line not yet ended; None at the end
+        self._ready: collections.deque[tuple[str, object]] = collections.deque()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> tuple[str, object]:
+        while not self._ready:
+            if self._partial is None:
+                raise StopAsyncIteration
+            chunk = await self.response.content.readany()
+            if chunk:
+                *lines, self._partial = (self._partial + chunk).split(b"\n")
+            else:
+                lines, self._partial = [self._partial], None
+            for raw in lines:
+                raw = raw.strip()
+                if raw.startswith(b"data:"):
+                    raw = raw[5:].strip()
+                if raw:
+                    try:
+                        text = raw.decode()
+                        self._ready.append((text, json.loads(text)))
+                    except ValueError:
+                        pass
+        return self._ready.popleft()
+
+    async def aclose(self) -> None:
+        self.response.release()
