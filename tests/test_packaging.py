@@ -72,7 +72,7 @@ RUNTIME = requirements(ROOT / "requirements.txt")
 DEV = requirements(ROOT / "requirements-dev.txt")
 GPU = {flavour: requirements(ROOT / f"requirements-{flavour}.txt") for flavour in FLAVOURS}
 PINS = {flavour: requirements(ROOT / "docker" / f"constraints-{flavour}.txt") for flavour in FLAVOURS}
-PYWORKER_ONLY = {"vastai", "setuptools", "uvloop", "matplotlib"}  # below the pyworker-only line (uvloop, matplotlib: the client's)
+PYWORKER_ONLY = {"vastai", "setuptools", "matplotlib"}  # below the pyworker-only line (matplotlib: the client's)
 
 
 def pinned_versions(flavour: str) -> dict[str, str]:
