@@ -37,8 +37,12 @@ def say(text: str) -> None:
 
 
 def custom_calls(compiled) -> list[str]:
-    return sorted({line.split('custom_call_target="')[1].split('"')[0]
-                   for line in compiled.as_text().splitlines() if 'custom_call_target="' in line})
+    """The custom calls of the compiled program, and "__triton_gemm" where XLA made a product a Triton
+    fusion instead of a library call."""
+    text = compiled.as_text()
+    calls = {line.split('custom_call_target="')[1].split('"')[0] for line in text.splitlines()
+             if 'custom_call_target="' in line}
+    return sorted(calls | ({"__triton_gemm"} if "__triton_gemm" in text else set()))
 
 
 def timed(fn, args, reps: int) -> dict:

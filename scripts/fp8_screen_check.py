@@ -35,6 +35,7 @@ from jaxbench.feeder import prepare_step  # noqa: E402
 from jaxbench.job import SearchJob  # noqa: E402
 from jaxbench.nonces import NonceSchedule  # noqa: E402
 from jaxbench.params import DEFAULT_R_TARGET, params_from_text  # noqa: E402
+from fp8_gemm_rate import custom_calls  # noqa: E402  (this script's folder)
 
 MARGINS = (0.0, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02)
 QUANTILES = (0.001, 0.01, 0.05)
@@ -102,9 +103,7 @@ def check(engine: Engine, params_text: str, n: int, batch: int | None) -> dict:
     gap = np.abs(screened - exact)
     targets = {f"q{q:g}": float(np.quantile(exact, q)) for q in QUANTILES}
     targets["network"] = DEFAULT_R_TARGET
-    gemm_calls = sorted({line.split('custom_call_target="')[1].split('"')[0]
-                         for program in screen_step.programs for line in program.as_text().splitlines()
-                         if 'custom_call_target="' in line})
+    gemm_calls = sorted({call for program in screen_step.programs for call in custom_calls(program)})
     return {
         "params": params_text, "nonces": int(len(exact)), "batch": batch, "devices": groups,
         "device_kind": engine.devices[0].device_kind, "jax": jax.__version__,
