@@ -153,8 +153,8 @@ class Engine:
                 for stage, weights, spec in zip(model.stages, model.weights, specs):
                     shardings = jax.tree.map(lambda t, stage=stage: stage.sharding(t.axes),
                                              weights_mod.quantized_part(spec))
-                    products = jax.jit(weights_mod.quantized_products, out_shardings=shardings)(weights)
-                    made.append(weights_mod.with_products(weights, jax.block_until_ready(products)))
+                    products = jax.block_until_ready(weights_mod.quantized_products(weights, shardings))
+                    made.append(weights_mod.with_products(weights, products))
                 model.screen_weights = made
                 log.info("quantized the weights to e4m3 for the screen in %.2f s (%s a device)",
                          time.perf_counter() - t0, format_size(need))

@@ -137,14 +137,31 @@ def _build(pool: jax.Array, rotations: dict, params: Params, layout: WeightLayou
     return out
 
 
-def quantized_products(weights: dict) -> dict:
-    """The layers' matrices of a stage's weights (build_weights) as fp8.Fp8Weights, in the same tree
-    ("blocks" and "last", where present); with_products puts them in place of the originals."""
-    def layer(tensors: dict, stacked: bool) -> dict:
-        quantize = partial(jax.lax.map, fp8.quantize_weight) if stacked else fp8.quantize_weight  # a layer at a time
-        return {k: quantize(w) for k, w in tensors.items() if k in PRODUCT_WEIGHTS}
+def quantized_products(weights: dict, shardings: dict) -> dict:
+    """The layers' matrices of a stage's weights (build_weights) as fp8.Fp8Weights, placed by
+    `shardings` (the tree of quantized_part), in the same tree ("blocks" and "last", where present);
+    with_products puts them in place of the originals. A stack is quantized a layer at a time into
+    its place: XLA would transpose a whole stack at once, as large again as the stack."""
+    out: dict = {}
+    for part, tensors in shardings.items():
+        out[part] = {}
+        for key, placed in tensors.items():
+            w = weights[part][key]
+            quantize = jax.jit(fp8.quantize_weight, out_shardings=placed)
+            if part != "blocks":
+                out[part][key] = quantize(w)
+                continue
+            shape = jax.eval_shape(fp8.quantize_weight, w)
+            stack = jax.tree.map(lambda t, p: jnp.zeros(t.shape, t.dtype, device=p), shape, placed)
+            for layer in range(w.shape[0]):
+                stack = _quantize_layer(stack, w, layer)
+            out[part][key] = stack
+    return out
 
-    return {part: layer(weights[part], part == "blocks") for part in ("blocks", "last") if part in weights}
+
+@partial(jax.jit, donate_argnums=0)
+def _quantize_layer(stack: "fp8.Fp8Weight", w: jax.Array, layer: int) -> "fp8.Fp8Weight":
+    return jax.tree.map(lambda whole, one: whole.at[layer].set(one), stack, fp8.quantize_weight(w[layer]))
 
 
 def with_products(weights: dict, products: dict) -> dict:

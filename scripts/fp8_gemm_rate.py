@@ -28,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxbench import fp8  # noqa: E402
 from jaxbench.params import params_from_text  # noqa: E402
+from jaxbench.steps import COMPILER_OPTIONS  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -45,9 +46,9 @@ def custom_calls(compiled) -> list[str]:
     return sorted(calls | ({"__triton_gemm"} if "__triton_gemm" in text else set()))
 
 
-def timed(fn, args, reps: int) -> dict:
+def timed(fn, args, reps: int, options: dict | None) -> dict:
     t = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn).lower(*args).compile(compiler_options=options)
     compile_s = time.perf_counter() - t
     jax.block_until_ready(compiled(*args))
     t = time.perf_counter()
@@ -80,7 +81,7 @@ def measure(name: str, m: int, k: int, n: int, reps: int) -> dict:
     }
     for label, (fn, args) in runs.items():
         say(f"{name} ({m}×{k}·{k}×{n}) {label}: compiling")
-        r = timed(fn, args, reps)
+        r = timed(fn, args, reps, None if label == "float16" else COMPILER_OPTIONS["fp8"])
         r["tflops"] = round(flops / r["seconds"] / 1e12, 1)
         r["seconds"] = round(r["seconds"], 6)
         row[label] = r

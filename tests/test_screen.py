@@ -29,6 +29,13 @@ TINY = params_from_text("tiny")
 R_TARGET = 1.40  # about a quarter of tiny's nonces are below it
 
 
+def screen_weights(built: dict) -> dict:
+    """`built` (tiny's weights, one device) with its layers' matrices in e4m3, as the engine makes them."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda t: device, weights.quantized_part(weights.weight_specs(TINY, "float16", products="fp8")))
+    return weights.with_products(built, weights.quantized_products(built, shardings))
+
+
 def test_quantized_weight_is_within_e4m3_rounding_of_the_weight():
     w = (jax.random.normal(jax.random.key(0), (3, 96, 40)) * jnp.linspace(0.01, 4, 40)).astype(jnp.float16)
     q = fp8.quantize_weight(w)
@@ -56,11 +63,14 @@ def test_linear_is_the_product_of_the_rounded_operands():
 def test_screen_weight_specs_are_what_quantization_makes():
     pool = weights.pool_on_device("specs", TINY, "float16")
     built = weights.build_weights(pool, TINY, "specs")
-    made = weights.with_products(built, weights.quantized_products(built))
+    made = screen_weights(built)
     specs = weights.weight_specs(TINY, "float16", products="fp8")
     shape = lambda tree: jax.tree.map(lambda t: (tuple(t.shape), jnp.dtype(t.dtype)), tree)
     assert shape(made) == shape(specs)
     assert made["output"] is built["output"] and made["blocks"]["ffn_norm"] is built["blocks"]["ffn_norm"]
+    whole = fp8.quantize_weight(built["blocks"]["w2"])  # the stack at once: what a layer at a time must give
+    assert np.array_equal(np.asarray(made["blocks"]["w2"].values, np.float32), np.asarray(whole.values, np.float32))
+    assert np.array_equal(np.asarray(made["blocks"]["w2"].scale), np.asarray(whole.scale))
 
 
 def test_fp8_forward_stays_near_the_exact_one():
@@ -69,7 +79,7 @@ def test_fp8_forward_stays_near_the_exact_one():
     x = jax.random.normal(jax.random.key(3), (4, TINY.seq_len, TINY.dim), jnp.float16)
     exact = jax.jit(stage_fn(ModelConfig(TINY, "float16")))(built, x)
     screened = jax.jit(stage_fn(ModelConfig(TINY, "float16", products="fp8")))(
-        weights.with_products(built, weights.quantized_products(built)), x)
+        screen_weights(built), x)
     assert not np.array_equal(np.asarray(exact), np.asarray(screened))  # the products did change
     assert np.allclose(np.asarray(screened), np.asarray(exact), rtol=0.05, atol=0.05 * float(jnp.abs(exact).max()))
 
