@@ -53,7 +53,7 @@ def parse_claim(data: Any) -> Claim:
         dist=[float(v) for v in dist],
         r_target=fields.number(data, "r_target"),
         dtype=fields.dtype(data),
-        fraud_threshold=fields.number(data, "fraud_threshold", DEFAULT_FRAUD_THRESHOLD),
+        fraud_threshold=fields.p_value_bound(data, "fraud_threshold", DEFAULT_FRAUD_THRESHOLD),
     )
 
 

@@ -86,6 +86,14 @@ def number(data: Mapping[str, Any], name: str, default: Any = _MISSING, positive
     return float(value)
 
 
+def p_value_bound(data: Mapping[str, Any], name: str, default: Any = _MISSING) -> float:
+    """A bound on a p-value (a fraud threshold): in (0, 1]."""
+    value = number(data, name, default)
+    if value > 1:
+        raise FieldError(name, f"must be at most 1 (a p-value bound), got {value}")
+    return value
+
+
 def sustained_seconds(data: Mapping[str, Any], name: str = "sustained_seconds", default: Any = _MISSING) -> float:
     """Seconds of the sustained-rate probe (jaxbench.sustained): 0 (off) to MAX_SUSTAINED_S."""
     value = number(data, name, default, positive=False)
@@ -101,6 +109,8 @@ def screen(data: Mapping[str, Any]) -> tuple[str | None, float]:
     products = _get(data, "screen", None)
     if products is not None and products not in PRODUCTS:
         raise FieldError("screen", f"must be one of {', '.join(PRODUCTS)} or absent, got {products!r:.60}")
+    if products is None and _get(data, "screen_margin", None) is not None:
+        raise FieldError("screen_margin", "applies only with screen")
     margin = number(data, "screen_margin", DEFAULT_MARGIN, positive=False)
     if not 0 <= margin <= MAX_SCREEN_MARGIN:
         raise FieldError("screen_margin", f"must be between 0 and {MAX_SCREEN_MARGIN:g}, got {margin}")

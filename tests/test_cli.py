@@ -349,6 +349,8 @@ def test_the_refusal_in_process_names_the_need_and_what_is_there(capsys, engine)
         ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1], "dist": [1.0], "r_target": 1.4, '
          '"fraud_threshold": -1}', "fraud_threshold"),
         ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1], "dist": [1.0], "r_target": 1.4, '
+         '"fraud_threshold": 2}', "fraud_threshold: must be at most 1"),
+        ('{"params": "tiny", "block_hash": "a", "public_key": "b", "nonces": [1], "dist": [1.0], "r_target": 1.4, '
          '"dtype": "float8"}', "dtype"),
         ('{"params": {"dim": 63}, "block_hash": "a", "public_key": "b", "nonces": [1], "dist": [1.0], "r_target": 1}',
          "dim"),
@@ -391,11 +393,12 @@ def _read_stderr_until(proc: subprocess.Popen, pattern: str, timeout: float = 12
     return seen
 
 
-def test_ctrl_c_ends_a_search_with_its_summary():
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; `timeout`, `docker stop`
+def test_ctrl_c_or_sigterm_ends_a_search_with_its_summary(signum):
     proc = _start(["search", *TINY, "--r-target", "1.41", "--duration", "300", "--batch", "8"])
     _read_stderr_until(proc, "step compiled")
     time.sleep(1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in stderr, stderr
     assert ndjson(stdout)[-1]["reason"] == "interrupted"
