@@ -80,9 +80,9 @@ def build_parser(prog: str = "jaxbench") -> argparse.ArgumentParser:
     options.runtime(p)
     p.add_argument("--seconds", type=float, default=20.0, metavar="S", help="length of the end-to-end run (default 20)")
     options.screen(p)
-    p.add_argument("--r-target", type=float, default=DEFAULT_R_TARGET, metavar="R",
+    p.add_argument("--r-target", type=float, default=None, metavar="R",
                    help=f"with --screen: valid nonces are counted below this (default {DEFAULT_R_TARGET})")
-    p.add_argument("--sustained-seconds", type=float, default=fields.DEFAULT_SUSTAINED_S, metavar="S",
+    p.add_argument("--sustained-seconds", type=float, default=None, metavar="S",
                    help="then float16 square products for this long on every GPU: the rate the card sustains, "
                         f"which percent_of_sustained compares the step with (default {fields.DEFAULT_SUSTAINED_S:g}; "
                         f"0 turns it off; at most {fields.MAX_SUSTAINED_S:g})")
@@ -224,8 +224,9 @@ def _screen_counts(screened) -> dict:
 
 def cmd_search(args) -> int:
     stop = threading.Event()
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored (`&` in a script): stays so
-        signal.signal(signal.SIGINT, lambda *_: (stop.set(), signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the first ends the search with its summary, a second at once
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored (`&` in a script): stays so
+            signal.signal(signum, lambda n, _: (stop.set(), signal.signal(n, signal.SIG_DFL)))
     v = fields.search_fields({**vars(args), "params": params_from_text(args.params)})
     _check_runtime(args)
     n_nodes = fields.integer(vars(args), "n_nodes", minimum=1)
@@ -294,9 +295,7 @@ def cmd_validate(args) -> int:
     dtype = _checked(args)["dtype"]
     threshold = None
     if args.threshold is not None:
-        threshold = fields.number(vars(args), "threshold")
-        if threshold > 1:
-            raise fields.FieldError("threshold", f"must be at most 1 (a p-value bound), got {threshold}")
+        threshold = fields.p_value_bound(vars(args), "threshold")
     data = _read_json_file(args.file, "file")
     from .claims import FIDELITY_BOUND, beyond_fidelity, parse_claim, validate_claim
 
@@ -328,7 +327,7 @@ def cmd_validate(args) -> int:
 def cmd_bench(args) -> int:
     v = _checked(args)
     seconds = fields.number(vars(args), "seconds")
-    sustained_seconds = fields.sustained_seconds(vars(args))
+    sustained_seconds = fields.sustained_seconds(vars(args), default=fields.DEFAULT_SUSTAINED_S)
     from .bench import run_bench
 
     engine = _engine(args, v["params"], v["dtype"])
@@ -338,12 +337,16 @@ def cmd_bench(args) -> int:
         except fields.FieldError as e:
             raise fields.FieldError("batch", e.message) from None
     screen, margin = fields.screen(vars(args))
+    if not screen and args.r_target is not None:
+        raise fields.FieldError("r_target", "applies only with --screen (bench counts valid nonces only then)")
+    if screen and args.sustained_seconds is not None:
+        raise fields.FieldError("sustained_seconds", "applies only without --screen")
     if screen:
         from .bench import run_screen_bench
         from .screen import ScreenedSearch
 
         ScreenedSearch.check(engine, screen)
-        r_target = fields.number(vars(args), "r_target")
+        r_target = fields.number(vars(args), "r_target", DEFAULT_R_TARGET)
         report = run_screen_bench(engine, v["params"], v["dtype"], v["block_hash"], v["public_key"], seconds,
                                   r_target, margin, screen, batch=args.batch)
     else:
