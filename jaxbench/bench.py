@@ -326,9 +326,11 @@ def run_screen_bench(engine: Engine, params: Params, dtype: str, block_hash: str
         # What the screen cannot change: every nonce it reports, the exact search reports with the same distance.
         "reported_are_exact": all(found.get(nonce) == dist for nonce, dist in reported.items()),
     }
+    joules = (screened["energy_joules_per_nonce"], exact["energy_joules_per_nonce"])
+    energy = ("no energy reading (no NVIDIA GPU through NVML)" if None in joules else
+              f"{screened['energy_joules_per_nonce']:.3f} J/nonce against {exact['energy_joules_per_nonce']:.3f}")
     log(f"screen       {screened['nonces_per_s']:,.2f} nonces/s screened against {exact['nonces_per_s']:,.2f} exact; "
         f"valid/s {screened['valid_per_s']:,.3f} against {exact['valid_per_s']:,.3f} "
         f"(× {report['valid_per_s_ratio']}) at r_target {r_target}; recall {report['recall']} "
-        f"({report['missed']} missed), candidates {100 * screened['candidate_share']:.2f} %; "
-        f"J/nonce {screened['energy_joules_per_nonce']} against {exact['energy_joules_per_nonce']}")
+        f"({report['missed']} missed), candidates {100 * screened['candidate_share']:.2f} %; {energy}")
     return report

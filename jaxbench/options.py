@@ -92,8 +92,9 @@ def screen(p: argparse.ArgumentParser) -> None:
                    help="screen every nonce with e4m3 weight products and recompute in the model dtype only those "
                         "below r_target + margin; every reported distance is still the model dtype's, a valid "
                         "nonce the screen misses is lost (default: no screen, the exact search)")
-    p.add_argument("--screen-margin", type=float, default=DEFAULT_MARGIN, metavar="M",
-                   help=f"how far above r_target a screened distance still makes a candidate (default {DEFAULT_MARGIN})")
+    p.add_argument("--screen-margin", type=float, default=None, metavar="M",
+                   help=f"with --screen: how far above r_target a screened distance still makes a candidate "
+                        f"(default {DEFAULT_MARGIN})")
 
 
 def runtime(p: argparse.ArgumentParser) -> None:

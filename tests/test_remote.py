@@ -268,7 +268,9 @@ def test_bad_input_is_one_line_and_status_2():
                         (["--max-nonces", "10", "--vast-ca-file", __file__], "--vast-ca-file"),
                         (["--max-nonces", "10", "--start-nonce", str(2**63)], "--start-nonce"),
                         (["--max-nonces", "11", "--start-nonce", str(2**63 - 10)], "--max-nonces"),
-                        (["--max-nonces", "10", "--block-height", str(2**63)], "--block-height")):
+                        (["--max-nonces", "10", "--block-height", str(2**63)], "--block-height"),
+                        (["--max-nonces", "10", "--screen-margin", "0.01"], "--screen-margin"),
+                        (["--max-nonces", "10", "--screen", "fp8", "--screen-margin", "1"], "--screen-margin")):
         out = subprocess.run([sys.executable, "-m", "jaxbench", "remote", "search", "--endpoint", "e", *SEARCH, *args],
                              env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and out.stderr.startswith(f"error: {field}:"), out.stderr
@@ -387,6 +389,16 @@ def test_duration_search_ends_at_the_deadline(endpoint, truth):
     assert all(n // 2 < ends[n % 2] for n in found) and summary["total_valid"] == len(found)
     assert {n: d for n, d in found.items() if n < 30000} == {n: d for n, d in truth.items() if n // 2 < ends[n % 2]}
     assert summary["total_computed"] == sum(ends.values()) > 0
+
+
+def test_a_screened_search_finds_the_exact_ones_nonces(endpoint, truth):
+    """--screen reaches the workers: each line says so, and every valid nonce has its exact distance."""
+    vast, _ = endpoint
+    client = Client(vast, "--workers", "2", "--max-nonces", "6000", "--screen", "fp8", "--screen-margin", "0.01")
+    status, results, summary, stderr = client.finish(120)
+    assert status == 0 and summary["reason"] == "completed", stderr[-3000:]
+    assert results and all(line["screen"] == "fp8" and line["screen_margin"] == 0.01 for line in results)
+    assert printed(results) == {n: d for n, d in truth.items() if n < 6000}
 
 
 def test_split_search_survives_a_worker_killed_mid_run(endpoint, truth):

@@ -42,6 +42,7 @@ def add_search(sub) -> None:
     options.seeds(p)
     options.dtype(p)
     options.search(p, stop_required=True)
+    options.screen(p)
     p.add_argument("--cost", type=int, default=None, metavar="NONCES",
                    help="workload the autoscaler is told for each request, in nonces "
                         "(default: the request's nonces; 0 with --duration)")

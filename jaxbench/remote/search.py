@@ -26,6 +26,8 @@ class Search:
     max_nonces: int | None
     duration_s: float | None
     workers: int
+    screen: str | None = None  # the workers' FP8 screen (jaxbench/screen.py), and its margin
+    screen_margin: float | None = None
 
     @classmethod
     def from_args(cls, args) -> "Search":
@@ -42,7 +44,9 @@ class Search:
             raise fields.FieldError("max_nonces", f"must be at most {MAX_NONCE - search['start_nonce'] + 1} from "
                                                   f"--start-nonce {search['start_nonce']}: nonces end at 2**63-1")
         duration_s = None if args.duration is None else fields.number(values, "duration")
-        return cls(**search, workers=workers, duration_s=duration_s)
+        screen, margin = fields.screen(values)
+        return cls(**search, workers=workers, duration_s=duration_s, screen=screen,
+                   screen_margin=margin if screen else None)
 
     def sequences(self) -> list[Sequence]:
         """--max-nonces M: the nonces start … start + M − 1 as one sequence; --duration: one endless
@@ -55,4 +59,5 @@ class Search:
         """The /generate fields every request of the search shares."""
         return {"block_hash": self.block_hash, "block_height": self.block_height, "public_key": self.public_key,
                 "r_target": self.r_target, "params": self.params.to_dict(), "dtype": self.dtype,
-                "batch_size": 1}  # a required field of /generate; the worker picks its device batch itself
+                "batch_size": 1,  # a required field of /generate; the worker picks its device batch itself
+                **({"screen": self.screen, "screen_margin": self.screen_margin} if self.screen else {})}
