@@ -165,6 +165,17 @@ def test_bad_screen_options_are_one_line_errors(extra, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("command, extra, message", [
+    ("search", ("--screen-margin", "0.01"), "--screen-margin: applies only with screen"),
+    ("bench", ("--r-target", "1.3"), "--r-target: applies only with --screen"),
+    ("bench", ("--screen", "fp8", "--sustained-seconds", "2"), "--sustained-seconds: applies only without --screen"),
+])
+def test_options_that_do_not_apply_are_refused(command, extra, message):
+    seeds = ("--block-hash", "b", "--public-key", "k", "--max-nonces", "8") if command == "search" else ("--seconds", "1")
+    r = run_cli(command, "--params", "tiny", *seeds, *extra)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
 def test_screen_on_two_groups_of_two_devices_matches_one_device():
     """The e4m3 weights are placed like the model's own: stages over a group, groups side by side."""
     layered = Params(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=64, seq_len=8)

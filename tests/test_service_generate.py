@@ -131,6 +131,7 @@ BAD_REQUESTS = [
     (body(screen="fp8", screen_margin=-0.01), "screen_margin"),
     (body(screen="fp8", screen_margin=0.5), "screen_margin"),
     (body(screen="fp8", screen_margin="wide"), "screen_margin"),
+    (body(screen_margin=0.01), "screen_margin"),  # a margin without a screen is a mistake, not a no-op
 ]
 
 
