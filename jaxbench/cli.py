@@ -213,6 +213,8 @@ def cmd_distances(args) -> int:
 
 def _result_file(out: str | None) -> str | None:
     """Where result lines go: None for stdout ('-', or a stdout that is not a terminal), else a path."""
+    if out == "":
+        raise fields.FieldError("out", "must be a file name, or '-' for stdout")
     if out == "-" or out is None and not sys.stdout.isatty():
         return None
     return out or time.strftime("jaxbench-search-%Y%m%dT%H%M%SZ.ndjson", time.gmtime())

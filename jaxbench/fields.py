@@ -181,6 +181,14 @@ def search_fields(data: Mapping[str, Any]) -> dict[str, Any]:
         "r_target": number(data, "r_target"),
         "start_nonce": nonce(data, "start_nonce"),
         "params": params(data),
-        "max_nonces": None if data.get("max_nonces") is None else integer(data, "max_nonces", minimum=1),
+        "max_nonces": None if data.get("max_nonces") is None else nonce_count(data, "max_nonces"),
         "dtype": dtype(data),
     }
+
+
+def nonce_count(data: Mapping[str, Any], name: str) -> int:
+    """How many nonces: 1 to the size of the nonce space, 2**63."""
+    value = integer(data, name, minimum=1)
+    if value > NONCE_MAX + 1:
+        raise FieldError(name, f"must be at most {NONCE_MAX + 1} (2**63, the whole nonce space), got {value}")
+    return value

@@ -288,6 +288,8 @@ DISTANCES = ["distances", *TINY, "--nonces", "1"]
         (["search", *TINY, "--node-id", "3", "--n-nodes", "2"], "--node-id"),
         (["search", *TINY, "--n-nodes", "0"], "--n-nodes"),
         (["search", *TINY, "--out", "/dev/null/x"], "--out"),
+        (["search", *TINY, "--out", ""], "--out"),
+        (["search", *TINY, "--max-nonces", str(2**63 + 1)], "--max-nonces"),
         (["validate", "claim.json", "--threshold", "-1"], "--threshold"),
         (["validate", "claim.json", "--threshold", "2"], "--threshold"),
         (["validate", "/nonexistent/claim.json"], "file"),
