@@ -286,7 +286,7 @@ def run_screen_bench(engine: Engine, params: Params, dtype: str, block_hash: str
     engine.compiled_step(params, dtype, batch, products)
     engine.screen_weights(model)
 
-    def window(steps, nonces: int | None) -> dict:
+    def window(steps) -> dict:
         valid: dict[int, float] = {}
         computed = 0
         with TelemetrySampler(model.placement.devices) as sampler, _window_progress(seconds, sampler) as progress:
@@ -306,12 +306,12 @@ def run_screen_bench(engine: Engine, params: Params, dtype: str, block_hash: str
     start = 2 * 10**9  # away from bench's own window
     log(f"exact: {seconds:g} s")
     exact_job = SearchJob(params, block_hash, public_key, r_target, NonceSchedule.for_node(start), dtype, seconds)
-    exact = window(engine.search(exact_job, batch=batch), None)
+    exact = window(engine.search(exact_job, batch=batch))
     log(f"screen: the same {exact['nonces']:,} nonces")
     screened_job = SearchJob(params, block_hash, public_key, r_target,
                              NonceSchedule.for_node(start, limit=exact["nonces"]), dtype)
     search = ScreenedSearch(engine, screened_job, margin, products)
-    screened = window(search.steps(batch=batch), exact["nonces"])
+    screened = window(search.steps(batch=batch))
     found, reported = exact.pop("_valid"), screened.pop("_valid")
     kept = sum(1 for nonce in reported if nonce in found)
     screened.update(search.counts.describe(),

@@ -220,10 +220,6 @@ def _result_file(out: str | None) -> str | None:
     return out or time.strftime("jaxbench-search-%Y%m%dT%H%M%SZ.ndjson", time.gmtime())
 
 
-def _screen_counts(screened) -> dict:
-    return screened.counts.describe() if screened else {}
-
-
 def cmd_search(args) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):  # the first ends the search with its summary, a second at once
@@ -256,7 +252,7 @@ def cmd_search(args) -> int:
                         NonceSchedule.for_node(v["start_nonce"], node_id, n_nodes, limit=limit), v["dtype"], duration)
         tally = SearchTally(job, block_height=v["block_height"], node_id=node_id)
         screened = ScreenedSearch(engine, job, margin) if screen else None
-        said = screened.describe() if screened else {}  # on every line and the summary
+        said = screened.describe() if screened else {}  # on every line
         try:
             with _progress(limit, "search") as bar:
                 on_ready = lambda *ready: bar.write(_ready_message(engine, *ready), file=sys.stderr)
@@ -270,12 +266,12 @@ def cmd_search(args) -> int:
         except (fields.FieldError, ParamsError):
             raise
         except Exception as e:  # a device error mid-search: the lines computed stand, the summary says why
-            failed = {**tally.summary("error"), **said, **_screen_counts(screened),
+            failed = {**tally.summary("error"), **(screened.summary_fields() if screened else {}),
                       "error": f"{type(e).__name__}: {_one_line(str(e))}"}
             print(json.dumps(failed), file=results, flush=True)
             raise
-        summary = {**tally.summary("interrupted" if stop.is_set() else tally.end_reason(False)), **said,
-                   **_screen_counts(screened)}
+        summary = {**tally.summary("interrupted" if stop.is_set() else tally.end_reason(False)),
+                   **(screened.summary_fields() if screened else {})}
         print(json.dumps(summary), file=results, flush=True)
     except BaseException:
         if created and results.tell() == 0:  # a file this run made and never wrote to

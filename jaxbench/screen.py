@@ -33,6 +33,11 @@ FP8_MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores: Ada, Hopper, Blackwell
 DEFAULT_MARGIN = 0.0005
 
 
+def describe(products: str, margin: float) -> dict:
+    """What the result lines and the summary of a screened search say of its screen."""
+    return {"screen": products, "screen_margin": margin}
+
+
 @dataclasses.dataclass
 class ScreenCounts:
     screened: int = 0  # nonces through the screen's step
@@ -76,8 +81,11 @@ class ScreenedSearch:
             raise FieldError("screen", refusal)
 
     def describe(self) -> dict:
-        """What result lines and summaries say of the screen."""
-        return {"screen": self.products, "screen_margin": self.margin}
+        return describe(self.products, self.margin)
+
+    def summary_fields(self) -> dict:
+        """What the summary says of the screen: describe() and the counts."""
+        return {**self.describe(), **self.counts.describe()}
 
     def steps(self, stop: threading.Event | None = None, batch: int | None = None,
               on_ready: Callable | None = None) -> Iterator[StepResult]:

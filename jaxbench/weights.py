@@ -147,9 +147,8 @@ def quantized_products(weights: dict, shardings: dict) -> dict:
         out[part] = {}
         for key, placed in tensors.items():
             w = weights[part][key]
-            quantize = jax.jit(fp8.quantize_weight, out_shardings=placed)
             if part != "blocks":
-                out[part][key] = quantize(w)
+                out[part][key] = jax.jit(fp8.quantize_weight, out_shardings=placed)(w)
                 continue
             shape = jax.eval_shape(fp8.quantize_weight, w)
             stack = jax.tree.map(lambda t, p: jnp.zeros(t.shape, t.dtype, device=p), shape, placed)
@@ -245,7 +244,7 @@ def spec_bytes(specs) -> int:
 def weight_specs(params: Params, dtype: str, layout: WeightLayout = REFERENCE_LAYOUT, layers: range | None = None,
                  products: str = "exact") -> dict:
     """The pytree build_weights returns for these arguments, as TensorSpecs; with `products` "fp8", the
-    pytree quantize_products makes of it."""
+    pytree with_products makes of it."""
     blocks, ends = stage_layers(params, layers)
     jnp_dtype = JNP_DTYPES[dtype]
 

@@ -33,7 +33,7 @@ from jaxbench.backoff import Backoff
 from jaxbench.job import SearchJob
 from jaxbench.nonces import NonceSchedule
 from jaxbench.params import Params
-from jaxbench.screen import ScreenCounts, ScreenedSearch
+from jaxbench.screen import ScreenCounts, ScreenedSearch, describe as screen_fields
 
 from .config import Settings
 
@@ -220,8 +220,7 @@ class Screen:
         return ScreenedSearch(engine, sjob, self.margin, self.products, counts)
 
     def describe(self) -> dict:
-        """What every result line and the summary say of it (as ScreenedSearch.describe)."""
-        return {"screen": self.products, "screen_margin": self.margin}
+        return screen_fields(self.products, self.margin)
 
 
 def screen(data: Mapping[str, Any]) -> Screen | None:
