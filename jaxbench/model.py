@@ -103,11 +103,13 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: st
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
 # "xla": two products and the SwiGLU (over w1 and w3, or one product over w13); "pallas": with w13, gate, up
-# and SwiGLU in one Hopper kernel (gated_ffn.py) where the shape allows, one XLA product over w13 elsewhere.
+# and SwiGLU in one Hopper kernel (gated_ffn.py; its e4m3 form for the "fp8" products) where the shape
+# allows, one XLA product over w13 elsewhere.
 FFN_IMPLEMENTATIONS = ("xla", "pallas")
 # "exact": every product in the model dtype, as the reference; "fp8": the blocks' weight products through
-# e4m3 operands (fp8.py; the weights from weights.quantize_products), for a screen whose distances are
-# never reported. Attention's own products and the head stay in the model dtype.
+# e4m3 operands (fp8.py; the weights from weights.quantized_products), the FFN's hidden state in e4m3,
+# for a screen whose distances are never reported. Attention's own products and the head stay in the
+# model dtype.
 PRODUCTS = ("exact", "fp8")
 
 
@@ -189,42 +191,45 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     return jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype) * up
 
 
-def split_gate_up(both: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
-    """The product with interleaved weights (…, 2H), blocks of `block` columns alternating gate and
-    up (weights.interleave_columns), as gate (…, H) and up (…, H)."""
-    *lead, width = both.shape
-    hidden = width // 2
-    pairs = both.reshape(*lead, hidden // block, 2, block)
-    return pairs[..., 0, :].reshape(*lead, hidden), pairs[..., 1, :].reshape(*lead, hidden)
-
-
 class FeedForward(nnx.Module):
     def __init__(self, w: dict, gate_up_block: int | None = None, implementation: str = "xla",
-                 product: Callable = matmul):
+                 products: str = "exact"):
         """`w` holds w1, w2 and w3, or w13 (w1 and w3 interleaved in blocks of `gate_up_block`) and w2.
-        With w13, `implementation` "pallas" runs the gated half as one kernel where it applies (in the
-        model dtype only); `product` computes the other weight products."""
+        With w13, `implementation` "pallas" runs the gated half as one Hopper kernel where it applies.
+        `products`: ModelConfig.products; with "fp8" the weights are fp8.Fp8Weights."""
         self.w13 = nnx.Param(w["w13"]) if "w13" in w else None
         if self.w13 is None:
             self.w1, self.w3 = nnx.Param(w["w1"]), nnx.Param(w["w3"])
         self.w2 = nnx.Param(w["w2"])
-        self.block, self.implementation, self.product = gate_up_block, implementation, product
+        self.block, self.implementation, self.products = gate_up_block, implementation, products
 
     def gated(self, x: jax.Array) -> jax.Array:
-        project = self.product
         if self.w13 is None:
-            return swiglu(project("bsd,dh->bsh", x, self.w1.get_value()), project("bsd,dh->bsh", x, self.w3.get_value()))
+            return swiglu(matmul("bsd,dh->bsh", x, self.w1.get_value()), matmul("bsd,dh->bsh", x, self.w3.get_value()))
         w13 = self.w13.get_value()
-        if self.implementation == "pallas" and project is matmul:
+        if self.implementation == "pallas":
             b, s, d = x.shape
             hidden = w13.shape[-1] // 2
             kernel = dataclasses.replace(gated_ffn.DEFAULT_CONFIG, block=self.block)  # tiles on the interleaving's blocks
             if gated_ffn.applies(b * s, d, hidden, x.dtype, kernel):
                 return gated_ffn.gated_ffn(x.reshape(b * s, d), w13, kernel).reshape(b, s, hidden)
-        return swiglu(*split_gate_up(project("bsd,dh->bsh", x, w13), self.block))
+        return swiglu(*gated_ffn.split_gate_up(matmul("bsd,dh->bsh", x, w13), self.block))
+
+    def gated_fp8(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The gated half through e4m3 operands (x: (rows, dim)): e4m3 and its row scales (fp8.gated)."""
+        if self.w13 is None:
+            return fp8.gated(x, self.w1.get_value(), self.w3.get_value())
+        w13 = self.w13.get_value()
+        kernel = dataclasses.replace(gated_ffn.FP8_CONFIG, block=self.block)
+        fits = gated_ffn.applies_fp8(x.shape[0], x.shape[1], w13.values.shape[-2] // 2, kernel)
+        return fp8.gated_interleaved(x, w13, self.block, kernel if self.implementation == "pallas" and fits else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.product("bsh,hd->bsd", self.gated(x), self.w2.get_value())
+        if self.products == "fp8":
+            b, s, d = x.shape
+            h, h_scale = self.gated_fp8(x.reshape(b * s, d))
+            return fp8.scaled_product(h, h_scale, self.w2.get_value(), x.dtype).reshape(b, s, d)
+        return matmul("bsh,hd->bsd", self.gated(x), self.w2.get_value())
 
 
 class Block(nnx.Module):
@@ -233,7 +238,7 @@ class Block(nnx.Module):
     def __init__(self, w: dict, config: ModelConfig):
         product = config.weight_product()
         self.attention = Attention(w, config.params, config.attention, product)
-        self.feed_forward = FeedForward(w, config.layout.gate_up_block, config.ffn, product)
+        self.feed_forward = FeedForward(w, config.layout.gate_up_block, config.ffn, config.products)
         self.attention_norm = nnx.Param(w["attention_norm"])
         self.ffn_norm = nnx.Param(w["ffn_norm"])
         self.eps = config.params.norm_eps

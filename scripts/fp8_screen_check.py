@@ -8,10 +8,14 @@ max), how long a step of each takes, whether XLA's compiled FP8 step calls an FP
 recall of the valid nonces (float16 distance below r_target) among the screen's candidates (FP8
 distance below r_target + margin), and the share of nonces that are candidates, at each margin.
 
-    python scripts/fp8_screen_check.py --params mainnet,bench --nonces 4096 [--out $OUT]
+    python scripts/fp8_screen_check.py --params mainnet,bench --nonces 4096 [--start 0] [--budget-seconds S] [--out $OUT]
+    python scripts/fp8_screen_check.py --merge a.npz b.npz ...   # one table over several runs' nonces
 
-Writes fp8_screen_check.json after each set (and prints it); progress goes to stderr. Both steps are
-the engine's (`Engine.compiled_step`, products "exact" and "fp8"), the e4m3 weights its
+Writes fp8_screen_check.json after each set (and prints it), and each set's distances to
+fp8_screen_distances-<params>-<start>.npz, so that runs over different nonces (`--start`) can be
+merged into one table; progress goes to stderr. With `--budget-seconds` a set stops taking steps
+once that much time has passed since the script started and reports the nonces it did. Both steps
+are the engine's (`Engine.compiled_step`, products "exact" and "fp8"), the e4m3 weights its
 `Engine.screen_weights`, made once.
 """
 
@@ -68,7 +72,24 @@ def screen_table(exact: np.ndarray, screened: np.ndarray, r_target: float) -> li
     return rows
 
 
-def check(engine: Engine, params_text: str, n: int, batch: int | None) -> dict:
+def distance_tables(exact: np.ndarray, screened: np.ndarray) -> dict:
+    """The gap and, at each r_target, the screen's recall and candidates, over these nonces."""
+    gap = np.abs(screened - exact)
+    targets = {f"q{q:g}": float(np.quantile(exact, q)) for q in QUANTILES}
+    targets["network"] = DEFAULT_R_TARGET
+    return {
+        "nonces": int(len(exact)),
+        "float16_distance": {"mean": float(exact.mean()), "std": float(exact.std())},
+        "gap": {"median": float(np.median(gap)), "p99": float(np.quantile(gap, 0.99)), "max": float(gap.max()),
+                "correlation": float(np.corrcoef(exact, screened)[0, 1])},
+        "screens": {name: {"r_target": r, "valid": int((exact < r).sum()), "valid_share": float((exact < r).mean()),
+                           "margins": screen_table(exact, screened, r)}
+                    for name, r in targets.items()},
+    }
+
+
+def check(engine: Engine, params_text: str, n: int, batch: int | None, start: int, budget_s: float | None,
+          out: Path) -> dict:
     params, dtype = params_from_text(params_text), "float16"
     block_hash, public_key = "fp8-screen-" + params_text, "fp8-screen-key"
     say(f"{params_text}: building the weights")
@@ -83,7 +104,7 @@ def check(engine: Engine, params_text: str, n: int, batch: int | None) -> dict:
     say(f"{params_text}: compiled in {exact_step.compile_seconds:.1f} s; compiling the fp8 step")
     screen_step = engine.compiled_step(params, dtype, batch, "fp8")
     say(f"{params_text}: compiled in {screen_step.compile_seconds:.1f} s")
-    job = SearchJob(params, block_hash, public_key, 0.0, NonceSchedule.for_node(0, limit=n), dtype)
+    job = SearchJob(params, block_hash, public_key, 0.0, NonceSchedule.for_node(start, limit=n), dtype)
     groups = model.placement.n_groups
     exact, screened = [], []
     exact_s = screen_s = 0.0
@@ -99,25 +120,23 @@ def check(engine: Engine, params_text: str, n: int, batch: int | None) -> dict:
         screened.append(np.asarray(screen_step(screen_weights, *args))[:real])
         if k % 10 == 9:
             say(f"{params_text}: {flat + real} of {n} nonces")
+        if budget_s is not None and time.perf_counter() - T0 > budget_s:
+            say(f"{params_text}: stopping at {flat + real} nonces, the time budget spent")
+            break
     exact, screened = np.concatenate(exact)[:n].astype(np.float64), np.concatenate(screened)[:n].astype(np.float64)
-    gap = np.abs(screened - exact)
-    targets = {f"q{q:g}": float(np.quantile(exact, q)) for q in QUANTILES}
-    targets["network"] = DEFAULT_R_TARGET
+    np.savez(out / f"fp8_screen_distances-{params_text}-{start}.npz", exact=exact, screened=screened,
+             first_nonce=start)
     gemm_calls = sorted({call for program in screen_step.programs for call in custom_calls(program)})
     return {
-        "params": params_text, "nonces": int(len(exact)), "batch": batch, "devices": groups,
+        "params": params_text, "first_nonce": start, "batch": batch, "devices": groups,
         "device_kind": engine.devices[0].device_kind, "jax": jax.__version__,
         "quantize_seconds": round(quantize_s, 2),
         "compile_seconds": {"float16": round(exact_step.compile_seconds, 2), "fp8": round(screen_step.compile_seconds, 2)},
-        "float16_distance": {"mean": float(exact.mean()), "std": float(exact.std())},
-        "gap": {"median": float(np.median(gap)), "p99": float(np.quantile(gap, 0.99)), "max": float(gap.max()),
-                "correlation": float(np.corrcoef(exact, screened)[0, 1])},
+        **distance_tables(exact, screened),
         "step_seconds": {"float16": round(exact_s, 4), "fp8_screen": round(screen_s, 4),
                          "speedup": round(exact_s / screen_s, 3) if screen_s else None},
         "custom_calls_in_screen": gemm_calls,
         "fp8_gemm_in_screen": any("f8" in c.lower() for c in gemm_calls),
-        "screens": {name: {"r_target": r, "valid_share": float((exact < r).mean()), "margins": screen_table(exact, screened, r)}
-                    for name, r in targets.items()},
     }
 
 
@@ -126,13 +145,23 @@ def main() -> int:
     ap.add_argument("--params", default="mainnet,bench")
     ap.add_argument("--nonces", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--start", type=int, default=0, help="the first nonce")
+    ap.add_argument("--budget-seconds", type=float, default=None)
+    ap.add_argument("--merge", nargs="+", metavar="NPZ", help="print one table over these runs' distances")
     ap.add_argument("--out", default=os.environ.get("OUT") or ".")
     args = ap.parse_args()
+    if args.merge:
+        runs = [np.load(f) for f in args.merge]
+        firsts = sorted(int(r["first_nonce"]) for r in runs)
+        merged = distance_tables(np.concatenate([r["exact"] for r in runs]),
+                                 np.concatenate([r["screened"] for r in runs]))
+        print(json.dumps({"runs": args.merge, "first_nonces": firsts, **merged}, indent=1))
+        return 0
     engine = Engine()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = []
     for p in args.params.split(","):  # written after each set: a run cut short keeps what it measured
-        results.append(check(engine, p, args.nonces, args.batch))
+        results.append(check(engine, p, args.nonces, args.batch, args.start, args.budget_seconds, Path(args.out)))
         (Path(args.out) / "fp8_screen_check.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
     return 0

@@ -26,7 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxbench import gated_ffn  # noqa: E402
-from jaxbench.model import matmul, split_gate_up, swiglu  # noqa: E402
+from jaxbench.model import matmul, swiglu  # noqa: E402
 from jaxbench.params import PRESETS  # noqa: E402
 from jaxbench.weights import JNP_DTYPES, interleave_columns  # noqa: E402
 
@@ -146,7 +146,7 @@ def main() -> int:
             block = CONFIGS[args.configs.split(",")[0]].block
 
             def one_product(x, w, block=block):
-                return swiglu(*split_gate_up(matmul("sd,dh->sh", x, w), block))
+                return swiglu(*gated_ffn.split_gate_up(matmul("sd,dh->sh", x, w), block))
 
             variants["xla-w13"] = (jax.jit(one_product), block)
             for cname in args.configs.split(","):
