@@ -66,27 +66,54 @@ def scaled_product(x: jax.Array, x_scale: jax.Array, w: Fp8Weight, dtype) -> jax
     return product(x, x_scale, w).astype(dtype)
 
 
-def linear(x: jax.Array, w: Fp8Weight) -> jax.Array:
-    """x (…, K) · w through e4m3 operands, float32 accumulation, in x's dtype."""
+def normed_bound(gamma: jax.Array) -> jax.Array:
+    """The largest magnitude an RMSNorm with weight `gamma` (D,) can output: each |r_i| ≤ √D·rms(r), so
+    |x_i| ≤ √D·max|γ| (widened by one part in 512 for the roundings to the model dtype)."""
+    g = gamma.astype(jnp.float32)
+    return math.sqrt(g.shape[-1]) * jnp.max(jnp.abs(g)) * (1 + 2.0 ** -9)
+
+
+def quantize_normed(x: jax.Array, gamma: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x (M, K), the output of an RMSNorm with weight `gamma`, in e4m3 with one scale for all rows
+    (M, 1), from normed_bound: no pass over x to find its peak, so XLA folds the rounding into the norm.
+    e4m3 rounds to the same relative precision across its normal range, so the bound's headroom over a
+    row's own peak costs nothing while the row stays in that range (the bound is at most √D times the
+    typical value); nothing can saturate."""
+    scale = normed_bound(gamma) / E4M3_MAX
+    values = jnp.clip(x.astype(jnp.float32) / scale, -E4M3_MAX, E4M3_MAX).astype(E4M3)
+    return values, jnp.broadcast_to(scale, (x.shape[0], 1))
+
+
+def _quantized_input(x: jax.Array, gamma: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    return quantize_rows(x) if gamma is None else quantize_normed(x, gamma)
+
+
+def linear(x: jax.Array, w: Fp8Weight, gamma: jax.Array | None = None) -> jax.Array:
+    """x (…, K) · w through e4m3 operands, float32 accumulation, in x's dtype. x is quantized per row,
+    or, given the weight `gamma` of the RMSNorm that made it, with quantize_normed."""
     lead = x.shape[:-1]
-    x_q, x_scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    x_q, x_scale = _quantized_input(x.reshape(-1, x.shape[-1]), gamma)
     return scaled_product(x_q, x_scale, w, x.dtype).reshape(*lead, w.values.shape[-2])
 
 
-# The SwiGLU's scale per row is fixed before the products run, from the row's norm and the weights'
-# column peaks: x·w has a standard deviation of about ‖x‖·σ_w, with σ_w ≈ a column's peak / √(2 ln K),
-# and |silu(gate)·up| over a row of the model's widths stays within about 10–20 σ_gate·σ_up (8–13
-# measured on Gaussian rows of 8,192 units). SWIGLU_SIGMAS of them land on e4m3's 448. e4m3 rounds to
-# the same relative precision across its normal range, so the headroom costs no accuracy (the same
-# rounding error from 16 to 256 as with each row's own peak); a value beyond it saturates at ±448.
+# The SwiGLU's scale is fixed before the products run, from ‖x‖ and the weights' column peaks: x·w has
+# a standard deviation of about ‖x‖·σ_w, with σ_w ≈ a column's peak / √(2 ln K), and |silu(gate)·up|
+# over a row of the model's widths stays within about 10–20 σ_gate·σ_up (8–13 measured on Gaussian
+# rows of 8,192 units). SWIGLU_SIGMAS of them land on e4m3's 448. e4m3 rounds to the same relative
+# precision across its normal range, so the headroom costs no accuracy (the same rounding error from
+# 16 to 256 as with each row's own peak); a value beyond it saturates at ±448. ‖x‖² is each row's own,
+# or, for the output of an RMSNorm with weight γ, its expectation Σγ² (a row's is at most D·max γ²).
 SWIGLU_SIGMAS = 128.0
 
 
-def swiglu_scale(x: jax.Array, gate_scale: jax.Array, up_scale: jax.Array) -> jax.Array:
+def swiglu_scale(x: jax.Array, gate_scale: jax.Array, up_scale: jax.Array, gamma: jax.Array | None = None) -> jax.Array:
     """The e4m3 scale (M, 1) of silu(x·W1) ⊙ (x·W3) for x (M, K), from W1's and W3's column scales."""
     spread = E4M3_MAX / math.sqrt(2 * math.log(max(x.shape[-1], 2)))
     sigma_gate, sigma_up = jnp.mean(gate_scale) * spread, jnp.mean(up_scale) * spread
-    squared_norm = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    if gamma is None:
+        squared_norm = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    else:
+        squared_norm = jnp.broadcast_to(jnp.sum(jnp.square(gamma.astype(jnp.float32))), (x.shape[0], 1))
     scale = SWIGLU_SIGMAS * squared_norm * sigma_gate * sigma_up / E4M3_MAX
     return jnp.maximum(scale, jnp.finfo(jnp.float32).tiny)
 
@@ -97,19 +124,21 @@ def swiglu(gate: jax.Array, up: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.clip(h, -E4M3_MAX, E4M3_MAX).astype(E4M3)
 
 
-def gated(x: jax.Array, w1: Fp8Weight, w3: Fp8Weight) -> tuple[jax.Array, jax.Array]:
-    """silu(x·W1) ⊙ (x·W3) for x (M, K): e4m3 (M, H) and its row scales (M, 1)."""
-    x_q, x_scale = quantize_rows(x)
-    scale = swiglu_scale(x, w1.scale, w3.scale)
+def gated(x: jax.Array, w1: Fp8Weight, w3: Fp8Weight, gamma: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """silu(x·W1) ⊙ (x·W3) for x (M, K): e4m3 (M, H) and its row scales (M, 1). `gamma`: the weight of
+    the RMSNorm that made x, when it did (see linear)."""
+    x_q, x_scale = _quantized_input(x, gamma)
+    scale = swiglu_scale(x, w1.scale, w3.scale, gamma)
     return swiglu(product(x_q, x_scale, w1), product(x_q, x_scale, w3), scale), scale
 
 
-def gated_interleaved(x: jax.Array, w13: Fp8Weight, block: int, kernel=None) -> tuple[jax.Array, jax.Array]:
+def gated_interleaved(x: jax.Array, w13: Fp8Weight, block: int, kernel=None,
+                      gamma: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """gated() with W1 and W3 interleaved in blocks of `block` columns (weights.interleave_columns):
     through gated_ffn.gated_ffn_fp8 with `kernel` (a GatedConfig), else through XLA."""
-    x_q, x_scale = quantize_rows(x)
+    x_q, x_scale = _quantized_input(x, gamma)
     gate_scale, up_scale = gated_ffn.split_gate_up(w13.scale, block)
-    scale = swiglu_scale(x, gate_scale, up_scale)
+    scale = swiglu_scale(x, gate_scale, up_scale, gamma)
     if kernel is not None:
         h = gated_ffn.gated_ffn_fp8(x_q, x_scale[:, 0], w13.values, w13.scale, scale[:, 0], kernel)
         return h, scale

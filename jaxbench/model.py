@@ -162,15 +162,18 @@ class Attention(nnx.Module):
         self.implementation = implementation
         self.product = product
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, last_only: bool) -> jax.Array:
-        """x: (B, S, dim) -> (B, S or 1, dim). With `last_only`, only the last position queries."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, last_only: bool,
+                 norm_weight: jax.Array | None = None) -> jax.Array:
+        """x: (B, S, dim) -> (B, S or 1, dim). With `last_only`, only the last position queries.
+        `norm_weight`: with "fp8" products, the weight of the RMSNorm that made x (fp8.linear)."""
         b, s, _ = x.shape
         kv, group, hd = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
         x_q, cos_q, sin_q = (x[:, -1:], cos[-1:], sin[-1:]) if last_only else (x, cos, sin)
         project = self.product
-        q = apply_rope(project("bsd,de->bse", x_q, self.wq.get_value()).reshape(b, -1, self.n_heads, hd), cos_q, sin_q)
-        k = apply_rope(project("bsd,de->bse", x, self.wk.get_value()).reshape(b, s, kv, hd), cos, sin)
-        v = project("bsd,de->bse", x, self.wv.get_value()).reshape(b, s, kv, hd)
+        project_input = project if norm_weight is None else lambda _, x, w: fp8.linear(x, w, norm_weight)
+        q = apply_rope(project_input("bsd,de->bse", x_q, self.wq.get_value()).reshape(b, -1, self.n_heads, hd), cos_q, sin_q)
+        k = apply_rope(project_input("bsd,de->bse", x, self.wk.get_value()).reshape(b, s, kv, hd), cos, sin)
+        v = project_input("bsd,de->bse", x, self.wv.get_value()).reshape(b, s, kv, hd)
         if self.implementation == "cudnn" and not last_only:
             return project("bse,ed->bsd", flash_attention(q, k, v).reshape(b, s, -1), self.wo.get_value())
 
@@ -215,19 +218,21 @@ class FeedForward(nnx.Module):
                 return gated_ffn.gated_ffn(x.reshape(b * s, d), w13, kernel).reshape(b, s, hidden)
         return swiglu(*gated_ffn.split_gate_up(matmul("bsd,dh->bsh", x, w13), self.block))
 
-    def gated_fp8(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def gated_fp8(self, x: jax.Array, norm_weight: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """The gated half through e4m3 operands (x: (rows, dim)): e4m3 and its row scales (fp8.gated)."""
         if self.w13 is None:
-            return fp8.gated(x, self.w1.get_value(), self.w3.get_value())
+            return fp8.gated(x, self.w1.get_value(), self.w3.get_value(), norm_weight)
         w13 = self.w13.get_value()
         kernel = dataclasses.replace(gated_ffn.FP8_CONFIG, block=self.block)
         fits = gated_ffn.applies_fp8(x.shape[0], x.shape[1], w13.values.shape[-2] // 2, kernel)
-        return fp8.gated_interleaved(x, w13, self.block, kernel if self.implementation == "pallas" and fits else None)
+        return fp8.gated_interleaved(x, w13, self.block, kernel if self.implementation == "pallas" and fits else None,
+                                     norm_weight)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, norm_weight: jax.Array | None = None) -> jax.Array:
+        """`norm_weight`: with "fp8" products, the weight of the RMSNorm that made x (fp8.linear)."""
         if self.products == "fp8":
             b, s, d = x.shape
-            h, h_scale = self.gated_fp8(x.reshape(b * s, d))
+            h, h_scale = self.gated_fp8(x.reshape(b * s, d), norm_weight)
             return fp8.scaled_product(h, h_scale, self.w2.get_value(), x.dtype).reshape(b, s, d)
         return matmul("bsh,hd->bsd", self.gated(x), self.w2.get_value())
 
@@ -242,11 +247,14 @@ class Block(nnx.Module):
         self.attention_norm = nnx.Param(w["attention_norm"])
         self.ffn_norm = nnx.Param(w["ffn_norm"])
         self.eps = config.params.norm_eps
+        self.screened = config.products == "fp8"  # the e4m3 products quantize the norms' outputs by their bound
 
     def __call__(self, h: jax.Array, cos, sin, last_only: bool = False) -> jax.Array:
-        a = self.attention(rms_norm(h, self.attention_norm[...], self.eps), cos, sin, last_only)
+        attention_norm, ffn_norm = self.attention_norm[...], self.ffn_norm[...]
+        bound_by = lambda weight: weight if self.screened else None
+        a = self.attention(rms_norm(h, attention_norm, self.eps), cos, sin, last_only, bound_by(attention_norm))
         h = (h[:, -1:] if last_only else h) + a
-        return h + self.feed_forward(rms_norm(h, self.ffn_norm[...], self.eps))
+        return h + self.feed_forward(rms_norm(h, ffn_norm, self.eps), bound_by(ffn_norm))
 
 
 class Stage(nnx.Module):

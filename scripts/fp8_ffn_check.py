@@ -54,16 +54,22 @@ def say(text: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f} s] {text}", file=sys.stderr, flush=True)
 
 
+def compiled(fn, args):
+    """fn compiled as the screen's step is (without XLA's Triton GEMMs, whose autotuning of e4m3
+    products takes minutes)."""
+    return jax.jit(fn).lower(*args).compile(compiler_options=COMPILER_OPTIONS["fp8"])
+
+
 def timed(fn, args, reps: int) -> tuple[float, float]:
     """(compile seconds, median seconds a call over `reps` calls)."""
     t = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile(compiler_options=COMPILER_OPTIONS["fp8"])
+    program = compiled(fn, args)
     compile_s = time.perf_counter() - t
-    jax.block_until_ready(compiled(*args))
+    jax.block_until_ready(program(*args))
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
+        jax.block_until_ready(program(*args))
         times.append(time.perf_counter() - t)
     return compile_s, float(np.median(times))
 
@@ -118,8 +124,9 @@ def check(preset: str, rows: int, configs: list[str], reps: int) -> dict:
 
     xla_gated, xla_ffn = fp8_forms(None)
     record("fp8-xla", xla_gated, xla_ffn, (x, w13_q), (x, w13_q, w2_q))
-    xla_h, _ = jax.jit(xla_gated)(x, w13_q)
-    row["runs"]["fp8-xla"]["relative_error"] = float(relative_error(jax.jit(xla_ffn)(x, w13_q, w2_q), reference_out))
+    xla_h, _ = compiled(xla_gated, (x, w13_q))(x, w13_q)
+    ffn_out = compiled(xla_ffn, (x, w13_q, w2_q))(x, w13_q, w2_q)
+    row["runs"]["fp8-xla"]["relative_error"] = float(relative_error(ffn_out, reference_out))
     for name in configs:
         config = CONFIGS[name]
         if not gated_ffn.applies_fp8(rows, dim, hidden, config):
@@ -133,11 +140,12 @@ def check(preset: str, rows: int, configs: list[str], reps: int) -> dict:
             row["runs"][label] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
             say(f"{preset} {label}: {type(e).__name__}: {str(e)[:400]}")
             continue
-        h, _ = jax.jit(gated)(x, w13_q)
+        h, _ = compiled(gated, (x, w13_q))(x, w13_q)
         differ, most = e4m3_steps(h, xla_h)
+        ffn_out = compiled(ffn, (x, w13_q, w2_q))(x, w13_q, w2_q)
         row["runs"][label].update(
             differing_elements=int(differ), elements=int(h.size), max_e4m3_steps=int(most),
-            relative_error=float(relative_error(jax.jit(ffn)(x, w13_q, w2_q), reference_out)))
+            relative_error=float(relative_error(ffn_out, reference_out)))
         say(f"{preset} {label}: {int(differ)} of {h.size} hidden elements differ from XLA's (at most {int(most)} steps), "
             f"FFN error {row['runs'][label]['relative_error']:.3e}")
     return row
