@@ -10,10 +10,13 @@ distance below r_target + margin), and the share of nonces that are candidates, 
 
     python scripts/fp8_screen_check.py --params mainnet,bench --nonces 4096 [--start 0] [--budget-seconds S] [--out $OUT]
     python scripts/fp8_screen_check.py --merge a.npz b.npz ...   # one table over several runs' nonces
+    python scripts/fp8_screen_check.py --params mainnet --nonces 20480 --exact-from a.npz b.npz ...
 
 Writes fp8_screen_check.json after each set (and prints it), and each set's distances to
 fp8_screen_distances-<params>-<start>.npz, so that runs over different nonces (`--start`) can be
-merged into one table; progress goes to stderr. With `--budget-seconds` a set stops taking steps
+merged into one table; progress goes to stderr. With `--exact-from`, the float16 distances come from
+earlier runs' files (same parameter set, batch and nonces) and only the screen's step runs, after
+the first step's float16 distances are checked against the files bit for bit. With `--budget-seconds` a set stops taking steps
 once that much time has passed since the script started and reports the nonces it did. Both steps
 are the engine's (`Engine.compiled_step`, products "exact" and "fp8"), the e4m3 weights its
 `Engine.screen_weights`, made once.
@@ -88,8 +91,17 @@ def distance_tables(exact: np.ndarray, screened: np.ndarray) -> dict:
     }
 
 
+def stored_exact(files: list[str]) -> dict[int, float]:
+    """nonce → float16 distance from earlier runs' distance files."""
+    known = {}
+    for f in files:
+        run = np.load(f)
+        known.update(zip(range(int(run["first_nonce"]), int(run["first_nonce"]) + len(run["exact"])), run["exact"]))
+    return known
+
+
 def check(engine: Engine, params_text: str, n: int, batch: int | None, start: int, budget_s: float | None,
-          out: Path) -> dict:
+          out: Path, known_exact: dict[int, float] | None = None) -> dict:
     params, dtype = params_from_text(params_text), "float16"
     block_hash, public_key = "fp8-screen-" + params_text, "fp8-screen-key"
     say(f"{params_text}: building the weights")
@@ -116,7 +128,16 @@ def check(engine: Engine, params_text: str, n: int, batch: int | None, start: in
             screen_s = seconds_per_step(screen_step, screen_weights, *args)
             say(f"{params_text}: a step takes {exact_s:.4f} s in float16, {screen_s:.4f} s in fp8")
         real = sum(len(g) for g in prepared.per_group)
-        exact.append(np.asarray(exact_step(model.weights, *args))[:real])
+        nonces = [nonce for g in prepared.per_group for nonce in g]
+        if known_exact is None or k == 0:
+            exact.append(np.asarray(exact_step(model.weights, *args))[:real])
+            if known_exact is not None:
+                stored = np.array([known_exact[nonce] for nonce in nonces], np.float64)
+                if not np.array_equal(stored, exact[0].astype(np.float64)):
+                    raise SystemExit(f"{params_text}: the stored float16 distances differ from this run's; not reusing them")
+                say(f"{params_text}: the first step's float16 distances equal the stored ones bit for bit")
+        else:
+            exact.append(np.array([known_exact[nonce] for nonce in nonces]))
         screened.append(np.asarray(screen_step(screen_weights, *args))[:real])
         if k % 10 == 9:
             say(f"{params_text}: {flat + real} of {n} nonces")
@@ -148,6 +169,7 @@ def main() -> int:
     ap.add_argument("--start", type=int, default=0, help="the first nonce")
     ap.add_argument("--budget-seconds", type=float, default=None)
     ap.add_argument("--merge", nargs="+", metavar="NPZ", help="print one table over these runs' distances")
+    ap.add_argument("--exact-from", nargs="+", metavar="NPZ", help="take the float16 distances from these runs' files")
     ap.add_argument("--out", default=os.environ.get("OUT") or ".")
     args = ap.parse_args()
     if args.merge:
@@ -161,7 +183,8 @@ def main() -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = []
     for p in args.params.split(","):  # written after each set: a run cut short keeps what it measured
-        results.append(check(engine, p, args.nonces, args.batch, args.start, args.budget_seconds, Path(args.out)))
+        known = stored_exact(args.exact_from) if args.exact_from else None
+        results.append(check(engine, p, args.nonces, args.batch, args.start, args.budget_seconds, Path(args.out), known))
         (Path(args.out) / "fp8_screen_check.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
     return 0
