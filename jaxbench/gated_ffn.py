@@ -258,7 +258,7 @@ def _kernel(x_gmem, w_gmem, *refs, config: GatedConfig, epilogue, weights_transp
                             out_tile.at[pl.ds(r * epi_rows, epi_rows), pl.ds(c * epi_cols, epi_cols)])
 
             def step(_, x_smem, w_smem, acc_ref):
-                weights = plgpu.transpose_ref(w_smem, (1, 0)) if weights_transposed else w_smem
+                weights = w_smem.T if weights_transposed else w_smem
                 plgpu.wgmma(acc_ref, x_smem.at[my_rows], weights)
                 plgpu.wgmma_wait(0)
                 return acc_ref
