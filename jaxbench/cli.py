@@ -220,6 +220,51 @@ def _result_file(out: str | None) -> str | None:
     return out or time.strftime("jaxbench-search-%Y%m%dT%H%M%SZ.ndjson", time.gmtime())
 
 
+class ResultWriteError(Exception):
+    """The result file refused a line: the search stopped, and what it could not hold went to stdout."""
+
+
+class ResultLines:
+    """Where a search's lines go: stdout, or a file that each line is appended to whole. Once the file
+    refuses a line (a full disk), the part of it written is cut back off, and that line and every
+    later one go to stdout instead; `failure` says why."""
+
+    def __init__(self, path: str | None, name: str):
+        self.path = path
+        self.name = name  # how an error names the file: `--out: 'found.ndjson'`
+        self.file = None if path is None else open(path, "ab", buffering=0)
+        self.failure: str | None = None
+        self.redirected = 0  # lines that went to stdout because the file refused them
+
+    @property
+    def on_stdout(self) -> bool:
+        return self.file is None or self.failure is not None
+
+    def write(self, line: dict) -> None:
+        text = json.dumps(line) + "\n"
+        if not self.on_stdout:
+            end = self.file.tell()
+            try:
+                data = memoryview(text.encode())
+                while data:
+                    data = data[self.file.write(data):]
+                return
+            except OSError as e:
+                self.failure = f"{self.name}cannot write {self.path!r}: {e.strerror or e}"
+                with contextlib.suppress(OSError):
+                    self.file.truncate(end)
+        if self.failure:
+            self.redirected += 1
+        print(text, end="", flush=True)
+
+    def is_empty(self) -> bool:
+        return self.file is not None and os.fstat(self.file.fileno()).st_size == 0
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 def cmd_search(args) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):  # the first ends the search with its summary, a second at once
@@ -237,7 +282,7 @@ def cmd_search(args) -> int:
     path = _result_file(args.out)
     created = path is not None and not os.path.exists(path)
     try:
-        results = sys.stdout if path is None else open(path, "a", encoding="utf-8")
+        results = ResultLines(path, "--out: " if args.out is not None else "")
     except OSError as e:
         raise fields.FieldError("out", f"cannot write {path!r}: {e.strerror or e}") from None
 
@@ -260,7 +305,9 @@ def cmd_search(args) -> int:
                          else engine.search(job, stop, batch=args.batch, on_ready=on_ready))
                 for step in steps:
                     for line in tally.add(step):
-                        print(json.dumps({**line, **said}), file=results, flush=True)
+                        results.write({**line, **said})
+                    if results.failure:  # the steps in flight still end, their lines on stdout
+                        stop.set()
                     bar.update(step.computed)
                     bar.set_postfix(valid=tally.total_valid, refresh=False)
         except (fields.FieldError, ParamsError):
@@ -268,19 +315,25 @@ def cmd_search(args) -> int:
         except Exception as e:  # a device error mid-search: the lines computed stand, the summary says why
             failed = {**tally.summary("error"), **(screened.summary_fields() if screened else {}),
                       "error": f"{type(e).__name__}: {_one_line(str(e))}"}
-            print(json.dumps(failed), file=results, flush=True)
+            results.write(failed)
             raise
-        summary = {**tally.summary("interrupted" if stop.is_set() else tally.end_reason(False)),
-                   **(screened.summary_fields() if screened else {})}
-        print(json.dumps(summary), file=results, flush=True)
+        if results.failure:
+            summary = {**tally.summary("error"), **(screened.summary_fields() if screened else {}),
+                       "error": results.failure}
+        else:
+            summary = {**tally.summary("interrupted" if stop.is_set() else tally.end_reason(False)),
+                       **(screened.summary_fields() if screened else {})}
+        results.write(summary)
+        if results.failure:
+            raise ResultWriteError(f"{results.failure}; the search stopped, and the {results.redirected} line(s) "
+                                   f"the file could not take, the summary last, went to stdout")
     except BaseException:
-        if created and results.tell() == 0:  # a file this run made and never wrote to
+        if created and results.is_empty():  # a file this run made and never wrote to
             os.unlink(path)
         raise
     finally:
-        if results is not sys.stdout:
-            results.close()
-    if results is not sys.stdout:
+        results.close()
+    if results.file is not None:
         print(json.dumps(summary), flush=True)
     where = "on stdout" if path is None else f"in {path}"
     print(f"{summary['total_computed']} nonces in {summary['elapsed_seconds']:.1f} s "
@@ -397,6 +450,9 @@ def main(argv: list[str] | None = None, prog: str = "jaxbench") -> int:
     except (fields.FieldError, ParamsError) as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ResultWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
     except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing more to say
         _silence_stdout()
         return 0

@@ -433,6 +433,55 @@ def test_a_failing_write_is_one_line():
     assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr
 
 
+# `python -m jaxbench` with files capped at a size (argv[1], bytes): a write past the cap fails with
+# EFBIG, like one on a disk that has just filled.
+WITH_FILE_SIZE_CAP = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                      "cap = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap)); "
+                      "os.execv(sys.executable, [sys.executable, '-m', 'jaxbench', *sys.argv[2:]])")
+
+
+def _search_into(path: str, file_size_cap: int | None = None) -> subprocess.CompletedProcess:
+    """A search whose every nonce is valid (r_target 2), writing its lines to `path`."""
+    argv, env = cli_command("search", *TINY, "--r-target", "2", "--max-nonces", "32", "--batch", "8", "--out", path)
+    if file_size_cap is not None:
+        argv = [argv[0], "-c", WITH_FILE_SIZE_CAP, str(file_size_cap), *argv[3:]]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+
+
+def _error_line(stderr: str) -> str:
+    """stderr's lines less the progress display and the ready line: the one error line."""
+    lines = [line for line in stderr.replace("\r", "\n").splitlines()
+             if line.strip() and not line.startswith(("search:", "weights built"))]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_an_out_file_that_refuses_every_write_names_out_and_keeps_the_lines_on_stdout(engine):
+    out = _search_into("/dev/full")
+    assert out.returncode == cli.EXIT_ERROR, out.stderr
+    error = _error_line(out.stderr)
+    assert error.startswith("error: --out: cannot write '/dev/full': No space left on device"), error
+    lines = ndjson(out.stdout)
+    summary = lines[-1]
+    assert summary["reason"] == "error" and summary["error"] == "--out: cannot write '/dev/full': No space left on device"
+    found = {n: d for line in lines[:-1] for n, d in zip(line["nonces"], line["dist"])}
+    assert summary["total_computed"] > 0 and sorted(found) == list(range(summary["total_computed"]))
+    assert found == tiny_distances(engine, sorted(found))
+
+
+def test_a_disk_that_fills_mid_search_leaves_whole_lines_in_the_file_and_the_rest_on_stdout(tmp_path):
+    path = tmp_path / "found.ndjson"
+    out = _search_into(str(path), file_size_cap=700)  # room for one line of 8 nonces, not two
+    assert out.returncode == cli.EXIT_ERROR, out.stderr
+    assert _error_line(out.stderr).startswith(f"error: --out: cannot write '{path}': File too large")
+    in_file, on_stdout = ndjson(path.read_text()), ndjson(out.stdout)  # every line whole: none cut off
+    assert in_file and path.read_text().endswith("\n")
+    summary = on_stdout[-1]
+    assert summary["reason"] == "error" and "status" not in in_file[-1]
+    nonces = [n for line in in_file + on_stdout[:-1] for n in line["nonces"]]
+    assert nonces == list(range(summary["total_computed"]))  # each computed nonce once, in the file or on stdout
+
+
 def test_an_unexpected_failure_is_one_line_and_v_adds_its_traceback(monkeypatch, capsys):
     def fail(args):
         raise RuntimeError("the device fell over\nsecond line of detail")
