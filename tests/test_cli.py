@@ -329,6 +329,25 @@ def test_the_refusal_in_process_names_the_need_and_what_is_there(capsys, engine)
     assert status == cli.EXIT_BAD_INPUT and len(err) == 1 and REFUSAL.search(err[0])
 
 
+def test_a_device_memory_cap_below_the_sets_need_names_the_option_and_what_would_fit():
+    from jaxbench.placement import stage_need
+    from jaxbench.sizes import format_size
+
+    least = format_size(stage_need(PRESETS["tiny"], "float16", 1).total(1))
+    for command in (["distances", *TINY, "--nonces", "1"], ["search", *TINY, "--max-nonces", "8"]):
+        line = assert_one_line(run_cli(*command, "--device-memory", "1KiB", "--devices", "1"), cli.EXIT_BAD_INPUT)
+        assert line.startswith(f"error: --device-memory: 1.00 KiB cannot hold the parameter set: it needs at least "
+                               f"{least} on each device"), line
+        assert "--params" not in line and re.search(r"each cpu device has [\d.]+ GiB available$", line), line
+
+
+def test_a_set_too_large_for_the_device_itself_still_names_params_under_a_cap():
+    line = assert_one_line(run_cli("distances", "--params", UNFITTABLE, "--dtype", "float32", "--devices", "1",
+                                   "--block-hash", "a", "--public-key", "b", "--nonces", "1", "--device-memory", "1GiB"),
+                           cli.EXIT_BAD_INPUT, "error: --params: needs")
+    assert REFUSAL.search(line) and "(1.00 GiB is the device memory cap; each device has " in line, line
+
+
 @pytest.mark.parametrize(
     "claim, named",
     [
