@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 
 from . import fields, options, remote
+from .backend_probes import quiet_backend_probes
 from .options import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_FRAUD, EXIT_INTERRUPTED, UsageError
 from .params import DEFAULT_R_TARGET, InputFileError, ParamsError, params_from_text, read_input_file
 
@@ -446,6 +447,7 @@ def main(argv: list[str] | None = None, prog: str = "jaxbench") -> int:
     if not args.verbose:  # a library's logged exception (JAX's plugin set-up, say) is one line too
         for handler in set(logging.getLogger().handlers) - existing:
             handler.addFilter(_without_traceback)
+    quiet_backend_probes()
     try:
         with _options(args):
             status = COMMANDS[args.command](args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pty
 import re
@@ -564,3 +565,41 @@ def test_a_librarys_logged_exception_is_one_line_unless_v(verbose):
     assert ("Traceback" in out.stderr) == verbose, out.stderr
     if not verbose:
         assert len(out.stderr.strip().splitlines()) == 1
+
+
+PROBE_NOISE = ("Unable to initialize backend 'tpu'", "Unable to initialize backend 'proxy'")
+
+
+def test_v_logs_no_failed_probes_of_backends_nobody_asked_for():
+    out = run_cli("-v", *DISTANCES, env={"JAX_PLATFORMS": ""})  # JAX probes every backend it knows
+    assert out.returncode == 0, out.stderr
+    assert "INFO jaxbench.engine: built weights" in out.stderr  # -v's INFO lines still come
+    assert not [noise for noise in PROBE_NOISE if noise in out.stderr], out.stderr
+
+
+def test_quieting_the_probes_keeps_every_other_backend_message(caplog, monkeypatch):
+    from jaxbench.backend_probes import BACKEND_SETUP_LOGGER, quiet_backend_probes
+
+    logger = logging.getLogger(BACKEND_SETUP_LOGGER)
+    monkeypatch.setattr(logger, "filters", list(logger.filters))  # the filter goes with the test
+    monkeypatch.delenv("JAX_BACKEND_TARGET", raising=False)
+    quiet_backend_probes()
+    quiet_backend_probes()  # twice: still one filter
+    kept = ["Unable to initialize backend 'cuda': no CUDA-capable device is detected",
+            "Unable to initialize backend 'rocm': plugin failed"]
+    with caplog.at_level(logging.INFO, logger=BACKEND_SETUP_LOGGER):
+        for message in [*kept, *(f"{noise}: not here" for noise in PROBE_NOISE)]:
+            logger.info(message)
+        logger.warning("Unable to initialize backend 'tpu': a TPU is present but libtpu failed")
+        logger.error("Jax plugin configuration error: Exception when calling jax_plugins.xla_cuda12.initialize()")
+    assert [r.getMessage() for r in caplog.records] == [
+        *kept, "Unable to initialize backend 'tpu': a TPU is present but libtpu failed",
+        "Jax plugin configuration error: Exception when calling jax_plugins.xla_cuda12.initialize()"]
+
+    monkeypatch.setenv("JAX_BACKEND_TARGET", "grpc://localhost:29000")  # a proxy asked for: its failure is news
+    quiet_backend_probes()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=BACKEND_SETUP_LOGGER):
+        logger.info("Unable to initialize backend 'proxy': connection refused")
+    assert [r.getMessage() for r in caplog.records] == ["Unable to initialize backend 'proxy': connection refused"]
+
