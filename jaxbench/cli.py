@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import fields, options, remote
 from .backend_probes import quiet_backend_probes
+from .progress import progress_display
 from .options import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_FRAUD, EXIT_INTERRUPTED, UsageError
 from .params import DEFAULT_R_TARGET, InputFileError, ParamsError, params_from_text, read_input_file
 
@@ -189,12 +190,6 @@ def _check_runtime(args) -> None:
             fields.integer(vars(args), name, minimum=1)
 
 
-def _progress(total: int | None, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="nonce", file=sys.stderr, dynamic_ncols=True, desc=desc)
-
-
 def _ready_message(engine, model, batch: int, compile_seconds: float) -> str:
     placement = model.placement
     groups = (f"each of {placement.n_groups} {engine.platform} device(s)" if placement.group_size == 1 else
@@ -208,7 +203,7 @@ def cmd_distances(args) -> int:
     v = _checked(args)
     nonces = fields.parse_nonce_ranges(args.nonces)
     engine = _engine(args, v["params"], v["dtype"])
-    with _progress(len(nonces), "distances") as bar:
+    with progress_display(len(nonces), "distances") as bar:
         dist = engine.distances(v["params"], v["block_hash"], v["public_key"], nonces, v["dtype"], batch=args.batch,
                                 on_step=bar.update)
     print(json.dumps({"nonces": nonces, "dist": [float(d) for d in dist], "dtype": v["dtype"],
@@ -304,7 +299,7 @@ def cmd_search(args) -> int:
         screened = ScreenedSearch(engine, job, margin) if screen else None
         said = screened.describe() if screened else {}  # on every line
         try:
-            with _progress(limit, "search") as bar:
+            with progress_display(limit, "search") as bar:
                 on_ready = lambda *ready: bar.write(_ready_message(engine, *ready), file=sys.stderr)
                 steps = (screened.steps(stop, batch=args.batch, on_ready=on_ready) if screened
                          else engine.search(job, stop, batch=args.batch, on_ready=on_ready))
@@ -313,8 +308,8 @@ def cmd_search(args) -> int:
                         results.write({**line, **said})
                     if results.failure:  # the steps in flight still end, their lines on stdout
                         stop.set()
-                    bar.update(step.computed)
                     bar.set_postfix(valid=tally.total_valid, refresh=False)
+                    bar.update(step.computed)
         except (fields.FieldError, ParamsError):
             raise
         except Exception as e:  # a device error mid-search: the lines computed stand, the summary says why
@@ -364,7 +359,7 @@ def cmd_validate(args) -> int:
     except fields.FieldError as e:
         raise fields.FieldError("file", f"{args.file!r}: {e}") from None
     engine = _engine(args, claim.params, claim.dtype)
-    with _progress(len(claim.nonces), "validate") as bar:
+    with progress_display(len(claim.nonces), "validate") as bar:
         report = validate_claim(engine, claim, on_step=bar.update)
     print(json.dumps(report))
     verdict = "FRAUD" if report["fraud"] else "not fraud"

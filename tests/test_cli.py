@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -9,7 +10,9 @@ import pty
 import re
 import select
 import signal
+import struct
 import subprocess
+import termios
 import time
 
 import numpy as np
@@ -399,8 +402,8 @@ WITH_CTRL_C = ("import runpy, signal; signal.signal(signal.SIGINT, signal.defaul
                "runpy.run_module('jaxbench', run_name='__main__', alter_sys=True)")
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    argv, env = cli_command(*args)
+def _start(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    argv, env = cli_command(*args, env=env)
     assert argv[1:3] == ["-m", "jaxbench"]
     return subprocess.Popen([argv[0], "-c", WITH_CTRL_C, *argv[3:]], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -427,8 +430,8 @@ def test_ctrl_c_or_sigterm_ends_a_search_with_its_summary(signum):
 
 
 def test_ctrl_c_stops_other_commands_with_one_line():
-    proc = _start(["distances", *TINY, "--nonces", "0-999999", "--batch", "8"])
-    _read_stderr_until(proc, r"\| [1-9]\d*/1000000")  # some steps are done
+    proc = _start(["distances", *TINY, "--nonces", "0-999999", "--batch", "8"], env={"JAXBENCH_PROGRESS_S": "0.2"})
+    _read_stderr_until(proc, r"distances: +\d+% [1-9]\d*/1000000")  # some steps are done
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == cli.EXIT_INTERRUPTED and stdout == "", stderr
@@ -602,4 +605,49 @@ def test_quieting_the_probes_keeps_every_other_backend_message(caplog, monkeypat
     with caplog.at_level(logging.INFO, logger=BACKEND_SETUP_LOGGER):
         logger.info("Unable to initialize backend 'proxy': connection refused")
     assert [r.getMessage() for r in caplog.records] == ["Unable to initialize backend 'proxy': connection refused"]
+
+
+# Progress: a bar on a terminal, plain lines now and then elsewhere ---------------------------------
+
+
+SEARCH_FOR_3_S = ["search", *TINY, "--duration", "3", "--batch", "8", "--out", "-"]
+
+
+def test_progress_into_a_log_is_a_plain_line_every_few_seconds():
+    out = run_cli(*SEARCH_FOR_3_S, env={"JAXBENCH_PROGRESS_S": "0.5"})
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stderr and "\x1b" not in out.stderr  # nothing redrawn in place
+    shown = [line for line in out.stderr.splitlines() if line.startswith("search: ")]
+    assert 2 <= len(shown) <= 3 / 0.5 + 2, out.stderr  # every half second of the search, and the last
+    total = ndjson(out.stdout)[-1]["total_computed"]
+    assert re.fullmatch(rf"search: {total} nonces, \d+ s, [\d.]+ nonces/s, valid=\d+", shown[-1]), shown[-1]
+
+
+def test_progress_lines_can_be_turned_off():
+    out = run_cli(*SEARCH_FOR_3_S, env={"JAXBENCH_PROGRESS_S": "0"})
+    assert out.returncode == 0, out.stderr
+    assert not [line for line in out.stderr.splitlines() if line.startswith("search: ")], out.stderr
+    assert "valid below r_target" in out.stderr  # the closing summary line stays
+
+
+def test_progress_on_a_terminal_is_still_a_bar_redrawn_in_place():
+    argv, env = cli_command(*SEARCH_FOR_3_S, env={"JAXBENCH_PROGRESS_S": "0.5"})
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 120 columns for the bar
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=slave, env=env)
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's last writer has gone
+                break
+            if not data:
+                break
+            shown += data
+        assert proc.wait(timeout=120) == 0, shown
+    finally:
+        os.close(master)
+    assert re.search(rb"\rsearch: [1-9]\d*nonce \[\d\d:\d\d, [\d.]+nonce/s", shown), shown[-2000:]  # tqdm's, after a CR
 
