@@ -25,6 +25,7 @@ from .fields import DEFAULT_SUSTAINED_S
 from .job import SearchJob
 from .nonces import NonceSchedule
 from .params import PRESETS, Params
+from .progress import progress_display
 from .telemetry import CLOCK_EVENT_REASONS, TelemetrySampler
 
 # Dense fp16/bf16 matrix rate measured on these cards (docs/benchmarks.md, "Reference points"): the floor's clock.
@@ -174,12 +175,10 @@ def run_bench(
 
 @contextlib.contextmanager
 def _window_progress(seconds: float, sampler: TelemetrySampler):
-    """A bar over the end-to-end window on stderr: seconds done, nonces/s, and the GPUs' newest
-    power and clock. Yields `update(nonces, elapsed_seconds)`."""
-    from tqdm import tqdm
-
-    with tqdm(total=round(seconds, 1), file=sys.stderr, dynamic_ncols=True, desc="end to end", mininterval=0.5,
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}") as bar:
+    """Progress over the end-to-end window on stderr (jaxbench.progress): seconds done, nonces/s, and
+    the GPUs' newest power and clock. Yields `update(nonces, elapsed_seconds)`."""
+    with progress_display(round(seconds, 1), "end to end", unit="s", units="s", rate=False, mininterval=0.5,
+                          bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}") as bar:
         def update(nonces: int, elapsed: float) -> None:
             bar.update(min(elapsed, bar.total) - bar.n)
             live = {"nonces/s": f"{nonces / elapsed:.1f}"}

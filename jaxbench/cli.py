@@ -23,6 +23,8 @@ import traceback
 from pathlib import Path
 
 from . import fields, options, remote
+from .backend_probes import quiet_backend_probes
+from .progress import progress_display
 from .options import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_FRAUD, EXIT_INTERRUPTED, UsageError
 from .params import DEFAULT_R_TARGET, InputFileError, ParamsError, params_from_text, read_input_file
 
@@ -96,8 +98,12 @@ def build_parser(prog: str = "jaxbench") -> argparse.ArgumentParser:
 def _options(args):
     """Field errors raised inside name the command-line option (`--r-target`, not `r_target`;
     `--params: dim` for a field of the parameter set)."""
+    from .placement import MemoryCapError
+
     try:
         yield
+    except MemoryCapError as e:  # the cap given, not the set, is at fault
+        raise fields.FieldError(args.option_names.get("device_memory", "device_memory"), e.cap_message) from None
     except (fields.FieldError, ParamsError) as e:
         field = e.under("params") if isinstance(e, ParamsError) else e.field
         head, dot, rest = field.partition(".")
@@ -184,12 +190,6 @@ def _check_runtime(args) -> None:
             fields.integer(vars(args), name, minimum=1)
 
 
-def _progress(total: int | None, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="nonce", file=sys.stderr, dynamic_ncols=True, desc=desc)
-
-
 def _ready_message(engine, model, batch: int, compile_seconds: float) -> str:
     placement = model.placement
     groups = (f"each of {placement.n_groups} {engine.platform} device(s)" if placement.group_size == 1 else
@@ -203,7 +203,7 @@ def cmd_distances(args) -> int:
     v = _checked(args)
     nonces = fields.parse_nonce_ranges(args.nonces)
     engine = _engine(args, v["params"], v["dtype"])
-    with _progress(len(nonces), "distances") as bar:
+    with progress_display(len(nonces), "distances") as bar:
         dist = engine.distances(v["params"], v["block_hash"], v["public_key"], nonces, v["dtype"], batch=args.batch,
                                 on_step=bar.update)
     print(json.dumps({"nonces": nonces, "dist": [float(d) for d in dist], "dtype": v["dtype"],
@@ -218,6 +218,51 @@ def _result_file(out: str | None) -> str | None:
     if out == "-" or out is None and not sys.stdout.isatty():
         return None
     return out or time.strftime("jaxbench-search-%Y%m%dT%H%M%SZ.ndjson", time.gmtime())
+
+
+class ResultWriteError(Exception):
+    """The result file refused a line: the search stopped, and what it could not hold went to stdout."""
+
+
+class ResultLines:
+    """Where a search's lines go: stdout, or a file that each line is appended to whole. Once the file
+    refuses a line (a full disk), the part of it written is cut back off, and that line and every
+    later one go to stdout instead; `failure` says why."""
+
+    def __init__(self, path: str | None, name: str):
+        self.path = path
+        self.name = name  # how an error names the file: `--out: 'found.ndjson'`
+        self.file = None if path is None else open(path, "ab", buffering=0)
+        self.failure: str | None = None
+        self.redirected = 0  # lines that went to stdout because the file refused them
+
+    @property
+    def on_stdout(self) -> bool:
+        return self.file is None or self.failure is not None
+
+    def write(self, line: dict) -> None:
+        text = json.dumps(line) + "\n"
+        if not self.on_stdout:
+            end = self.file.tell()
+            try:
+                data = memoryview(text.encode())
+                while data:
+                    data = data[self.file.write(data):]
+                return
+            except OSError as e:
+                self.failure = f"{self.name}cannot write {self.path!r}: {e.strerror or e}"
+                with contextlib.suppress(OSError):
+                    self.file.truncate(end)
+        if self.failure:
+            self.redirected += 1
+        print(text, end="", flush=True)
+
+    def is_empty(self) -> bool:
+        return self.file is not None and os.fstat(self.file.fileno()).st_size == 0
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def cmd_search(args) -> int:
@@ -237,7 +282,7 @@ def cmd_search(args) -> int:
     path = _result_file(args.out)
     created = path is not None and not os.path.exists(path)
     try:
-        results = sys.stdout if path is None else open(path, "a", encoding="utf-8")
+        results = ResultLines(path, "--out: " if args.out is not None else "")
     except OSError as e:
         raise fields.FieldError("out", f"cannot write {path!r}: {e.strerror or e}") from None
 
@@ -254,33 +299,41 @@ def cmd_search(args) -> int:
         screened = ScreenedSearch(engine, job, margin) if screen else None
         said = screened.describe() if screened else {}  # on every line
         try:
-            with _progress(limit, "search") as bar:
+            with progress_display(limit, "search") as bar:
                 on_ready = lambda *ready: bar.write(_ready_message(engine, *ready), file=sys.stderr)
                 steps = (screened.steps(stop, batch=args.batch, on_ready=on_ready) if screened
                          else engine.search(job, stop, batch=args.batch, on_ready=on_ready))
                 for step in steps:
                     for line in tally.add(step):
-                        print(json.dumps({**line, **said}), file=results, flush=True)
-                    bar.update(step.computed)
+                        results.write({**line, **said})
+                    if results.failure:  # the steps in flight still end, their lines on stdout
+                        stop.set()
                     bar.set_postfix(valid=tally.total_valid, refresh=False)
+                    bar.update(step.computed)
         except (fields.FieldError, ParamsError):
             raise
         except Exception as e:  # a device error mid-search: the lines computed stand, the summary says why
             failed = {**tally.summary("error"), **(screened.summary_fields() if screened else {}),
                       "error": f"{type(e).__name__}: {_one_line(str(e))}"}
-            print(json.dumps(failed), file=results, flush=True)
+            results.write(failed)
             raise
-        summary = {**tally.summary("interrupted" if stop.is_set() else tally.end_reason(False)),
-                   **(screened.summary_fields() if screened else {})}
-        print(json.dumps(summary), file=results, flush=True)
+        if results.failure:
+            summary = {**tally.summary("error"), **(screened.summary_fields() if screened else {}),
+                       "error": results.failure}
+        else:
+            summary = {**tally.summary("interrupted" if stop.is_set() else tally.end_reason(False)),
+                       **(screened.summary_fields() if screened else {})}
+        results.write(summary)
+        if results.failure:
+            raise ResultWriteError(f"{results.failure}; the search stopped, and the {results.redirected} line(s) "
+                                   f"the file could not take, the summary last, went to stdout")
     except BaseException:
-        if created and results.tell() == 0:  # a file this run made and never wrote to
+        if created and results.is_empty():  # a file this run made and never wrote to
             os.unlink(path)
         raise
     finally:
-        if results is not sys.stdout:
-            results.close()
-    if results is not sys.stdout:
+        results.close()
+    if results.file is not None:
         print(json.dumps(summary), flush=True)
     where = "on stdout" if path is None else f"in {path}"
     print(f"{summary['total_computed']} nonces in {summary['elapsed_seconds']:.1f} s "
@@ -306,7 +359,7 @@ def cmd_validate(args) -> int:
     except fields.FieldError as e:
         raise fields.FieldError("file", f"{args.file!r}: {e}") from None
     engine = _engine(args, claim.params, claim.dtype)
-    with _progress(len(claim.nonces), "validate") as bar:
+    with progress_display(len(claim.nonces), "validate") as bar:
         report = validate_claim(engine, claim, on_step=bar.update)
     print(json.dumps(report))
     verdict = "FRAUD" if report["fraud"] else "not fraud"
@@ -389,6 +442,7 @@ def main(argv: list[str] | None = None, prog: str = "jaxbench") -> int:
     if not args.verbose:  # a library's logged exception (JAX's plugin set-up, say) is one line too
         for handler in set(logging.getLogger().handlers) - existing:
             handler.addFilter(_without_traceback)
+    quiet_backend_probes()
     try:
         with _options(args):
             status = COMMANDS[args.command](args)
@@ -397,6 +451,9 @@ def main(argv: list[str] | None = None, prog: str = "jaxbench") -> int:
     except (fields.FieldError, ParamsError) as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ResultWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
     except BrokenPipeError:  # the reader of stdout went away (`| head`): nothing more to say
         _silence_stdout()
         return 0

@@ -161,6 +161,16 @@ def choose_group_size(n_devices: int, params: Params, dtype: str, available: int
     raise FieldError("params", message)
 
 
+class MemoryCapError(FieldError):
+    """A parameter set refused by the engine's `device_memory` cap alone: the devices' own memory would
+    hold it. On `params`, what a service's caller sent; `cap_message` says it of the cap instead (the
+    CLI's `--device-memory`)."""
+
+    def __init__(self, message: str, cap_message: str):
+        super().__init__("params", message)
+        self.cap_message = cap_message
+
+
 class Planner:
     """The placement of each parameter set on a fixed list of devices, chosen once per set from what
     the devices can give: their free memory plus what the engine's loaded weights hold there (those
@@ -181,20 +191,56 @@ class Planner:
             for device in stage.mesh.devices.flat:
                 self.held[device.id] = self.held.get(device.id, 0) + MemoryNeed.of(params, dtype, stage.layers).weights
 
-    def available_bytes(self) -> int | None:
-        """What every device could give a parameter set (the least over the devices); None where a
-        device does not say and no cap is set."""
+    def device_bytes(self) -> int | None:
+        """What every device itself could give a parameter set (the least over the devices), the cap
+        aside; None where a device does not say."""
         free = [device_free_bytes(d) for d in self.devices]
         if any(f is None for f in free):
-            return self.device_memory
-        available = min(f + self.held.get(d.id, 0) for f, d in zip(free, self.devices))
-        return available if self.device_memory is None else min(available, self.device_memory)
+            return None
+        return min(f + self.held.get(d.id, 0) for f, d in zip(free, self.devices))
+
+    def available_bytes(self) -> int | None:
+        """What every device could give a parameter set, at most the cap; None where a device does not
+        say and no cap is set."""
+        device = self.device_bytes()
+        if device is None or self.device_memory is None:
+            return self.device_memory if device is None else device
+        return min(device, self.device_memory)
+
+    def _refusal(self, refused: FieldError, params: Params, dtype: str, batch: int) -> FieldError:
+        """`refused` (the set does not fit what is available), or a MemoryCapError where the cap alone
+        refuses it: the least any group size needs is over the cap and within what the devices have."""
+        cap, device = self.device_memory, self.device_bytes()
+        if cap is None or device is not None and device <= cap:
+            return refused
+        sizes = [self.group_size] if self.group_size else [
+            s for s in GROUP_SIZES if s <= min(len(self.devices), params.n_layers)]
+        least, size = min((stage_need(params, dtype, s).total(batch), s) for s in sizes)
+        capped = f"{refused.message} ({format_size(cap)} is the device memory cap" + (
+            ")" if device is None else f"; each device has {format_size(device)} without it)")
+        if device is not None and least > device:
+            return FieldError("params", capped)
+        grouped = "" if size == 1 else f" of a group of {size}"
+        has = "" if device is None else f"; each {self.devices[0].platform} device has {format_size(device)} available"
+        cap_text, least_text = format_size(cap), format_size(least)
+        if cap_text == least_text:  # a hair short: the bytes tell them apart
+            cap_text, least_text = f"{cap_text} ({cap} bytes)", f"{least_text} ({least} bytes)"
+        message = (f"{cap_text} cannot hold the parameter set: it needs at least {least_text} "
+                   f"on each device{grouped} (with {batch} nonce(s) a step){has}")
+        larger = [s for s in GROUP_SIZES if len(self.devices) < s <= params.n_layers
+                  and stage_need(params, dtype, s).total(batch) <= cap]
+        if larger and not self.group_size:
+            message += f"; a group of {larger[0]} would need {larger[0]} devices, {len(self.devices)} here"
+        return MemoryCapError(capped, message)
 
     def placement(self, params: Params, dtype: str) -> Placement:
         """The groups a set runs on (FieldError on `params` when no group size fits the memory)."""
         size = self._sizes.get((params, dtype))
         if size is None:
-            size = choose_group_size(len(self.devices), params, dtype, self.available_bytes(), self.group_size)
+            try:
+                size = choose_group_size(len(self.devices), params, dtype, self.available_bytes(), self.group_size)
+            except FieldError as e:
+                raise (self._refusal(e, params, dtype, 1) if e.field == "params" else e) from None
             self._sizes[(params, dtype)] = size
         if size not in self._grids:
             self._grids[size] = Placement(self.devices, size)
@@ -209,8 +255,9 @@ class Planner:
         need, available = self.stage_need(params, dtype), self.available_bytes()
         if available is not None and need.total(batch) > available:
             where = "each device" if size == 1 else f"each device of a group of {size}"
-            raise FieldError("params", f"needs {need.describe(batch).replace('each device', where)}; each "
-                                       f"{self.devices[0].platform} device has {format_size(available)} available")
+            refused = FieldError("params", f"needs {need.describe(batch).replace('each device', where)}; each "
+                                           f"{self.devices[0].platform} device has {format_size(available)} available")
+            raise self._refusal(refused, params, dtype, batch)
 
     def describe(self, loaded: Placement | None) -> dict:
         """The groups of the loaded set; before any, what the setting gives ("auto": chosen per set)."""

@@ -143,7 +143,8 @@ def create_app(engine: Engine, settings: Settings) -> Quart:
     @app.post("/benchmark")
     async def benchmark():
         data = await body()
-        req = rq.generate_request(data, settings, default_max_nonces=settings.benchmark_nonces)
+        req = rq.generate_request(data, settings, default_max_nonces=settings.benchmark_nonces, route="/benchmark",
+                                  also_known=frozenset({"sustained_seconds"}))
         probe_s = fields.sustained_seconds(data, default=0.0)
         check_screen(req.screen)
         job = await manager.acquire("benchmark", ((req.params, req.dtype),))

@@ -59,6 +59,8 @@ async def benchmark_driver(ctx: Context, job: Job, chan: LineChannel, req: Gener
     finally:
         await asyncio.to_thread(sampler.close)
     job.summary = outcome.summary()
+    if req.ignored_fields:
+        job.summary["ignored_fields"] = list(req.ignored_fields)
     reason = outcome.reason
 
     devices = len(engine.devices)

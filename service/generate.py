@@ -62,5 +62,7 @@ async def generate_driver(ctx: Context, job: Job, chan: LineChannel, req: Genera
                           emit_results: bool = True) -> None:
     outcome = await run_generation(ctx, job, chan, req, emit_results)
     job.summary = outcome.summary()
+    if req.ignored_fields:
+        job.summary["ignored_fields"] = list(req.ignored_fields)
     job.phase = "done"
     await chan.emit(job.summary)

@@ -1,9 +1,10 @@
 """Request bodies: parsed and checked field by field before any work starts.
 
 Every problem raises `jaxbench.fields.FieldError(field, message)`; the routes answer it with
-HTTP 400 `{"error": "<field>: <message>", "field": "<field>"}`. Unknown top-level keys are ignored
-(the predecessor ignored them and callers send extra keys such as `auth_data`); unknown or
-inconsistent `params` keys are errors. The config fields of the orchestrator's answers (/pooled)
+HTTP 400 `{"error": "<field>: <message>", "field": "<field>"}`. Unknown top-level keys of a
+/generate body are ignored, as the predecessor ignored them and its callers may send more than it
+read, but not silently: they are logged and named in the summary (`ignored_fields`, docs/protocol.md
+§1.1); unknown or inconsistent `params` keys are errors. The config fields of the orchestrator's answers (/pooled)
 are checked here too, but a bad one is ignored rather than refused (`copy_orchestrator_config`).
 
 Every JSON document that reaches the server (request bodies, and the answers of the warmup callback
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import uuid
@@ -38,6 +40,7 @@ from jaxbench.screen import ScreenCounts, ScreenedSearch, describe as screen_fie
 from .config import Settings
 
 FieldError = fields.FieldError
+log = logging.getLogger("service")
 
 MAX_DURATION_S = 7 * 24 * 3600.0
 MAX_INTERVAL_S = 3600.0
@@ -247,6 +250,7 @@ class GenerateRequest:
     duration_s: float
     dtype: str
     screen: Screen | None
+    ignored_fields: tuple[str, ...] = ()  # top-level keys the protocol does not define
 
     def search_job(self) -> SearchJob:
         schedule = NonceSchedule.for_node(self.start_nonce, self.node_id, self.n_nodes, limit=self.max_nonces)
@@ -254,18 +258,29 @@ class GenerateRequest:
                          self.duration_s)
 
 
-def generate_request(data: Mapping[str, Any], settings: Settings, default_max_nonces: int | None = None) -> GenerateRequest:
+GENERATE_FIELDS = frozenset({
+    "block_hash", "block_height", "public_key", "r_target", "batch_size", "start_nonce", "params",  # the predecessor's
+    "max_nonces", "duration_s", "dtype", "node_id", "n_nodes", "screen", "screen_margin",  # jaxbench's
+})
+
+
+def generate_request(data: Mapping[str, Any], settings: Settings, default_max_nonces: int | None = None,
+                     route: str = "/generate", also_known: frozenset[str] = frozenset()) -> GenerateRequest:
     """docs/protocol.md §1.1 fields, all required and type/range-checked, plus the optional extensions
     `max_nonces`, `duration_s` (default MODEL_DURATION_S = 420), `dtype` (default float16),
-    `node_id`/`n_nodes` (default 0 of 1: the schedule of docs/algorithm.md §7) and `screen`/`screen_margin`."""
+    `node_id`/`n_nodes` (default 0 of 1: the schedule of docs/algorithm.md §7) and `screen`/`screen_margin`.
+    Other top-level keys (but `also_known`, the route's own) are ignored, with one log line naming them."""
     search = fields.search_fields(data)
     batch_size = fields.integer(data, "batch_size", minimum=1)
     node_id, n_nodes = fields.node(data, search["start_nonce"])
     if search["max_nonces"] is None:
         search["max_nonces"] = default_max_nonces
     duration_s = _seconds(data, "duration_s", settings.duration_s, MAX_DURATION_S)
+    ignored = tuple(sorted(set(data) - GENERATE_FIELDS - also_known))
+    if ignored:
+        log.warning("%s: ignoring field(s) the protocol does not define: %s", route, ", ".join(ignored))
     return GenerateRequest(**search, batch_size=batch_size, node_id=node_id, n_nodes=n_nodes, duration_s=duration_s,
-                           screen=screen(data))
+                           screen=screen(data), ignored_fields=ignored)
 
 
 # /warmup ------------------------------------------------------------------------------------------

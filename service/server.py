@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 
+from jaxbench.backend_probes import quiet_backend_probes
+
 from . import config, signals, transport
 from .config import DRAIN_MARGIN_S
 from .logsetup import log_fatal, log_ready, setup_logging
@@ -219,6 +221,7 @@ def main() -> int:
         return 1
     log.info("starting the model server on %s:%d (pid %d, Python %s)", settings.host, settings.port, os.getpid(),
              sys.version.split()[0])
+    quiet_backend_probes()
     try:
         engine = create_engine(settings)
     except NoUsableDevice as e:

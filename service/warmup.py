@@ -135,7 +135,7 @@ def generation_input(ctx: Context, data: Any) -> rq.GenerateRequest:
     the devices' memory and its screen against what they can run."""
     if not isinstance(data, dict):
         raise rq.FieldError("params", "the callback's ready answer must carry a `params` object")
-    gen = rq.generate_request(data, ctx.settings)
+    gen = rq.generate_request(data, ctx.settings, route="/warmup: the callback's generation input")
     ctx.engine.check_fits(gen.params, gen.dtype)
     if gen.screen is not None:
         gen.screen.check(ctx.engine)

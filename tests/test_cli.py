@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import pty
 import re
 import select
 import signal
+import struct
 import subprocess
+import termios
 import time
 
 import numpy as np
@@ -329,6 +333,25 @@ def test_the_refusal_in_process_names_the_need_and_what_is_there(capsys, engine)
     assert status == cli.EXIT_BAD_INPUT and len(err) == 1 and REFUSAL.search(err[0])
 
 
+def test_a_device_memory_cap_below_the_sets_need_names_the_option_and_what_would_fit():
+    from jaxbench.placement import stage_need
+    from jaxbench.sizes import format_size
+
+    least = format_size(stage_need(PRESETS["tiny"], "float16", 1).total(1))
+    for command in (["distances", *TINY, "--nonces", "1"], ["search", *TINY, "--max-nonces", "8"]):
+        line = assert_one_line(run_cli(*command, "--device-memory", "1KiB", "--devices", "1"), cli.EXIT_BAD_INPUT)
+        assert line.startswith(f"error: --device-memory: 1.00 KiB cannot hold the parameter set: it needs at least "
+                               f"{least} on each device"), line
+        assert "--params" not in line and re.search(r"each cpu device has [\d.]+ GiB available$", line), line
+
+
+def test_a_set_too_large_for_the_device_itself_still_names_params_under_a_cap():
+    line = assert_one_line(run_cli("distances", "--params", UNFITTABLE, "--dtype", "float32", "--devices", "1",
+                                   "--block-hash", "a", "--public-key", "b", "--nonces", "1", "--device-memory", "1GiB"),
+                           cli.EXIT_BAD_INPUT, "error: --params: needs")
+    assert REFUSAL.search(line) and "(1.00 GiB is the device memory cap; each device has " in line, line
+
+
 @pytest.mark.parametrize(
     "claim, named",
     [
@@ -379,8 +402,8 @@ WITH_CTRL_C = ("import runpy, signal; signal.signal(signal.SIGINT, signal.defaul
                "runpy.run_module('jaxbench', run_name='__main__', alter_sys=True)")
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    argv, env = cli_command(*args)
+def _start(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    argv, env = cli_command(*args, env=env)
     assert argv[1:3] == ["-m", "jaxbench"]
     return subprocess.Popen([argv[0], "-c", WITH_CTRL_C, *argv[3:]], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -407,8 +430,8 @@ def test_ctrl_c_or_sigterm_ends_a_search_with_its_summary(signum):
 
 
 def test_ctrl_c_stops_other_commands_with_one_line():
-    proc = _start(["distances", *TINY, "--nonces", "0-999999", "--batch", "8"])
-    _read_stderr_until(proc, r"\| [1-9]\d*/1000000")  # some steps are done
+    proc = _start(["distances", *TINY, "--nonces", "0-999999", "--batch", "8"], env={"JAXBENCH_PROGRESS_S": "0.2"})
+    _read_stderr_until(proc, r"distances: +\d+% [1-9]\d*/1000000")  # some steps are done
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == cli.EXIT_INTERRUPTED and stdout == "", stderr
@@ -431,6 +454,55 @@ def test_a_failing_write_is_one_line():
     assert out.returncode == cli.EXIT_ERROR
     assert out.stderr.strip().splitlines()[-1].startswith("error: OSError: [Errno 28]"), out.stderr
     assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr
+
+
+# `python -m jaxbench` with files capped at a size (argv[1], bytes): a write past the cap fails with
+# EFBIG, like one on a disk that has just filled.
+WITH_FILE_SIZE_CAP = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                      "cap = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap)); "
+                      "os.execv(sys.executable, [sys.executable, '-m', 'jaxbench', *sys.argv[2:]])")
+
+
+def _search_into(path: str, file_size_cap: int | None = None) -> subprocess.CompletedProcess:
+    """A search whose every nonce is valid (r_target 2), writing its lines to `path`."""
+    argv, env = cli_command("search", *TINY, "--r-target", "2", "--max-nonces", "32", "--batch", "8", "--out", path)
+    if file_size_cap is not None:
+        argv = [argv[0], "-c", WITH_FILE_SIZE_CAP, str(file_size_cap), *argv[3:]]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+
+
+def _error_line(stderr: str) -> str:
+    """stderr's lines less the progress display and the ready line: the one error line."""
+    lines = [line for line in stderr.replace("\r", "\n").splitlines()
+             if line.strip() and not line.startswith(("search:", "weights built"))]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_an_out_file_that_refuses_every_write_names_out_and_keeps_the_lines_on_stdout(engine):
+    out = _search_into("/dev/full")
+    assert out.returncode == cli.EXIT_ERROR, out.stderr
+    error = _error_line(out.stderr)
+    assert error.startswith("error: --out: cannot write '/dev/full': No space left on device"), error
+    lines = ndjson(out.stdout)
+    summary = lines[-1]
+    assert summary["reason"] == "error" and summary["error"] == "--out: cannot write '/dev/full': No space left on device"
+    found = {n: d for line in lines[:-1] for n, d in zip(line["nonces"], line["dist"])}
+    assert summary["total_computed"] > 0 and sorted(found) == list(range(summary["total_computed"]))
+    assert found == tiny_distances(engine, sorted(found))
+
+
+def test_a_disk_that_fills_mid_search_leaves_whole_lines_in_the_file_and_the_rest_on_stdout(tmp_path):
+    path = tmp_path / "found.ndjson"
+    out = _search_into(str(path), file_size_cap=700)  # room for one line of 8 nonces, not two
+    assert out.returncode == cli.EXIT_ERROR, out.stderr
+    assert _error_line(out.stderr).startswith(f"error: --out: cannot write '{path}': File too large")
+    in_file, on_stdout = ndjson(path.read_text()), ndjson(out.stdout)  # every line whole: none cut off
+    assert in_file and path.read_text().endswith("\n")
+    summary = on_stdout[-1]
+    assert summary["reason"] == "error" and "status" not in in_file[-1]
+    nonces = [n for line in in_file + on_stdout[:-1] for n in line["nonces"]]
+    assert nonces == list(range(summary["total_computed"]))  # each computed nonce once, in the file or on stdout
 
 
 def test_an_unexpected_failure_is_one_line_and_v_adds_its_traceback(monkeypatch, capsys):
@@ -496,3 +568,86 @@ def test_a_librarys_logged_exception_is_one_line_unless_v(verbose):
     assert ("Traceback" in out.stderr) == verbose, out.stderr
     if not verbose:
         assert len(out.stderr.strip().splitlines()) == 1
+
+
+PROBE_NOISE = ("Unable to initialize backend 'tpu'", "Unable to initialize backend 'proxy'")
+
+
+def test_v_logs_no_failed_probes_of_backends_nobody_asked_for():
+    out = run_cli("-v", *DISTANCES, env={"JAX_PLATFORMS": ""})  # JAX probes every backend it knows
+    assert out.returncode == 0, out.stderr
+    assert "INFO jaxbench.engine: built weights" in out.stderr  # -v's INFO lines still come
+    assert not [noise for noise in PROBE_NOISE if noise in out.stderr], out.stderr
+
+
+def test_quieting_the_probes_keeps_every_other_backend_message(caplog, monkeypatch):
+    from jaxbench.backend_probes import BACKEND_SETUP_LOGGER, quiet_backend_probes
+
+    logger = logging.getLogger(BACKEND_SETUP_LOGGER)
+    monkeypatch.setattr(logger, "filters", list(logger.filters))  # the filter goes with the test
+    monkeypatch.delenv("JAX_BACKEND_TARGET", raising=False)
+    quiet_backend_probes()
+    quiet_backend_probes()  # twice: still one filter
+    kept = ["Unable to initialize backend 'cuda': no CUDA-capable device is detected",
+            "Unable to initialize backend 'rocm': plugin failed"]
+    with caplog.at_level(logging.INFO, logger=BACKEND_SETUP_LOGGER):
+        for message in [*kept, *(f"{noise}: not here" for noise in PROBE_NOISE)]:
+            logger.info(message)
+        logger.warning("Unable to initialize backend 'tpu': a TPU is present but libtpu failed")
+        logger.error("Jax plugin configuration error: Exception when calling jax_plugins.xla_cuda12.initialize()")
+    assert [r.getMessage() for r in caplog.records] == [
+        *kept, "Unable to initialize backend 'tpu': a TPU is present but libtpu failed",
+        "Jax plugin configuration error: Exception when calling jax_plugins.xla_cuda12.initialize()"]
+
+    monkeypatch.setenv("JAX_BACKEND_TARGET", "grpc://localhost:29000")  # a proxy asked for: its failure is news
+    quiet_backend_probes()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=BACKEND_SETUP_LOGGER):
+        logger.info("Unable to initialize backend 'proxy': connection refused")
+    assert [r.getMessage() for r in caplog.records] == ["Unable to initialize backend 'proxy': connection refused"]
+
+
+# Progress: a bar on a terminal, plain lines now and then elsewhere ---------------------------------
+
+
+SEARCH_FOR_3_S = ["search", *TINY, "--duration", "3", "--batch", "8", "--out", "-"]
+
+
+def test_progress_into_a_log_is_a_plain_line_every_few_seconds():
+    out = run_cli(*SEARCH_FOR_3_S, env={"JAXBENCH_PROGRESS_S": "0.5"})
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stderr and "\x1b" not in out.stderr  # nothing redrawn in place
+    shown = [line for line in out.stderr.splitlines() if line.startswith("search: ")]
+    assert 2 <= len(shown) <= 3 / 0.5 + 2, out.stderr  # every half second of the search, and the last
+    total = ndjson(out.stdout)[-1]["total_computed"]
+    assert re.fullmatch(rf"search: {total} nonces, \d+ s, [\d.]+ nonces/s, valid=\d+", shown[-1]), shown[-1]
+
+
+def test_progress_lines_can_be_turned_off():
+    out = run_cli(*SEARCH_FOR_3_S, env={"JAXBENCH_PROGRESS_S": "0"})
+    assert out.returncode == 0, out.stderr
+    assert not [line for line in out.stderr.splitlines() if line.startswith("search: ")], out.stderr
+    assert "valid below r_target" in out.stderr  # the closing summary line stays
+
+
+def test_progress_on_a_terminal_is_still_a_bar_redrawn_in_place():
+    argv, env = cli_command(*SEARCH_FOR_3_S, env={"JAXBENCH_PROGRESS_S": "0.5"})
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 120 columns for the bar
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=slave, env=env)
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's last writer has gone
+                break
+            if not data:
+                break
+            shown += data
+        assert proc.wait(timeout=120) == 0, shown
+    finally:
+        os.close(master)
+    assert re.search(rb"\rsearch: [1-9]\d*nonce \[\d\d:\d\d, [\d.]+nonce/s", shown), shown[-2000:]  # tqdm's, after a CR
+

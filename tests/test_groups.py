@@ -20,6 +20,7 @@ from jaxbench.fields import FieldError
 from jaxbench.memory import MemoryNeed
 from jaxbench.params import Params
 from jaxbench.placement import GROUP_BATCH, balanced_runs, choose_group_size, partition_spec, stage_need
+from jaxbench.sizes import format_size
 from service_helpers import TINY_BODY, ServiceProcess, assert_clean_log, host_devices_env, read_stream
 
 # Four layers (so groups of 2 and 4 can form) of a set whose weights outweigh its build pool.
@@ -78,8 +79,11 @@ def test_a_cap_that_fits_no_split_is_refused_with_what_is_needed():
     cap = stage_need(SET, "float16", 4).total(1) - 1  # not even a quarter of the replica fits
     proc = search("--device-memory", str(cap), devices=4)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error: --params: needs ") and "on each device of a group of 4" in proc.stderr
-    assert "KiB available" in proc.stderr and proc.stdout == ""
+    need = stage_need(SET, "float16", 4).total(1)
+    assert proc.stderr.startswith(f"error: --device-memory: {format_size(cap)} ({cap} bytes) cannot hold the "
+                                  f"parameter set: it needs at least {format_size(need)} ({need} bytes) on each "
+                                  f"device of a group of 4"), proc.stderr  # the cap, not the set: the devices have more
+    assert "GiB available" in proc.stderr and proc.stdout == ""
 
 
 def test_one_device_cannot_form_a_group_for_a_set_larger_than_its_memory():

@@ -83,7 +83,7 @@ def test_the_pyworker_reads_only_its_settings():
 
 def test_engine_settings_reach_the_engine(tmp_path, compile_cache):
     """MODEL_GROUP_SIZE and MODEL_DEVICE_MEMORY go to the Engine: /health shows the groups, and a cap
-    below the tiny set's need makes it a 400 on `params` (without the cap the host has gigabytes)."""
+    below the tiny set's need makes it a 400 on `params` that names the cap (without it the host has gigabytes)."""
     server = ServiceProcess(tmp_path, compile_cache, {"MODEL_GROUP_SIZE": "1", "MODEL_DEVICE_MEMORY": "256KiB"})
     server.start()
     try:
@@ -92,6 +92,7 @@ def test_engine_settings_reach_the_engine(tmp_path, compile_cache):
         r = httpx.post(server.url + "/generate", json={**TINY_BODY, "max_nonces": 8}, timeout=30)
         assert r.status_code == 400 and r.json()["field"] == "params", r.text
         assert "256.00 KiB available" in r.json()["error"]
+        assert "(256.00 KiB is the device memory cap; each device has " in r.json()["error"]
         assert "group(s) of 1" in server.log()
     finally:
         assert server.stop() == 0

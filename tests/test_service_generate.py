@@ -145,6 +145,23 @@ def test_malformed_generate_is_400_naming_the_field(client, payload, field):
         assert r.json()["error"]
 
 
+def test_fields_outside_the_protocol_are_ignored_but_logged_and_named_in_the_summary(server, client):
+    """The predecessor ignored every key it did not read, and its callers may send more: such keys
+    are no 400, but the log and the summary name them (a typo such as `duration` for `duration_s`
+    shows). The Vast wrapper's own keys beside `payload` are not the payload's: not named."""
+    lines = [line for _, line in read_stream(client, "/generate", body(max_nonces=8, colour="red", duration=5))]
+    summary = lines[-1]
+    assert summary["status"] == "done" and summary["total_computed"] == 8
+    assert summary["ignored_fields"] == ["colour", "duration"]
+    wait_until(lambda: "/generate: ignoring field(s) the protocol does not define: colour, duration" in server.log(),
+               5, what="the log line naming the ignored fields")
+
+    wrapped = {"auth_data": {"signature": "x"}, "session_id": 3, "payload": body(max_nonces=8)}
+    for sent in (wrapped, body(max_nonces=8)):
+        summary = read_stream(client, "/generate", sent)[-1][1]
+        assert summary["status"] == "done" and "ignored_fields" not in summary, summary
+
+
 def test_nan_r_target_and_huge_body(client):
     r = client.post("/generate", content=json.dumps(body()).replace("2.0", "NaN"),
                     headers={"Content-Type": "application/json"})

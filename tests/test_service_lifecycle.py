@@ -135,6 +135,16 @@ def test_no_gpu_is_fatal_where_the_server_expects_one(tmp_path, compile_cache):
     assert proc.returncode == 2 and f"{signals.FATAL_MARKER} {signals.BAD_CONFIGURATION}: MODEL_PLATFORM" in server.log()
 
 
+def test_the_start_up_log_has_no_failed_probes_of_backends_nobody_asked_for(tmp_path, compile_cache):
+    server = ServiceProcess(tmp_path, compile_cache, {"JAX_PLATFORMS": "", "MODEL_PLATFORM": "cpu"}).start()
+    try:
+        log = server.log()
+    finally:
+        assert server.stop() == 0
+    assert "INFO service: engine: " in log  # the start's INFO lines are there
+    assert "Unable to initialize backend 'tpu'" not in log and "Unable to initialize backend 'proxy'" not in log, log
+
+
 # A broken device, in-process ----------------------------------------------------------------------
 
 
