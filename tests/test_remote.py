@@ -272,6 +272,20 @@ def test_backups_take_pieces_from_the_top_of_what_the_slowest_request_has_not_se
     assert plan.settle(fourth, 581) == [slow] and plan.finished and plan.missing() == []  # slow may stop
 
 
+def test_a_parts_rest_joins_the_fresh_work_beside_it():
+    plan = Plan([Sequence(0, 0, 1, 1000)], workers=2, give_up_after=3)
+    first, second = plan.take(300), plan.take(300)  # [0, 300), [300, 600); [600, 1000) pending
+    plan.settle(second, 400)
+    plan.end(second)  # stopped by its time bound: [400, 600) is fresh work beside [600, 1000)
+    assert [(p.lo, p.hi) for p in plan.pending] == [(400, 1000)] and plan.pending_size == 600
+    plan.settle(first, 100)
+    first.worker = "w1"
+    plan.end(first, worker_failed="its stream broke")  # a failed range stays apart: its failures count
+    assert [(p.lo, p.hi, p.failures) for p in plan.pending] == [(100, 300, 1), (400, 1000, 0)]
+    assert plan.take(600).fields == {"start_nonce": 100, "node_id": 0, "n_nodes": 1, "max_nonces": 200}
+    assert plan.take(600).fields == {"start_nonce": 400, "node_id": 0, "n_nodes": 1, "max_nonces": 600}
+
+
 def test_a_duration_search_has_one_endless_part_per_worker():
     plan = Plan([Sequence(7, i, 3, None) for i in range(3)], workers=3, give_up_after=5)
     runs = [plan.take(1) for _ in range(3)]
