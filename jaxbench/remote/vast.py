@@ -15,10 +15,10 @@ here the caller decides, and bounds the wait itself.
 Both send what the SDK sends, through its session (its connection pool and certificate): `route()`
 the POST of `Endpoint._route` (its body, the endpoint's key as `api_key` and bearer token, one
 attempt of at most 10 s, RuntimeError when it fails), `open()` that of the streaming
-`_make_request`. They build the request themselves, with its URL, headers and body made once where
-they do not change: the SDK's general-purpose `_make_request` copies every answer's headers, decodes
-its body twice, formats the whole answer for a debug log and encodes the query again at each call,
-which at a fleet's rate of requests was a third of a route call's CPU. `open()` reads the stream
+`_make_request`. They build the request themselves, its URL (with the key) and headers made once:
+the SDK's general-purpose `_make_request` copies every answer's headers, decodes its body twice,
+formats the whole answer for a debug log and encodes the query again at each call (a route and a
+`/generate` took about a fifth more CPU that way: docs/benchmarks.md). `open()` reads the stream
 itself (`Lines`): the SDK's stream yields parsed objects only, through two generators, and each line
 printed would be encoded again. The SDK's own `_route` still answers where it does more: a route
 while the endpoint's record is due for a refresh, or with VAST_DEBUG_WORKER_URL set.
@@ -163,7 +163,8 @@ class Router:
     async def _route(self, cost: float, request_idx: int) -> dict:
         """One /route/ call, as `Endpoint._route` makes it: its answer's body."""
         endpoint = self.endpoint
-        if os.environ.get("VAST_DEBUG_WORKER_URL") or time.time() > endpoint.last_refresh + endpoint.soft_refresh_threshold:
+        refresh_due = time.time() > endpoint.last_refresh + endpoint.soft_refresh_threshold
+        if refresh_due or os.environ.get("VAST_DEBUG_WORKER_URL"):
             return (await endpoint._route(cost=cost, req_idx=request_idx, timeout=REPLAY_TIMEOUT_S)).body
         if endpoint.api_key != self._key:
             self._keyed()
