@@ -23,6 +23,7 @@ from vast_helpers import (ACCOUNT_API_KEY, ENDPOINT_API_KEY, ENDPOINT_NAME, ROOT
 
 from jaxbench.remote.intervals import Intervals, SortedInts
 from jaxbench.remote.plan import ENDLESS, Plan, Sequence
+from jaxbench.remote.runner import Silence
 from jaxbench.remote.stream import RequestCheck, Violation
 from jaxbench.remote.vast import Lines
 
@@ -170,6 +171,36 @@ def test_a_streams_lines_are_whole_across_chunks_and_kept_as_sent():
     assert response.released
 
 
+def test_silence_times_out_only_after_that_long_without_a_line():
+    async def lines(gaps: list[float], seconds: float) -> str:
+        async with Silence(seconds) as silence:
+            for gap in gaps:
+                await asyncio.sleep(gap)
+                silence.heard()
+        return "done"
+
+    async def outcome(gaps: list[float], seconds: float) -> str:
+        try:
+            return await lines(gaps, seconds)
+        except TimeoutError:
+            return "timed out"
+
+    async def cancelled_from_outside() -> bool:
+        task = asyncio.create_task(lines([1.0], 0.5))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    # Lines 0.1 s apart for 0.6 s keep a 0.25 s silence from firing; a gap of 0.4 s does not.
+    assert asyncio.run(outcome([0.1] * 6, 0.25)) == "done"
+    assert asyncio.run(outcome([0.1, 0.1, 0.4], 0.25)) == "timed out"
+    assert asyncio.run(cancelled_from_outside())
+
+
 # The plan --------------------------------------------------------------------------------------------
 
 
@@ -241,6 +272,20 @@ def test_backups_take_pieces_from_the_top_of_what_the_slowest_request_has_not_se
     assert plan.settle(fourth, 581) == [slow] and plan.finished and plan.missing() == []  # slow may stop
 
 
+def test_a_parts_rest_joins_the_fresh_work_beside_it():
+    plan = Plan([Sequence(0, 0, 1, 1000)], workers=2, give_up_after=3)
+    first, second = plan.take(300), plan.take(300)  # [0, 300), [300, 600); [600, 1000) pending
+    plan.settle(second, 400)
+    plan.end(second)  # stopped by its time bound: [400, 600) is fresh work beside [600, 1000)
+    assert [(p.lo, p.hi) for p in plan.pending] == [(400, 1000)] and plan.pending_size == 600
+    plan.settle(first, 100)
+    first.worker = "w1"
+    plan.end(first, worker_failed="its stream broke")  # a failed range stays apart: its failures count
+    assert [(p.lo, p.hi, p.failures) for p in plan.pending] == [(100, 300, 1), (400, 1000, 0)]
+    assert plan.take(600).fields == {"start_nonce": 100, "node_id": 0, "n_nodes": 1, "max_nonces": 200}
+    assert plan.take(600).fields == {"start_nonce": 400, "node_id": 0, "n_nodes": 1, "max_nonces": 600}
+
+
 def test_a_duration_search_has_one_endless_part_per_worker():
     plan = Plan([Sequence(7, i, 3, None) for i in range(3)], workers=3, give_up_after=5)
     runs = [plan.take(1) for _ in range(3)]
@@ -292,6 +337,53 @@ def test_the_sdks_connection_limit_follows_the_workers():
     args = Namespace(autoscaler_url=None, webserver_url=None)
     assert vast.client("key", args, None, connection_limit=2 * 510 + 16).connection_limit == 1036
     assert vast.client("key", args, None, connection_limit=10).connection_limit == 500  # never below the SDK's
+
+
+def test_a_route_call_sends_and_reads_what_the_sdks_does():
+    """Router's own /route/ call against the SDK's `Endpoint._route`, on the same fake autoscaler: the
+    same request (body, key in the query, headers), the same answers, the same error."""
+    from argparse import Namespace
+
+    import certifi
+
+    from jaxbench.remote import vast as remote_vast
+
+    fake = FakeVast(unready_polls=1)
+    args = Namespace(endpoint=ENDPOINT_NAME, autoscaler_url=fake.url, webserver_url=fake.url,
+                     vast_ca_file=certifi.where())
+
+    checked = (ACCOUNT_API_KEY, remote_vast.ca_context(certifi.where()))
+
+    async def calls(ours: bool) -> list:
+        async with remote_vast.connect(args, checked=checked) as router:
+            async def route(cost, idx):
+                if ours:
+                    return await router._route(cost, idx)
+                return (await router.endpoint._route(cost=cost, req_idx=idx, timeout=60.0)).body
+
+            waiting = await route(12, 0)
+            ready = await route(12, waiting["request_idx"])
+            router.endpoint.data.api_key = "not-the-key"
+            try:
+                await route(12, 0)
+            except RuntimeError as e:
+                refused = str(e)
+            return [{k: v for k, v in waiting.items() if k != "request_idx"},
+                    {k: v for k, v in ready.items() if k not in ("request_idx", "reqnum", "url", "signature")},
+                    refused]
+
+    try:
+        sdk_answers = asyncio.run(calls(ours=False))
+        sdk_requests = fake.routes[:]
+        del fake.routes[:]
+        assert asyncio.run(calls(ours=True)) == sdk_answers
+        assert sdk_answers[2].startswith("Failed to route endpoint: HTTP 401")
+        strip = lambda r: {**r, "body": {k: v for k, v in r["body"].items() if k != "request_idx"}}  # noqa: E731
+        assert [strip(r) for r in fake.routes] == [strip(r) for r in sdk_requests]
+        assert fake.routes[0]["query"] == {"api_key": ENDPOINT_API_KEY}
+        assert [bool(r["body"]["request_idx"]) for r in fake.routes] == [False, True, False]
+    finally:
+        fake.close()
 
 
 # End to end -----------------------------------------------------------------------------------------

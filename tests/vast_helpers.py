@@ -59,7 +59,7 @@ class FakeVast:
         self.unready_polls = unready_polls
         self.instances = instances or {}
         self.reports: dict[str, list[dict]] = {"/worker_status/": [], "/delete_requests/": []}
-        self.routes: list[dict] = []  # every /route/ call: its body and auth header
+        self.routes: list[dict] = []  # every /route/ call: its body, query and headers
         self.routed: list[tuple[int, str]] = []  # (request_idx, worker url) of each answer with a url
         self.fakes: set[str] = set()  # registered in-process workers that are routable
         self._open: dict[str, set[int]] = {}  # worker url → request_idx routed to it and not done
@@ -111,7 +111,8 @@ class FakeVast:
                     self.request_done(None, r["request_idx"])
             return web.json_response({})
         if path == "/route/":
-            status, answer = await self._loop.run_in_executor(None, self._route, request.headers, body)
+            status, answer = await self._loop.run_in_executor(None, self._route, request.headers, body,
+                                                              dict(request.query))
             return web.json_response(answer, status=status)
         return web.Response(status=404)
 
@@ -135,9 +136,10 @@ class FakeVast:
 
     # The autoscaler ---------------------------------------------------------------------------------
 
-    def _route(self, headers, body: dict) -> tuple[int, dict]:
+    def _route(self, headers, body: dict, query: dict | None = None) -> tuple[int, dict]:
         with self.lock:
-            self.routes.append({"body": body, "authorization": headers.get("Authorization")})
+            self.routes.append({"body": body, "authorization": headers.get("Authorization"), "query": query or {},
+                                "content_type": headers.get("Content-Type"), "user_agent": headers.get("User-Agent")})
         if (headers.get("Authorization") != f"Bearer {ENDPOINT_API_KEY}" or body.get("api_key") != ENDPOINT_API_KEY
                 or body.get("endpoint") != ENDPOINT_NAME):
             return 401, {"error": "unknown endpoint or key"}

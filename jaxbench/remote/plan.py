@@ -9,7 +9,8 @@ a worker whose speed is not known yet gets an equal share of the pending work an
 after PROBE_S (PROBE_S of its work too while too few speeds are known to judge the fleet's); then
 each part is the worker's speed × the time the rest of the search would take the whole fleet
 (/ SHARE, at least MIN_PART_S, less the time the worker is busy with another request of the
-search first), so that parts end together, a few a worker.
+search first), so that parts end together, a few a worker. A fresh range given back joins the fresh
+ranges beside it (the rest of a first request and the work after it), so that a part can span them.
 Every part carries a time bound (`bound`): a worker slower than thought gives the rest back. With
 `--duration` there is one endless sequence per worker (node i of N = workers).
 
@@ -341,7 +342,17 @@ class Plan:
                 self._give_back(p)
 
     def _give_back(self, p: Pending) -> None:
-        self._insert(bisect_left(self.pending, (p.track.index, p.lo), key=_order), p)
+        """Put `p` back in order, one range with the fresh work it touches (a part's rest beside the
+        rest of its probe), so that a part can be cut from both."""
+        i = bisect_left(self.pending, (p.track.index, p.lo), key=_order)
+        if p.failures == 0:
+            if i < len(self.pending) and _joins(p, self.pending[i]):
+                p = dataclasses.replace(p, hi=self.pending[i].hi)
+                self._pop(i)
+            if i > 0 and _joins(self.pending[i - 1], p):
+                self._replace(i - 1, dataclasses.replace(self.pending[i - 1], hi=p.hi))
+                return
+        self._insert(i, p)
 
     def _size(self, p: Pending) -> int:
         return 0 if p.hi == ENDLESS else p.hi - p.lo
@@ -377,6 +388,11 @@ class Plan:
 def least_part(rate: float | None, quantum: int) -> int:
     """The smallest part worth a request of its own: MIN_PART_S of a worker's work (`rate`)."""
     return max(quantum, int((rate or 0) * MIN_PART_S))
+
+
+def _joins(a: Pending, b: Pending) -> bool:
+    """Whether fresh range `a` ends where fresh range `b` begins."""
+    return a.track is b.track and a.hi == b.lo and a.failures == b.failures == 0
 
 
 def _order(p: Pending) -> tuple[int, int]:

@@ -51,6 +51,41 @@ class _JobFailed(Exception):
     """The worker's job failed: an error line, then a summary with reason "error"."""
 
 
+class Silence:
+    """`asyncio.timeout(seconds)` from the last `heard()`: TimeoutError once that long passes without
+    one. A call costs a clock read; the timer is moved only when it fires early (asyncio.timeout's
+    reschedule replaces its timer at each call, and a stream calls it at every line)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._expired = False
+
+    async def __aenter__(self) -> "Silence":
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._cancelling = self._task.cancelling()
+        self._last = self._loop.time()
+        self._timer = self._loop.call_at(self._last + self.seconds, self._check)
+        return self
+
+    def heard(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        due = self._last + self.seconds
+        if self._loop.time() >= due:
+            self._expired = True
+            self._task.cancel()
+        else:
+            self._timer = self._loop.call_at(due, self._check)
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        self._timer.cancel()
+        if self._expired and self._task.uncancel() <= self._cancelling and exc_type is not None \
+                and issubclass(exc_type, asyncio.CancelledError):
+            raise TimeoutError from exc
+
+
 class RemoteSearch:
     def __init__(self, router, search: Search, *, cost: int | None = None, max_attempts: int = 5,
                  stall_timeout: float = 600.0, wait_timeout: float = 900.0, out=None, bar=None):
@@ -331,9 +366,8 @@ class RemoteSearch:
         self._streaming += 1
         self._running_on.setdefault(url, []).append(run)
         self._last_progress = time.monotonic()
-        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.stall_timeout) as silence:  # one timer, pushed back at each line
+            async with Silence(self.stall_timeout) as silence:
                 while True:
                     try:
                         text, line = await anext(stream)
@@ -341,7 +375,7 @@ class RemoteSearch:
                         return "its stream ended without a summary", False
                     except Exception as e:  # noqa: BLE001 — aiohttp's payload and connection errors: the worker is gone
                         return f"its stream broke ({type(e).__name__}: {e})", False
-                    silence.reschedule(loop.time() + self.stall_timeout)
+                    silence.heard()
                     try:
                         if self._line(run, url, check, base, line, text):
                             if not run.done_elsewhere:

@@ -7,14 +7,21 @@ the endpoint (`--endpoint`) and the SDK's URLs (`--autoscaler-url`, `--webserver
 
 A request goes in two steps, the two the SDK's own `request()` takes, kept apart so that the client
 sees which worker it got before it sends anything: `route()` asks the autoscaler's `/route/` for a
-worker (a fresh route each time, polled until a worker is given: `Endpoint._route`), then `open()`
-posts `{"auth_data", "payload"}` to it and returns its NDJSON stream. The SDK's request would retry
-a failing worker itself (the same route, with no bound on a streaming request's wait); here the
-caller decides, and bounds the wait itself.
+worker (a fresh route each time, polled until a worker is given, as `Endpoint._route` does), then
+`open()` posts `{"auth_data", "payload"}` to it and returns its NDJSON stream. The SDK's request
+would retry a failing worker itself (the same route, with no bound on a streaming request's wait);
+here the caller decides, and bounds the wait itself.
 
-`open()` sends what the SDK's streaming `_make_request` sends (its headers, through its session),
-but reads the stream itself (`Lines`): the SDK's stream yields parsed objects only, through two
-generators, and each line printed would be encoded again.
+Both send what the SDK sends, through its session (its connection pool and certificate): `route()`
+the POST of `Endpoint._route` (its body, the endpoint's key as `api_key` and bearer token, one
+attempt of at most 10 s, RuntimeError when it fails), `open()` that of the streaming
+`_make_request`. They build the request themselves, its URL (with the key) and headers made once:
+the SDK's general-purpose `_make_request` copies every answer's headers, decodes its body twice,
+formats the whole answer for a debug log and encodes the query again at each call (a route and a
+`/generate` took about a fifth more CPU that way: docs/benchmarks.md). `open()` reads the stream
+itself (`Lines`): the SDK's stream yields parsed objects only, through two generators, and each line
+printed would be encoded again. The SDK's own `_route` still answers where it does more: a route
+while the endpoint's record is due for a refresh, or with VAST_DEBUG_WORKER_URL set.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import contextlib
 import json
 import os
 import ssl
+import time
 
 from .. import fields
 from ..backoff import Backoff
@@ -33,6 +41,8 @@ API_KEY_VARIABLE = "VAST_API_KEY"
 DEFAULT_CONNECTION_LIMIT = 500  # the SDK's
 ROUTE_POLL = Backoff(0.25, 2.0)  # pauses between /route/ calls while no worker is given
 DRAIN_S = 1.0  # how long the end of a stream may take after its last line
+ROUTE_TIMEOUT_S = 10.0  # the SDK's limit on a /route/ call
+REPLAY_TIMEOUT_S = 60.0  # the SDK's replay_timeout of a route
 
 
 class RemoteError(Exception):
@@ -116,37 +126,81 @@ async def connect(args, connection_limit: int = DEFAULT_CONNECTION_LIMIT, checke
 
 
 class Router:
-    """One endpoint's workers, through the SDK: `route()` then `open()`."""
+    """One endpoint's workers, through the SDK's session: `route()` then `open()`."""
 
     def __init__(self, client, endpoint):
+        import aiohttp
+        from vastai.utils import VERSION
+
         self.client = client
         self.endpoint = endpoint
+        self._user_agent = f"vastai-sdk/{VERSION}"
+        self._route_timeout = aiohttp.ClientTimeout(total=ROUTE_TIMEOUT_S)
+        self._stream_timeout = aiohttp.ClientTimeout(total=None)
+        self._key = None
+        self._keyed()
+
+    def _keyed(self) -> None:
+        """The headers and URLs made with the endpoint's key, made again if a refresh changed it."""
+        key = self._key = self.endpoint.api_key
+        self._headers = {"Authorization": f"Bearer {key}", "User-Agent": self._user_agent,
+                         "Content-Type": "application/json"}
+        self._route_url = _with_key(self.client.autoscaler_url + "/route/", key)
+        self._worker_urls: dict[str, object] = {}  # a worker's url + route → that URL with the key
 
     async def route(self, cost: float) -> dict:
         """A worker for a request of `cost` (its workload for the autoscaler): the route's answer,
         its url and what the worker needs to check that the autoscaler sent the request
         (auth_data). Polls while the autoscaler has none ready; the caller bounds the wait."""
-        answer = await self.endpoint._route(cost=cost, req_idx=0, timeout=60.0)
+        answer = await self._route(cost, 0)
         polls = 0
-        while answer.status != "READY":
+        while "url" not in answer:
             polls += 1
             await asyncio.sleep(ROUTE_POLL.pause(polls))
-            answer = await self.endpoint._route(cost=cost, req_idx=answer.request_idx, timeout=60.0)
-        return answer.body
+            answer = await self._route(cost, answer.get("request_idx", 0))
+        return answer
+
+    async def _route(self, cost: float, request_idx: int) -> dict:
+        """One /route/ call, as `Endpoint._route` makes it: its answer's body."""
+        endpoint = self.endpoint
+        refresh_due = time.time() > endpoint.last_refresh + endpoint.soft_refresh_threshold
+        if refresh_due or os.environ.get("VAST_DEBUG_WORKER_URL"):
+            return (await endpoint._route(cost=cost, req_idx=request_idx, timeout=REPLAY_TIMEOUT_S)).body
+        if endpoint.api_key != self._key:
+            self._keyed()
+        body = {"endpoint": endpoint.name, "api_key": self._key, "cost": cost, "request_idx": request_idx,
+                "replay_timeout": REPLAY_TIMEOUT_S}
+        session = await self.client._get_session()
+        try:
+            async with session.post(self._route_url, data=json.dumps(body).encode(), headers=self._headers,
+                                    ssl=await self.client.get_ssl_context(), timeout=self._route_timeout) as response:
+                raw = await response.read()
+                status = response.status
+        except Exception as e:  # noqa: BLE001 — as the SDK reports a failed call
+            raise RuntimeError(f"Failed to route endpoint: {e}") from e
+        if not 200 <= status < 300:
+            raise RuntimeError(f"Failed to route endpoint: HTTP {status} - {raw.decode(errors='replace')[:512]}")
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            raise RuntimeError(f"Failed to route endpoint: invalid JSON: {raw[:512]!r}") from None
+        return answer if isinstance(answer, dict) else {}
 
     async def open(self, auth_data: dict, route: str, payload: dict) -> dict:
         """Post the request to the routed worker. Returns `ok`, `status`, and `stream` (`Lines`) or
         the error's `json`/`text`, as the SDK's result does. Raises the connection's errors (the
         worker is unreachable or went away)."""
-        import aiohttp
-        from vastai.utils import VERSION
-
-        key = self.endpoint.api_key
+        if self.endpoint.api_key != self._key:
+            self._keyed()
+        target = auth_data["url"] + route
+        url = self._worker_urls.get(target)
+        if url is None:
+            url = self._worker_urls[target] = _with_key(target, self._key)
         session = await self.client._get_session()
-        response = await session.post(auth_data["url"] + route, params={"api_key": key},
-                                      headers={"Authorization": f"Bearer {key}", "User-Agent": f"vastai-sdk/{VERSION}"},
-                                      json={"auth_data": auth_data, "session_id": None, "payload": payload},
-                                      ssl=await self.client.get_ssl_context(), timeout=aiohttp.ClientTimeout(total=None))
+        response = await session.post(url, data=json.dumps({"auth_data": auth_data, "session_id": None,
+                                                             "payload": payload}).encode(),
+                                      headers=self._headers, ssl=await self.client.get_ssl_context(),
+                                      timeout=self._stream_timeout)
         if 200 <= response.status < 300:
             return {"ok": True, "status": response.status, "stream": Lines(response)}
         try:
@@ -169,6 +223,13 @@ class Router:
                     pass
         except Exception:  # noqa: BLE001 — whatever it was, the request is done
             pass
+
+
+def _with_key(url: str, key: str):
+    """`url` with the key as its `api_key` query parameter, as aiohttp builds it from the SDK's `params`."""
+    from yarl import URL
+
+    return URL(url).extend_query(api_key=key)
 
 
 class Lines:
