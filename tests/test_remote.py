@@ -473,6 +473,8 @@ def test_duration_search_ends_at_the_deadline(endpoint, truth):
     status, results, summary, stderr = client.finish(90)
     assert status == 0 and summary["reason"] == "duration" and summary["restarts"] == 0
     assert re.findall(r"INFO jaxbench.remote: \S+: (\w+) after \d+ nonces", stderr) == ["duration", "duration"]
+    # stderr is a pipe here: progress is whole lines, the last at the end, never a bar redrawn in place.
+    assert "\r" not in stderr and re.search(r"^remote: \d+ nonces, \d+ s, ", stderr, re.M), stderr[-2000:]
     found = printed(results)
     # Each part computed a prefix of its node's nonces (node i: 2k + i for k below its end): every
     # nonce printed lies in it, and below 30000 (what the local search covers) every valid one of it

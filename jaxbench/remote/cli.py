@@ -81,12 +81,13 @@ def run_search(args) -> int:
 
 
 async def _search(args, checked, search: Search) -> dict:
-    from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from ..progress import progress_display
 
     # Each request in flight holds a connection to its worker, and route calls want one each too.
     async with vast.connect(args, connection_limit=2 * search.workers + 16, checked=checked) as router:
-        with tqdm(total=search.max_nonces, unit="nonce", file=sys.stderr, dynamic_ncols=True, desc="remote") as bar, \
+        with progress_display(search.max_nonces, "remote") as bar, \
                 logging_redirect_tqdm():
             runner = RemoteSearch(router, search, cost=args.cost, max_attempts=args.max_attempts,
                                   stall_timeout=args.stall_timeout, wait_timeout=args.wait_timeout, bar=bar)

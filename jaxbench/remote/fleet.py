@@ -245,8 +245,9 @@ def _out_dir(args) -> Path:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from ..progress import progress_display
 
     params = params_from_text(args.params)
     dtype = fields.dtype(vars(args))
@@ -259,7 +260,7 @@ def run(args) -> int:
 
     payload = _payload(params, dtype, seconds, sustained_seconds)
     started = time.time()
-    with tqdm(total=workers, unit="worker", file=sys.stderr, dynamic_ncols=True, desc="remote bench") as bar, \
+    with progress_display(workers, "remote bench", unit="worker", units="workers", rate=False) as bar, \
             logging_redirect_tqdm():
         try:
             answers = vast.run_async(_fleet(args, checked, payload, workers, bar))
