@@ -88,6 +88,21 @@ def test_search_into_a_pipe_streams_ndjson_with_the_nodes_fields(engine):
     assert "25 nonces" in out.stderr and "on stdout" in out.stderr
 
 
+def read_terminal(master: int, timeout: float) -> bytes:
+    """What a pseudo-terminal shows until its last writer has gone or `timeout` has passed."""
+    shown, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([master], [], [], 1)[0]:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's last writer has gone
+                break
+            if not data:
+                break
+            shown += data
+    return shown
+
+
 def run_on_a_terminal(args: list[str], cwd, timeout: float = 300) -> tuple[int, str, str]:
     """Run the CLI with a pseudo-terminal as stdout: (status, what the terminal showed, stderr)."""
     master, slave = pty.openpty()
@@ -95,17 +110,9 @@ def run_on_a_terminal(args: list[str], cwd, timeout: float = 300) -> tuple[int, 
     with open(cwd / "stderr.txt", "w+") as err:
         proc = subprocess.Popen(argv, stdout=slave, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd, env=env)
         os.close(slave)
-        shown, deadline = b"", time.monotonic() + timeout
+        deadline = time.monotonic() + timeout
         try:
-            while time.monotonic() < deadline:
-                if select.select([master], [], [], 1)[0]:
-                    try:
-                        data = os.read(master, 65536)
-                    except OSError:  # EIO: the terminal's last writer has gone
-                        break
-                    if not data:
-                        break
-                    shown += data
+            shown = read_terminal(master, timeout)
         finally:
             os.close(master)
         status = proc.wait(timeout=max(1, deadline - time.monotonic()))
@@ -637,15 +644,7 @@ def test_progress_on_a_terminal_is_still_a_bar_redrawn_in_place():
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=slave, env=env)
         os.close(slave)
-        shown = b""
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the terminal's last writer has gone
-                break
-            if not data:
-                break
-            shown += data
+        shown = read_terminal(master, 120)
         assert proc.wait(timeout=120) == 0, shown
     finally:
         os.close(master)
