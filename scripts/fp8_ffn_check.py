@@ -29,13 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from jaxbench import fp8, gated_ffn  # noqa: E402
 from jaxbench.model import matmul  # noqa: E402
 from jaxbench.params import PRESETS  # noqa: E402
 from jaxbench.steps import COMPILER_OPTIONS  # noqa: E402
 from jaxbench.weights import interleave_columns  # noqa: E402
+from gated_ffn_check import timed as median_call_seconds  # noqa: E402  (this script's folder)
 
 BASE = gated_ffn.FP8_CONFIG
 CONFIGS = {
@@ -65,13 +65,7 @@ def timed(fn, args, reps: int) -> tuple[float, float]:
     t = time.perf_counter()
     program = compiled(fn, args)
     compile_s = time.perf_counter() - t
-    jax.block_until_ready(program(*args))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(program(*args))
-        times.append(time.perf_counter() - t)
-    return compile_s, float(np.median(times))
+    return compile_s, median_call_seconds(program, *args, reps=reps)
 
 
 @jax.jit
