@@ -5,7 +5,8 @@ operands accumulated in float32. W is quantized once, when a screen's weights ar
 output column so that the column's largest magnitude lands on e4m3's largest finite value (448),
 rounded to e4m3 (to nearest even) and stored as (N, K), both operands' contracting axis innermost, the
 layout cuBLASLt's FP8 GEMM takes without a transpose. x is quantized the same way per row at each
-product. The float32 result is multiplied by both scales and rounded to the model dtype.
+product, or, where it is an RMSNorm's output, with one scale from the norm's bound (quantize_normed).
+The float32 result is multiplied by both scales and rounded to the model dtype.
 
 The FFN's gated half keeps its float32 products: silu(gate) ⊙ up is computed from them and rounded
 straight to e4m3, with a per-row scale fixed before the products run (swiglu_scale), so that the down
