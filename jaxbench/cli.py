@@ -98,13 +98,11 @@ def build_parser(prog: str = "jaxbench") -> argparse.ArgumentParser:
 def _options(args):
     """Field errors raised inside name the command-line option (`--r-target`, not `r_target`;
     `--params: dim` for a field of the parameter set)."""
-    from .placement import MemoryCapError
-
     try:
         yield
-    except MemoryCapError as e:  # the cap given, not the set, is at fault
-        raise fields.FieldError(args.option_names.get("device_memory", "device_memory"), e.cap_message) from None
     except (fields.FieldError, ParamsError) as e:
+        if getattr(e, "cap_message", None) is not None:  # placement.MemoryCapError: the cap given is at fault
+            raise fields.FieldError(args.option_names.get("device_memory", "device_memory"), e.cap_message) from None
         field = e.under("params") if isinstance(e, ParamsError) else e.field
         head, dot, rest = field.partition(".")
         option = args.option_names.get(head)

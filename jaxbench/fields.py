@@ -13,6 +13,10 @@ MAX_SEED_TEXT = 4096
 MAX_NONCE_LIST = 1_000_000
 DEFAULT_SUSTAINED_S = 5.0  # bench's ceiling probe after its end-to-end window
 MAX_SUSTAINED_S = 30.0  # the ceiling probe holds the devices this long at most
+SCREEN_PRODUCTS = ("fp8",)  # what a screened search's step may run in (jaxbench/screen.py)
+# Ten times the largest |fp8 − float16| distance gap measured on a GPU (mainnet: 4.4e-5 on an H100,
+# docs/benchmarks.md); on mainnet it makes 6 % of the nonces candidates at the network's r_target.
+DEFAULT_SCREEN_MARGIN = 0.0005
 MAX_SCREEN_MARGIN = 0.1  # a screen margin wider than this screens nothing out (distances spread ~0.01)
 
 
@@ -103,15 +107,13 @@ def sustained_seconds(data: Mapping[str, Any], name: str = "sustained_seconds", 
 
 
 def screen(data: Mapping[str, Any]) -> tuple[str | None, float]:
-    """`screen` (None or one of screen.PRODUCTS) and `screen_margin` (0 to MAX_SCREEN_MARGIN)."""
-    from .screen import DEFAULT_MARGIN, PRODUCTS
-
+    """`screen` (None or one of SCREEN_PRODUCTS) and `screen_margin` (0 to MAX_SCREEN_MARGIN)."""
     products = _get(data, "screen", None)
-    if products is not None and products not in PRODUCTS:
-        raise FieldError("screen", f"must be one of {', '.join(PRODUCTS)} or absent, got {products!r:.60}")
+    if products is not None and products not in SCREEN_PRODUCTS:
+        raise FieldError("screen", f"must be one of {', '.join(SCREEN_PRODUCTS)} or absent, got {products!r:.60}")
     if products is None and _get(data, "screen_margin", None) is not None:
         raise FieldError("screen_margin", "applies only with screen")
-    margin = number(data, "screen_margin", DEFAULT_MARGIN, positive=False)
+    margin = number(data, "screen_margin", DEFAULT_SCREEN_MARGIN, positive=False)
     if not 0 <= margin <= MAX_SCREEN_MARGIN:
         raise FieldError("screen_margin", f"must be between 0 and {MAX_SCREEN_MARGIN:g}, got {margin}")
     return products, margin

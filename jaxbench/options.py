@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from .fields import DEFAULT_SCREEN_MARGIN, SCREEN_PRODUCTS
 from .params import DEFAULT_R_TARGET, PRESETS
 
 EXIT_OK = 0
@@ -86,15 +87,13 @@ def search(p: argparse.ArgumentParser, stop_required: bool = False) -> None:
 
 def screen(p: argparse.ArgumentParser) -> None:
     """--screen and --screen-margin (jaxbench/screen.py)."""
-    from .screen import DEFAULT_MARGIN, PRODUCTS
-
-    p.add_argument("--screen", default=None, choices=PRODUCTS,
+    p.add_argument("--screen", default=None, choices=SCREEN_PRODUCTS,
                    help="screen every nonce with e4m3 weight products and recompute in the model dtype only those "
                         "below r_target + margin; every reported distance is still the model dtype's, a valid "
                         "nonce the screen misses is lost (default: no screen, the exact search)")
     p.add_argument("--screen-margin", type=float, default=None, metavar="M",
                    help=f"with --screen: how far above r_target a screened distance still makes a candidate "
-                        f"(default {DEFAULT_MARGIN})")
+                        f"(default {DEFAULT_SCREEN_MARGIN})")
 
 
 def runtime(p: argparse.ArgumentParser) -> None:

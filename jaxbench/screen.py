@@ -23,14 +23,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .fields import FieldError
+from .fields import DEFAULT_SCREEN_MARGIN as DEFAULT_MARGIN, SCREEN_PRODUCTS as PRODUCTS, FieldError
 from .job import GroupResult, SearchJob, StepResult
 
-PRODUCTS = ("fp8",)
 FP8_MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores: Ada, Hopper, Blackwell
-# Ten times the largest |fp8 − float16| distance gap measured on a GPU (mainnet: 4.4e-5 on an H100,
-# docs/benchmarks.md); on mainnet it makes 6 % of the nonces candidates at the network's r_target.
-DEFAULT_MARGIN = 0.0005
 
 
 def describe(products: str, margin: float) -> dict:
