@@ -216,14 +216,13 @@ def test_intervals_merge_and_report_gaps():
     assert 5 in printed and 9 not in printed and 12 in printed and len(printed) == 2
 
 
-def test_parts_shrink_as_the_work_does_and_what_fails_goes_back():
+def test_first_requests_take_equal_shares_and_what_fails_goes_back():
     plan = Plan([Sequence(start=100, node_id=0, n_nodes=1, count=10_000)], workers=4, give_up_after=3)
     sizes = []
     while plan.pending:
         run = plan.take(plan.part_size(None, None, quantum=8))
         sizes.append(run.hi - run.lo)
-    assert sizes[0] == 2504 and sizes == sorted(sizes, reverse=True) and sum(sizes) == 10_000
-    assert all(size % 8 == 0 for size in sizes[:-1])
+    assert sizes == [2504, 2504, 2504, 2488]  # a share each (in whole steps), whoever asks first
     first, second = plan.tracks[0].running[:2]
     assert first.fields == {"start_nonce": 100, "node_id": 0, "n_nodes": 1, "max_nonces": 2504}
     # The first request prints two nonces, settles [0, 1000) and dies: the rest goes back to pending.
@@ -284,6 +283,40 @@ def test_a_parts_rest_joins_the_fresh_work_beside_it():
     assert [(p.lo, p.hi, p.failures) for p in plan.pending] == [(100, 300, 1), (400, 1000, 0)]
     assert plan.take(600).fields == {"start_nonce": 100, "node_id": 0, "n_nodes": 1, "max_nonces": 200}
     assert plan.take(600).fields == {"start_nonce": 400, "node_id": 0, "n_nodes": 1, "max_nonces": 600}
+
+
+def test_a_part_is_cut_from_the_fresh_range_that_fits_it_best():
+    plan = Plan([Sequence(0, 0, 1, 1000)], workers=3, give_up_after=3)
+    probes = [plan.take(100) for _ in range(3)]  # [0, 100), [100, 200), [200, 300); [300, 1000) pending
+    for probe, reached in zip(probes, (40, 190, 250)):  # stopped by PROBE_S: the rests are fresh work
+        plan.settle(probe, reached)
+        plan.end(probe)
+    assert [(p.lo, p.hi) for p in plan.pending] == [(40, 100), (190, 200), (250, 1000)]
+    slow = plan.take(50)  # the front, before the worker is known …
+    plan.resize(slow, 8)  # … then the smallest range that holds its part
+    assert (slow.lo, slow.hi) == (190, 198)
+    medium = plan.take(50)
+    plan.resize(medium, 50, least=20)  # 10 would be left of [40, 100): less than a part, so all of it
+    assert (medium.lo, medium.hi) == (40, 100)
+    fast = plan.take(50)
+    plan.resize(fast, 900)  # none holds it: the largest
+    assert (fast.lo, fast.hi) == (250, 1000) and [(p.lo, p.hi) for p in plan.pending] == [(198, 200)]
+    assert plan.pending_size == 2 and sorted((r.lo, r.hi) for r in plan.tracks[0].running) == [
+        (40, 100), (190, 198), (250, 1000)]
+
+
+def test_a_backup_of_a_request_that_computes_nothing_takes_a_whole_part():
+    plan = Plan([Sequence(0, 0, 1, 10_000)], workers=2, give_up_after=3)
+    stuck, done = plan.take(5000), plan.take(5000)
+    stuck.opened, stuck.bound_s = 0.0, 10.0  # its speed unknown, past its bound: it may be stuck
+    plan.settle(done, 10_000)
+    plan.end(done)
+    piece = plan.backup(rate=100.0, now=30.0)
+    assert (piece.lo, piece.hi) == (4800, 5000)  # MIN_PART_S of the worker's work when no part is given
+    plan.settle(piece, 5000)
+    plan.end(piece)
+    part = plan.backup(rate=100.0, now=30.0, part=3000)
+    assert part.victim is stuck and (part.lo, part.hi) == (1800, 4800) and not plan.pending
 
 
 def test_a_duration_search_has_one_endless_part_per_worker():

@@ -5,20 +5,24 @@ from `start` computes the k-th nonce `start + i + k·N`. A request is a range [l
 sequence's k, sent as `start_nonce = start + lo·N`, `node_id = i`, `n_nodes = N` and
 `max_nonces = hi − lo` (no `max_nonces` for a range without end), which a worker understands as it
 is. With `--max-nonces M` there is one sequence (node 0 of 1) of M nonces, handed out in parts:
-a worker whose speed is not known yet gets an equal share of the pending work and is asked to stop
-after PROBE_S (PROBE_S of its work too while too few speeds are known to judge the fleet's); then
-each part is the worker's speed × the time the rest of the search would take the whole fleet
-(/ SHARE, at least MIN_PART_S, less the time the worker is busy with another request of the
-search first), so that parts end together, a few a worker. A fresh range given back joins the fresh
-ranges beside it (the rest of a first request and the work after it), so that a part can span them.
-Every part carries a time bound (`bound`): a worker slower than thought gives the rest back. With
-`--duration` there is one endless sequence per worker (node i of N = workers).
+a worker whose speed is not known yet gets an equal share of the whole search and is asked to stop
+after PROBE_S, so that the first requests end together and the first speeds known are a fair sample
+(the runner has a worker wait briefly for the fleet's speed rather than probe again; PROBE_S of its
+work if it does not come); then each part is the worker's speed × the time the rest of the search
+would take the whole fleet (/ SHARE, at least MIN_PART_S, less the time the worker is busy with
+another request of the search first), so that parts end together, a few a worker. A part is cut
+from the fresh range that fits it best (`resize`): the ranges a first request leaves are of many
+sizes, and a fast worker handed a small one comes back soon. A fresh range given back joins the
+fresh ranges beside it, so that a part can span them. Every part carries a time bound (`bound`): a
+worker slower than thought gives the rest back. With `--duration` there is one endless sequence per
+worker (node i of N = workers).
 
 `Plan` keeps, per sequence, the `done` indices (computed, every result line received), the indices
 printed but not yet done (so that no nonce is printed twice, whoever computes it again), the
 `pending` ranges nobody runs, and the `running` requests. When pending work runs out while requests
 still run, `backup` hands an idle worker a piece (about MIN_PART_S of its work) from the top of the
-range the slowest running request has not settled; whoever finishes an index first settles it, and
+range the slowest running request has not settled (as much as a fresh part of a request that computes
+nothing, a stuck one or a slow starter); whoever finishes an index first settles it, and
 a request whose range is all done is stopped. So the search's end waits for no slow, stuck or
 silent worker (a worker whose lines are rare settles its range only at its next line).
 A range fails `give_up_after` times in a row on different workers (a worker failing it twice
@@ -163,6 +167,9 @@ class Plan:
         self.given_up: list[Pending] = []
         self.bounded = all(s.count is not None for s in sequences)
         self.total = sum(s.count for s in sequences) if self.bounded else None
+        # Every first request gets as much, so that none ends before PROBE_S by running out of work,
+        # and so that the first speeds known are not those of the fastest workers.
+        self.share = self.pending_size / workers
         self.computed = 0  # indices done, over every track
         self._left, self._left_at = 0.0, -math.inf
         self.valid = 0
@@ -182,8 +189,8 @@ class Plan:
             size = rate * max(MIN_PART_S, self.work_left() / fleet_rate / SHARE - busy_s)
         elif rate:  # the fleet's speed is not known yet: PROBE_S of this worker's work
             size = rate * PROBE_S
-        else:  # a first request: a share of the pending work (it stops after PROBE_S anyway)
-            size = self.pending_size / self.workers
+        else:  # a first request: an equal share of the search (it stops after PROBE_S anyway)
+            size = self.share
         return max(quantum, math.ceil(size / quantum) * quantum)
 
     def work_left(self) -> float:
@@ -217,9 +224,25 @@ class Plan:
         return self._start(Running(p.track, p.lo, hi, p.failures, p.failed_on))
 
     def resize(self, run: Running, size: int, least: int = 0) -> None:
-        """Fit a part not yet sent to `size` indices: give the excess back (unless less than `least`),
-        or take more from the pending range that follows it."""
+        """Fit a part not yet sent to `size` indices. A part of fresh work is cut again from the fresh
+        range that fits it best: the smallest one that holds `size`, else the largest (so that a fast
+        worker is not handed the rest of a probe it would finish early, and a slow one leaves the large
+        ranges alone); all of that range if less than `least`, the smallest part worth a request of its
+        own, would be left. A part of a range that failed before keeps its place: it gives the excess
+        back, or takes more from the pending range that follows it."""
         if run.hi == ENDLESS or run.backup:
+            return
+        if run.failures == 0:
+            self._give_back(Pending(run.track, run.lo, run.hi))
+            i = self._best_fit(run.track, size)
+            p = self.pending[i]
+            hi = p.hi if p.hi - p.lo < size + least else p.lo + size
+            if hi == p.hi:
+                self._pop(i)
+            else:
+                self._replace(i, dataclasses.replace(p, lo=hi))
+            run.lo = run.settled = p.lo
+            run.hi = hi
             return
         want = run.lo + size
         if want + least < run.hi:
@@ -236,9 +259,22 @@ class Plan:
                     run.hi = grown
                     break
 
-    def backup(self, rate: float | None, now: float) -> Running | None:
+    def _best_fit(self, track: Track, size: int) -> int:
+        """The index of the fresh pending range of `track` that fits a part of `size` best (see resize)."""
+        best, best_key = None, None
+        for i, p in enumerate(self.pending):
+            if p.track is not track or p.failures or p.hi == ENDLESS:
+                continue
+            have = p.hi - p.lo
+            key = (0, have) if have >= size else (1, -have)
+            if best_key is None or key < best_key:
+                best, best_key = i, key
+        return best
+
+    def backup(self, rate: float | None, now: float, part: int | None = None) -> Running | None:
         """With nothing pending: a piece from the top of what the running request that looks the
-        slowest has not settled (and no other backs up), for a worker of `rate` nonces/s; None when
+        slowest has not settled (and no other backs up), for a worker of `rate` nonces/s whose fresh
+        part would be `part` indices (fit_backup); None when
         every running request ends within MIN_PART_S. A request settles an index only when a line
         of a later step comes, maybe only with its summary: backups take its range down to what it
         has settled, so that it can be stopped once they are done."""
@@ -259,16 +295,20 @@ class Plan:
         run, lo, hi, speed = best
         backup = self._start(Running(run.track, lo, hi, backup=True, quantum=run.quantum))
         backup.victim, backup.against, backup.uncovered = run, speed, lo
-        self.fit_backup(backup, rate)
+        self.fit_backup(backup, rate, part)
         run.backups.append(backup)
         return backup
 
-    def fit_backup(self, backup: Running, rate: float | None) -> None:
+    def fit_backup(self, backup: Running, rate: float | None, part: int | None = None) -> None:
         """Size a backup not yet sent for a worker of `rate` nonces/s: the top of its range that ends
-        when the request it backs up would reach it, at most MIN_PART_S of the worker's work."""
+        when the request it backs up would reach it, at most MIN_PART_S of the worker's work. What a
+        request that computes nothing (stuck, or starting slowly) holds is as good as pending work:
+        a backup of it takes up to `part`, the worker's fresh part, if given."""
         span = backup.hi - backup.uncovered
         mine = rate or backup.against
-        if mine:
+        if not backup.against and part:
+            span = min(span, part)
+        elif mine:
             span = min(span * mine / (mine + backup.against), mine * MIN_PART_S)
         size = min(backup.hi - backup.uncovered, max(backup.quantum, math.ceil(span / backup.quantum) * backup.quantum))
         backup.lo = backup.settled = backup.hi - size

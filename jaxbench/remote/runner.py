@@ -19,6 +19,7 @@ field: the same body goes to every worker). Its summary is always written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -41,6 +42,7 @@ REFUSED_STATUSES = (400, 413, 422)  # the request itself is refused
 FLUSH_S = 0.1  # result lines go to stdout in one write at most this often, and at each tick and the end
 TICK_S = 0.5  # how often idle runners look for a backup and the progress bar's counts refresh
 DEADLINE_GRACE_S = 30.0  # requests still open this long after a --duration search's deadline are closed
+FLEET_WAIT_S = 2.0  # how long a worker whose speed is known waits for the fleet's before it gets a part
 
 
 class Refused(Exception):
@@ -112,6 +114,7 @@ class RemoteSearch:
         self._unwritten: list[str] = []  # result lines not yet written to `out`
         self._flushed = 0.0
         self._no_backup_until = 0.0
+        self._fleet_known = asyncio.Event()  # set once the fleet's speed is known (Fleet.total_rate)
 
     # The search ------------------------------------------------------------------------------------
 
@@ -211,7 +214,8 @@ class RemoteSearch:
                              least_part(self.fleet.mean_rate, self.fleet.quantum))
         now = time.monotonic()
         if plan.bounded and plan.running_count and now >= self._no_backup_until:
-            run = plan.backup(self.fleet.mean_rate, now)
+            run = plan.backup(self.fleet.mean_rate, now,
+                              plan.part_size(self.fleet.mean_rate, self._fleet_rate(), self.fleet.quantum))
             if run is None:  # a scan costs a pass over the running requests: at most one a tick
                 self._no_backup_until = now + TICK_S
             else:
@@ -296,10 +300,16 @@ class RemoteSearch:
                 continue
             worker = self.fleet.get(url)
             if not fitted:
+                if worker.rate and not run.backup and not self._fleet_known.is_set():
+                    # The first requests end together: rather than a second probe, a part sized for the
+                    # fleet once a quarter of them have reported.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(FLEET_WAIT_S):
+                            await self._fleet_known.wait()
+                quantum = worker.quantum if worker.rate else self.fleet.quantum
                 if run.backup:
-                    self.plan.fit_backup(run, worker.rate)
+                    self.plan.fit_backup(run, worker.rate, self.plan.part_size(worker.rate, self._fleet_rate(), quantum))
                 else:  # a worker that runs one of the search's requests starts this one after it
-                    quantum = worker.quantum if worker.rate else self.fleet.quantum
                     now = time.monotonic()
                     busy_s = max([r.outlook(now)[0] for r in self._running_on.get(url, ())] + [0.0])
                     self.plan.resize(run, self.plan.part_size(worker.rate, self._fleet_rate(), quantum, busy_s),
@@ -406,6 +416,8 @@ class RemoteSearch:
             if reason == "error":
                 raise _JobFailed
             self.fleet.served(url, check.settled, time.monotonic() - run.opened)
+            if not self._fleet_known.is_set() and self._fleet_rate() is not None:
+                self._fleet_known.set()
             if reason == "shutdown":
                 self.fleet.busy(url)
             return True
