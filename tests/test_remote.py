@@ -319,6 +319,17 @@ def test_a_backup_of_a_request_that_computes_nothing_takes_a_whole_part():
     assert part.victim is stuck and (part.lo, part.hi) == (1800, 4800) and not plan.pending
 
 
+def test_while_work_is_pending_only_a_request_that_may_be_stuck_is_backed_up():
+    plan = Plan([Sequence(0, 0, 1, 10_000)], workers=3, give_up_after=3)
+    stuck, running = plan.take(2000), plan.take(2000)  # [4000, 10000) pending
+    stuck.opened, stuck.bound_s = 0.0, 10.0  # a first request: its speed not known yet
+    running.opened, running.bound_s, running.rate = 0.0, 30.0, 100.0  # 20 s of work left at 13 s
+    assert plan.backup(rate=100.0, now=5.0, part=1000, stuck_only=True) is None  # none past its bound yet
+    piece = plan.backup(rate=100.0, now=13.0, part=1000, stuck_only=True)  # 10 s + MIN_PART_S: may be stuck
+    assert piece.victim is stuck and (piece.lo, piece.hi) == (1000, 2000)
+    assert plan.pending_size == 6000
+
+
 def test_a_duration_search_has_one_endless_part_per_worker():
     plan = Plan([Sequence(7, i, 3, None) for i in range(3)], workers=3, give_up_after=5)
     runs = [plan.take(1) for _ in range(3)]

@@ -271,13 +271,15 @@ class Plan:
                 best, best_key = i, key
         return best
 
-    def backup(self, rate: float | None, now: float, part: int | None = None) -> Running | None:
+    def backup(self, rate: float | None, now: float, part: int | None = None,
+               stuck_only: bool = False) -> Running | None:
         """With nothing pending: a piece from the top of what the running request that looks the
         slowest has not settled (and no other backs up), for a worker of `rate` nonces/s whose fresh
-        part would be `part` indices (fit_backup); None when
-        every running request ends within MIN_PART_S. A request settles an index only when a line
-        of a later step comes, maybe only with its summary: backups take its range down to what it
-        has settled, so that it can be stopped once they are done."""
+        part would be `part` indices (fit_backup); None when every running request ends within
+        MIN_PART_S. With `stuck_only` (while work is pending) only of a request that may be stuck.
+        A request settles an index only when a line of a later step comes, maybe only with its
+        summary: backups take its range down to what it has settled, so that it can be stopped once
+        they are done."""
         best, best_key = None, None
         for track in self.tracks:
             if track.sequence.count is None:
@@ -288,7 +290,7 @@ class Plan:
                     continue
                 seconds, speed = run.outlook(now)
                 key = (seconds, hi - lo)
-                if seconds >= MIN_PART_S and (best_key is None or key > best_key):
+                if seconds >= (math.inf if stuck_only else MIN_PART_S) and (best_key is None or key > best_key):
                     best, best_key = (run, lo, hi, speed), key
         if best is None:
             return None

@@ -113,7 +113,7 @@ class RemoteSearch:
         self._route_error = ""
         self._unwritten: list[str] = []  # result lines not yet written to `out`
         self._flushed = 0.0
-        self._no_backup_until = 0.0
+        self._no_backup_until = self._no_stuck_until = 0.0
         self._fleet_known = asyncio.Event()  # set once the fleet's speed is known (Fleet.total_rate)
 
     # The search ------------------------------------------------------------------------------------
@@ -205,23 +205,33 @@ class RemoteSearch:
                 await asyncio.sleep(RETRY.pause(failures))
 
     def _work(self) -> Running | None:
-        """The next request to send: pending work, else a backup of the slowest running request."""
+        """The next request to send: a backup of what a request that computes nothing holds (left
+        for the end, it would be the end), else pending work, else a backup of the slowest request."""
         if self._closing or self.deadline is not None and self.deadline - time.monotonic() < 1.0:
             return None
-        plan = self.plan
+        plan, now = self.plan, time.monotonic()
         if plan.pending:
-            return plan.take(plan.part_size(None, self._fleet_rate(), self.fleet.quantum),
-                             least_part(self.fleet.mean_rate, self.fleet.quantum))
-        now = time.monotonic()
-        if plan.bounded and plan.running_count and now >= self._no_backup_until:
-            run = plan.backup(self.fleet.mean_rate, now,
-                              plan.part_size(self.fleet.mean_rate, self._fleet_rate(), self.fleet.quantum))
-            if run is None:  # a scan costs a pass over the running requests: at most one a tick
-                self._no_backup_until = now + TICK_S
-            else:
-                self.backups += 1
-            return run
+            stuck = self._backup(now, stuck_only=True) if now >= self._no_stuck_until else None
+            return stuck or plan.take(plan.part_size(None, self._fleet_rate(), self.fleet.quantum),
+                                      least_part(self.fleet.mean_rate, self.fleet.quantum))
+        if now >= self._no_backup_until:
+            return self._backup(now)
         return None
+
+    def _backup(self, now: float, stuck_only: bool = False) -> Running | None:
+        plan = self.plan
+        if not plan.bounded or not plan.running_count:
+            return None
+        run = plan.backup(self.fleet.mean_rate, now,
+                          plan.part_size(self.fleet.mean_rate, self._fleet_rate(), self.fleet.quantum), stuck_only)
+        if run is None:  # a scan costs a pass over the running requests: at most one a tick
+            if stuck_only:
+                self._no_stuck_until = now + TICK_S
+            else:
+                self._no_backup_until = now + TICK_S
+        else:
+            self.backups += 1
+        return run
 
     def _nothing_left(self) -> bool:
         plan = self.plan
