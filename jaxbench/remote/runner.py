@@ -310,7 +310,7 @@ class RemoteSearch:
                 continue
             worker = self.fleet.get(url)
             if not fitted:
-                if worker.rate and not run.backup and not self._fleet_known.is_set():
+                if worker.rate and run.hi != ENDLESS and not run.backup and not self._fleet_known.is_set():
                     # The first requests end together: rather than a second probe, a part sized for the
                     # fleet once a quarter of them have reported.
                     with contextlib.suppress(TimeoutError):
