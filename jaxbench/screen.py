@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .fields import DEFAULT_SCREEN_MARGIN as DEFAULT_MARGIN, SCREEN_PRODUCTS as PRODUCTS, FieldError
+from .fields import DEFAULT_SCREEN_MARGIN, SCREEN_PRODUCTS, FieldError
 from .job import GroupResult, SearchJob, StepResult
 
 FP8_MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores: Ada, Hopper, Blackwell
@@ -61,7 +61,7 @@ class ScreenedSearch:
     """A search of `job` on `engine` through the screen; iterate `steps()` like `Engine.search`. It
     counts into `counts` when given: the total of several searches (a /pooled session's)."""
 
-    def __init__(self, engine, job: SearchJob, margin: float = DEFAULT_MARGIN, products: str = "fp8",
+    def __init__(self, engine, job: SearchJob, margin: float = DEFAULT_SCREEN_MARGIN, products: str = "fp8",
                  counts: ScreenCounts | None = None):
         self.check(engine, products)
         self.engine, self.job, self.margin, self.products = engine, job, margin, products
@@ -70,8 +70,8 @@ class ScreenedSearch:
     @staticmethod
     def check(engine, products: str) -> None:
         """FieldError naming `screen` when the engine's devices cannot run this screen."""
-        if products not in PRODUCTS:
-            raise FieldError("screen", f"must be one of {', '.join(PRODUCTS)}, got {products!r}")
+        if products not in SCREEN_PRODUCTS:
+            raise FieldError("screen", f"must be one of {', '.join(SCREEN_PRODUCTS)}, got {products!r}")
         refusal = fp8_refusal(engine.devices[0])
         if refusal:
             raise FieldError("screen", refusal)

@@ -227,7 +227,7 @@ class Screen:
 
 
 def screen(data: Mapping[str, Any]) -> Screen | None:
-    """The optional `screen` ("fp8") and `screen_margin` (default jaxbench.screen.DEFAULT_MARGIN)."""
+    """The optional `screen` ("fp8") and `screen_margin` (default jaxbench.fields.DEFAULT_SCREEN_MARGIN)."""
     products, margin = fields.screen(data)
     return None if products is None else Screen(products, margin)
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from jaxbench.screen import DEFAULT_MARGIN
+from jaxbench.fields import DEFAULT_SCREEN_MARGIN
 from service_helpers import JAX_PLATFORMS, TINY_BODY, assert_clean_log, cli_distances, read_stream, wait_until
 from service import signals
 
@@ -231,7 +231,7 @@ def test_a_screened_search_reports_the_exact_searchs_nonces_and_distances(client
     r = client.post("/benchmark", json={**search, "screen": "fp8"})  # the default margin
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["screen"] == "fp8" and out["screen_margin"] == DEFAULT_MARGIN
+    assert out["screen"] == "fp8" and out["screen_margin"] == DEFAULT_SCREEN_MARGIN
     assert out["screened"] == out["workload"] == 200 and out["total_valid"] == exact_summary["total_valid"]
 
 
