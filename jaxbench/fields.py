@@ -14,8 +14,9 @@ MAX_NONCE_LIST = 1_000_000
 DEFAULT_SUSTAINED_S = 5.0  # bench's ceiling probe after its end-to-end window
 MAX_SUSTAINED_S = 30.0  # the ceiling probe holds the devices this long at most
 SCREEN_PRODUCTS = ("fp8",)  # what a screened search's step may run in (jaxbench/screen.py)
-# Ten times the largest |fp8 − float16| distance gap measured on a GPU (mainnet: 4.4e-5 on an H100,
-# docs/benchmarks.md); on mainnet it makes 6 % of the nonces candidates at the network's r_target.
+# About nine times the largest |fp8 − float16| distance gap measured on a GPU (mainnet: 5.5e-5 over
+# 20,480 nonces on an H100, docs/benchmarks.md); on mainnet it makes 6 % of the nonces candidates at
+# the network's r_target.
 DEFAULT_SCREEN_MARGIN = 0.0005
 MAX_SCREEN_MARGIN = 0.1  # a screen margin wider than this screens nothing out (distances spread ~0.01)
 
