@@ -152,10 +152,10 @@ def run_bench(
         # Host side of a step: inputs and permutations (host draws), or states and permutations.
         "draw_nonces_per_s": round(draw_rate, 1),
         "device_draw_nonces_per_s_alone": None if device_draw_rate is None else round(device_draw_rate, 1),
-        "mean_draw_seconds_per_step": round(draw_s / max(steps, 1), 4),
-        "mean_step_seconds": round(step_s / max(steps, 1), 4),
+        "mean_draw_seconds_per_step": round(draw_s / max(steps, 1), 6),
+        "mean_step_seconds": round(step_s / max(steps, 1), 6),
         # Draws of step k+1 overlap step k: the devices idle only for the part the host waited.
-        "mean_host_wait_seconds_per_step": round(wait_s / max(steps, 1), 4),
+        "mean_host_wait_seconds_per_step": round(wait_s / max(steps, 1), 6),
         "host_cpu_cores_busy": round(cpu_cores, 2),
         "weight_build_seconds": round(build_seconds, 2),
         "compile_seconds": round(compile_seconds, 2),

@@ -14,8 +14,10 @@ def test_device_draw_figures(device_draws_engine, capsys):
     assert report["draws"] == "device" and report["batch_per_device"] == 8
     for key in ("end_to_end_nonces_per_s", "device_only_nonces_per_s", "draw_nonces_per_s",
                 "device_draw_nonces_per_s_alone", "weight_build_seconds", "mean_draw_seconds_per_step",
-                "mean_step_seconds", "mean_host_wait_seconds_per_step"):
+                "mean_step_seconds"):
         assert report[key] > 0, key
+    # Draws run ahead of the steps, so the devices may never wait for them: zero is a true figure.
+    assert 0 <= report["mean_host_wait_seconds_per_step"] <= report["end_to_end_seconds"]
     assert report["compile_seconds"] >= 0 and report["nonces_computed"] >= 8
     lines = summary_lines(report)
     assert capsys.readouterr().err.splitlines()[-len(lines):] == lines  # the summary ends stderr

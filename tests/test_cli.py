@@ -228,9 +228,9 @@ def test_bench_reports_every_figure():
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     for key in ("end_to_end_nonces_per_s", "device_only_nonces_per_s", "draw_nonces_per_s", "weight_build_seconds",
-                "compile_seconds", "mean_draw_seconds_per_step", "mean_step_seconds",
-                "mean_host_wait_seconds_per_step"):
+                "compile_seconds", "mean_draw_seconds_per_step", "mean_step_seconds"):
         assert report[key] > 0, key
+    assert 0 <= report["mean_host_wait_seconds_per_step"] <= report["end_to_end_seconds"]  # draws may run ahead
     assert report["batch_per_device"] == 8 and report["devices"] == 1 and report["draws"] == "host"
     assert report["device_draw_nonces_per_s_alone"] is None and report["nonces_computed"] >= 8
     assert report["achieved_tflops_per_device"] >= 0 and report["percent_of_floor"] is None  # no floor on a CPU
