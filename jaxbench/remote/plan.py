@@ -280,21 +280,21 @@ class Plan:
         A request settles an index only when a line of a later step comes, maybe only with its
         summary: backups take its range down to what it has settled, so that it can be stopped once
         they are done."""
-        best, best_key = None, None
-        for track in self.tracks:
-            if track.sequence.count is None:
-                continue
-            for run in track.running:
-                lo, hi = self._uncovered(run)
-                if hi <= lo:
-                    continue
-                seconds, speed = run.outlook(now)
-                key = (seconds, hi - lo)
-                if seconds >= (math.inf if stuck_only else MIN_PART_S) and (best_key is None or key > best_key):
-                    best, best_key = (run, lo, hi, speed), key
+        least = math.inf if stuck_only else MIN_PART_S
+        outlooks = [(*run.outlook(now), run) for track in self.tracks if track.sequence.count is not None
+                    for run in track.running]
+        # The one that ends last, of those with something uncovered (the largest such piece among equals):
+        # what a request leaves uncovered costs more to work out than its outlook, so only for those.
+        best = None
+        for seconds, speed, run in sorted((o for o in outlooks if o[0] >= least), key=lambda o: o[0], reverse=True):
+            if best is not None and seconds < best[0]:
+                break
+            lo, hi = self._uncovered(run)
+            if hi > lo and (best is None or hi - lo > best[3] - best[2]):
+                best = (seconds, run, lo, hi, speed)
         if best is None:
             return None
-        run, lo, hi, speed = best
+        _, run, lo, hi, speed = best
         backup = self._start(Running(run.track, lo, hi, backup=True, quantum=run.quantum))
         backup.victim, backup.against, backup.uncovered = run, speed, lo
         self.fit_backup(backup, rate, part)
