@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from service_helpers import PLATFORM_ENV, host_devices_env, wait_until
@@ -199,6 +200,35 @@ def test_silence_times_out_only_after_that_long_without_a_line():
     assert asyncio.run(outcome([0.1] * 6, 0.25)) == "done"
     assert asyncio.run(outcome([0.1, 0.1, 0.4], 0.25)) == "timed out"
     assert asyncio.run(cancelled_from_outside())
+
+
+def test_the_loop_is_held_only_while_no_request_is_being_routed_or_posted():
+    """While requests stream, the loop takes its input every COALESCE_S (one turn for the lines of
+    many streams); a route call in flight, or one that ended less than POST_S ago, ends the holds."""
+    from jaxbench.params import PRESETS
+    from jaxbench.remote.runner import COALESCE_S, POST_S, RemoteSearch
+    from jaxbench.remote.search import Search
+
+    search = Search(PRESETS["tiny"], "hash", 0, "key", 1.4, "float16", 0, 1000, None, workers=2)
+
+    async def hold(streaming: int, routing: int = 0, routed_ago: float = 10.0) -> tuple[float, float]:
+        """(seconds one call held the loop, delay of the next call)."""
+        remote = RemoteSearch(None, search)
+        remote._streaming, remote._routing = streaming, routing
+        remote._hold_from = time.monotonic() - routed_ago + POST_S
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        remote._coalesce()
+        held = time.monotonic() - t0
+        delay = remote._coalescing.when() - loop.time()
+        remote._coalescing.cancel()
+        return held, delay
+
+    held, delay = asyncio.run(hold(streaming=2))
+    assert held >= COALESCE_S and delay <= 0  # held, and again at the next turn
+    for case in (dict(streaming=2, routing=1), dict(streaming=2, routed_ago=POST_S / 2), dict(streaming=0)):
+        held, delay = asyncio.run(hold(**case))
+        assert held < COALESCE_S / 2 and delay == pytest.approx(COALESCE_S, abs=0.01), case
 
 
 # The plan --------------------------------------------------------------------------------------------

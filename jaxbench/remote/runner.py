@@ -43,6 +43,8 @@ FLUSH_S = 0.1  # result lines go to stdout in one write at most this often, and 
 TICK_S = 0.5  # how often idle runners look for a backup and the progress bar's counts refresh
 DEADLINE_GRACE_S = 30.0  # requests still open this long after a --duration search's deadline are closed
 FLEET_WAIT_S = 2.0  # how long a worker whose speed is known waits for the fleet's before it gets a part
+COALESCE_S = 0.05  # while requests stream, the event loop takes its input this often (_coalesce) …
+POST_S = 0.25  # … except during a route call and for this long after it, while the request is posted
 
 
 class Refused(Exception):
@@ -107,6 +109,9 @@ class RemoteSearch:
         self._idle: list[asyncio.Future] = []
         self._closing = False
         self._streaming = 0  # requests whose stream is open
+        self._routing = 0  # route calls in flight
+        self._hold_from = 0.0  # no hold before then: a routed request is being posted
+        self._coalescing: asyncio.TimerHandle | None = None
         self._running_on: dict[str, list[Running]] = {}  # worker url → the search's requests streaming there
         self._last_progress = time.monotonic()
         self._refusals: dict[str, set[str]] = {}  # what was refused → by which workers
@@ -126,6 +131,7 @@ class RemoteSearch:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopped.set)
+        self._coalescing = loop.call_later(COALESCE_S, self._coalesce)
         runners = asyncio.gather(*(self._runner() for _ in range(self.search.workers)))
         ticker = asyncio.create_task(self._tick())
         stop_waiter = asyncio.create_task(stopped.wait())
@@ -138,6 +144,7 @@ class RemoteSearch:
             self.error = self.error or f"{type(e).__name__}: {e}"
         finally:
             self._closing = True
+            self._coalescing.cancel()
             for task in (ticker, stop_waiter, runners):
                 task.cancel()
             await asyncio.gather(ticker, stop_waiter, runners, return_exceptions=True)
@@ -254,6 +261,19 @@ class RemoteSearch:
                     waiter.set_result(None)
             self._idle.clear()
 
+    def _coalesce(self) -> None:
+        """Hold the event loop for COALESCE_S at a time while requests stream, then let it take what
+        arrived meanwhile: a worker's result line is one packet, and waking for each (hundreds a
+        second from a large fleet) costs far more than reading it, so lines are read many at a
+        time. A line or a summary waits at most COALESCE_S. A route call, and the post that follows
+        it for POST_S, are not held: a worker waits for them."""
+        loop = asyncio.get_running_loop()
+        if self._routing == 0 and self._streaming and not self._closing and time.monotonic() >= self._hold_from:
+            time.sleep(COALESCE_S)
+            self._coalescing = loop.call_later(0, self._coalesce)
+        else:
+            self._coalescing = loop.call_later(COALESCE_S, self._coalesce)
+
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
@@ -300,11 +320,15 @@ class RemoteSearch:
                 await asyncio.sleep(REROUTE.pause(attempt))
             attempt += 1
             cost = self.cost if self.cost is not None else (0 if run.hi == ENDLESS else run.hi - run.settled)
+            self._routing += 1
             try:
                 auth = await self.router.route(cost)
             except Exception as e:  # noqa: BLE001 — the SDK raises RuntimeError for a failed /route/ call
                 self._route_error = f" (the last route call: {type(e).__name__}: {str(e)[:200]})"
                 continue
+            finally:
+                self._routing -= 1
+                self._hold_from = time.monotonic() + POST_S
             url = auth.get("url")
             if not url or self.fleet.avoided(url, time.monotonic()):
                 continue
