@@ -290,6 +290,11 @@ class FakeFleet:
         self.thread.start()
         self.workers = [FakeWorker(self, i, spec) for i, spec in enumerate(specs)]
         self._call(self._start())
+        # Each worker's signature, made and checked now rather than at its first route: the RSA
+        # private-key operation is a few ms of this process's CPU, and Vast's autoscaler does not run
+        # on the client's machine (a 500-worker fleet's first routes otherwise wait seconds on it).
+        for worker in self.workers:
+            self.signed(worker.url, vast.sign(worker.url))
 
     def _call(self, coro, timeout: float = 60):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
