@@ -335,6 +335,39 @@ def test_a_part_is_cut_from_the_fresh_range_that_fits_it_best():
         (40, 100), (190, 198), (250, 1000)]
 
 
+def test_the_best_fit_index_follows_every_change_of_the_pending_work():
+    """Random takes, resizes, settles, failures and ends: the size index of the fresh ranges stays what
+    the pending list holds, and the best fit is what a scan of that list finds."""
+    import random
+
+    rng = random.Random(7)
+
+    def scanned_best_fit(plan, size):
+        fresh = [(i, p.hi - p.lo) for i, p in enumerate(plan.pending) if not p.failures]
+        holding = [(have, i) for i, have in fresh if have >= size]
+        return min(holding)[1] if holding else min((-have, i) for i, have in fresh)[1]
+
+    for _ in range(20):
+        plan = Plan([Sequence(0, 0, 1, 5000)], workers=8, give_up_after=3)
+        running = []
+        for _ in range(60):
+            if plan.pending and (len(running) < 8 and rng.random() < 0.6):
+                run = plan.take(rng.randint(1, 400), least=rng.randint(0, 50))
+                if rng.random() < 0.7:  # fitted at its route
+                    plan.resize(run, rng.randint(1, 900), least=rng.randint(0, 50))
+                running.append(run)
+            elif running:
+                run = running.pop(rng.randrange(len(running)))
+                plan.settle(run, rng.randint(run.lo, run.hi))
+                run.worker = f"w{rng.randrange(4)}"
+                plan.end(run, worker_failed="broke" if rng.random() < 0.3 else None)
+            index = sorted((p.hi - p.lo, p.lo) for p in plan.pending if not p.failures)
+            assert plan._fresh.get(0, []) == index
+            if index:
+                size = rng.randint(1, 1200)
+                assert plan._best_fit(plan.tracks[0], size) == scanned_best_fit(plan, size)
+
+
 def test_a_backup_of_a_request_that_computes_nothing_takes_a_whole_part():
     plan = Plan([Sequence(0, 0, 1, 10_000)], workers=2, give_up_after=3)
     stuck, done = plan.take(5000), plan.take(5000)

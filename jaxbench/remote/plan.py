@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from bisect import bisect_left
+from bisect import bisect_left, insort
 
 from .intervals import Intervals, SortedInts
 
@@ -162,6 +162,7 @@ class Plan:
         self.give_up_after = give_up_after
         self.pending: list[Pending] = []  # in sequence order: the earliest are run first
         self.pending_size = 0  # indices pending in bounded ranges
+        self._fresh: dict[int, list[tuple[int, int]]] = {}  # track index → (size, lo) of its fresh bounded ranges, sorted
         for t in self.tracks:
             self._insert(len(self.pending), Pending(t, 0, t.sequence.end))
         self.given_up: list[Pending] = []
@@ -260,16 +261,13 @@ class Plan:
                     break
 
     def _best_fit(self, track: Track, size: int) -> int:
-        """The index of the fresh pending range of `track` that fits a part of `size` best (see resize)."""
-        best, best_key = None, None
-        for i, p in enumerate(self.pending):
-            if p.track is not track or p.failures or p.hi == ENDLESS:
-                continue
-            have = p.hi - p.lo
-            key = (0, have) if have >= size else (1, -have)
-            if best_key is None or key < best_key:
-                best, best_key = i, key
-        return best
+        """The index of the fresh pending range of `track` that fits a part of `size` best (see resize);
+        the earliest among equals."""
+        fresh = self._fresh[track.index]
+        j = bisect_left(fresh, (size, -1))
+        if j == len(fresh):  # none holds it: the largest
+            j = bisect_left(fresh, (fresh[-1][0], -1))
+        return bisect_left(self.pending, (track.index, fresh[j][1]), key=_order)
 
     def backup(self, rate: float | None, now: float, part: int | None = None,
                stuck_only: bool = False) -> Running | None:
@@ -402,13 +400,27 @@ class Plan:
     def _insert(self, i: int, p: Pending) -> None:
         self.pending.insert(i, p)
         self.pending_size += self._size(p)
+        self._index(p)
 
     def _pop(self, i: int) -> None:
-        self.pending_size -= self._size(self.pending.pop(i))
+        p = self.pending.pop(i)
+        self.pending_size -= self._size(p)
+        self._unindex(p)
 
     def _replace(self, i: int, p: Pending) -> None:
         self.pending_size += self._size(p) - self._size(self.pending[i])
+        self._unindex(self.pending[i])
         self.pending[i] = p
+        self._index(p)
+
+    def _index(self, p: Pending) -> None:
+        if not p.failures and p.hi != ENDLESS:
+            insort(self._fresh.setdefault(p.track.index, []), (p.hi - p.lo, p.lo))
+
+    def _unindex(self, p: Pending) -> None:
+        if not p.failures and p.hi != ENDLESS:
+            fresh = self._fresh[p.track.index]
+            del fresh[bisect_left(fresh, (p.hi - p.lo, p.lo))]
 
     def give_up_pending(self, cause: str) -> None:
         """Nothing more will run: every pending range is given up."""
@@ -417,6 +429,7 @@ class Plan:
         self.given_up.extend(self.pending)
         self.pending.clear()
         self.pending_size = 0
+        self._fresh.clear()
 
     def missing(self) -> list[dict]:
         """What is not done, as /generate fields, in order."""
