@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -444,6 +445,14 @@ def test_the_sdks_connection_limit_follows_the_workers():
     args = Namespace(autoscaler_url=None, webserver_url=None)
     assert vast.client("key", args, None, connection_limit=2 * 510 + 16).connection_limit == 1036
     assert vast.client("key", args, None, connection_limit=10).connection_limit == 500  # never below the SDK's
+
+    async def session_connector():
+        async with vast.client("key", args, ssl.create_default_context(), connection_limit=1036) as c:
+            connector = (await c._get_session()).connector
+            return connector.limit, connector._keepalive_timeout
+
+    # The session the requests go through: the limit, and idle connections kept between waves of requests.
+    assert asyncio.run(session_connector()) == (1036, vast.KEEPALIVE_S)
 
 
 def test_a_route_call_sends_and_reads_what_the_sdks_does():

@@ -43,6 +43,7 @@ ROUTE_POLL = Backoff(0.25, 2.0)  # pauses between /route/ calls while no worker 
 DRAIN_S = 1.0  # how long the end of a stream may take after its last line
 ROUTE_TIMEOUT_S = 10.0  # the SDK's limit on a /route/ call
 REPLAY_TIMEOUT_S = 60.0  # the SDK's replay_timeout of a route
+KEEPALIVE_S = 60.0  # how long an idle connection is kept (aiohttp's default: 15 s)
 
 
 class RemoteError(Exception):
@@ -97,6 +98,18 @@ def client(api_key: str, args, ca: ssl.SSLContext | None, connection_limit: int 
     class Client(CoroutineServerless):
         async def get_ssl_context(self) -> ssl.SSLContext:
             return ca or await super().get_ssl_context()
+
+        async def _get_session(self):
+            """The SDK's session, its connections kept KEEPALIVE_S while idle: a search comes back
+            to the autoscaler and to each worker in waves tens of seconds apart, and a new connection
+            costs a TLS handshake."""
+            import aiohttp
+
+            if self._session is None or self._session.closed:
+                connector = aiohttp.TCPConnector(limit=self.connection_limit, ssl=await self.get_ssl_context(),
+                                                 keepalive_timeout=KEEPALIVE_S)
+                self._session = aiohttp.ClientSession(connector=connector)
+            return self._session
 
     urls = {k: v for k, v in (("autoscaler_url", args.autoscaler_url), ("webserver_url", args.webserver_url)) if v}
     return Client(api_key, connection_limit=max(DEFAULT_CONNECTION_LIMIT, connection_limit), **urls)
