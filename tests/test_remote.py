@@ -455,6 +455,27 @@ def test_the_sdks_connection_limit_follows_the_workers():
     assert asyncio.run(session_connector()) == (1036, vast.KEEPALIVE_S)
 
 
+def test_the_client_imports_the_sdks_serverless_client_alone():
+    """Without the package's __init__ (the rest of the SDK: its console client, the PyWorker's
+    server), which still runs, whole, at the package's first attribute lookup."""
+    code = """if True:
+        import sys
+        from argparse import Namespace
+        from jaxbench.remote import vast
+        c = vast.client("key", Namespace(autoscaler_url=None, webserver_url=None), None)
+        print("vastai.sdk" in sys.modules, "vastai.serverless.server.worker" in sys.modules)
+        import vastai
+        from vastai import VastAI, Worker
+        from vastai.serverless.client.client import CoroutineServerless
+        print(vastai.CoroutineServerless is CoroutineServerless and isinstance(c, CoroutineServerless),
+              vastai.serverless.server.worker.Worker is Worker, VastAI.__module__)
+    """
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "True", "True", "vastai.sdk"]
+
+
 def test_a_route_call_sends_and_reads_what_the_sdks_does():
     """Router's own /route/ call against the SDK's `Endpoint._route`, on the same fake autoscaler: the
     same request (body, key in the query, headers), the same answers, the same error."""
