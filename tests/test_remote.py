@@ -205,19 +205,30 @@ def test_silence_times_out_only_after_that_long_without_a_line():
 
 def test_the_loop_is_held_only_while_no_request_is_being_routed_or_posted():
     """While requests stream, the loop takes its input every COALESCE_S (one turn for the lines of
-    many streams); a route call in flight, or one that ended less than POST_S ago, ends the holds."""
+    many streams) and then runs free for FREE_S; every QUIET_HOLD_S while no request is due to end
+    soon and no runner waits; a route call in flight, or one that ended less than POST_S ago, ends
+    the holds."""
     from jaxbench.params import PRESETS
-    from jaxbench.remote.runner import COALESCE_S, POST_S, RemoteSearch
+    from jaxbench.remote.plan import Running, Track
+    from jaxbench.remote.runner import COALESCE_S, DUE_MARGIN_S, FREE_S, POST_S, QUIET_HOLD_S, RemoteSearch
     from jaxbench.remote.search import Search
 
     search = Search(PRESETS["tiny"], "hash", 0, "key", 1.4, "float16", 0, 1000, None, workers=2)
 
-    async def hold(streaming: int, routing: int = 0, routed_ago: float = 10.0) -> tuple[float, float]:
-        """(seconds one call held the loop, delay of the next call)."""
+    async def hold(streaming: int, routing: int = 0, routed_ago: float = 10.0, due_in: float | None = 0.1,
+                   idle: bool = False, retrying: int = 0) -> tuple[float, float]:
+        """(seconds one call held the loop, delay of the next call), with one request that ends by
+        itself in `due_in` seconds (None: none runs)."""
         remote = RemoteSearch(None, search)
-        remote._streaming, remote._routing = streaming, routing
+        remote._streaming, remote._routing, remote._retrying = streaming, routing, retrying
         remote._hold_from = time.monotonic() - routed_ago + POST_S
         loop = asyncio.get_running_loop()
+        if due_in is not None:
+            run = Running(Track(remote.plan.tracks[0].sequence, 0), 0, 1000, rate=100.0)
+            run.opened, run.bound_s = time.monotonic(), due_in
+            remote._expect(run)
+        if idle:
+            remote._idle.append(loop.create_future())
         t0 = time.monotonic()
         remote._coalesce()
         held = time.monotonic() - t0
@@ -226,7 +237,13 @@ def test_the_loop_is_held_only_while_no_request_is_being_routed_or_posted():
         return held, delay
 
     held, delay = asyncio.run(hold(streaming=2))
-    assert held >= COALESCE_S and delay <= 0  # held, and again at the next turn
+    assert COALESCE_S <= held < QUIET_HOLD_S and delay == pytest.approx(FREE_S, abs=0.005)  # held, then free
+    for case in (dict(due_in=QUIET_HOLD_S + DUE_MARGIN_S + 1.0), dict(due_in=None)):  # nothing due soon
+        held, delay = asyncio.run(hold(streaming=2, **case))
+        assert held >= QUIET_HOLD_S and delay == pytest.approx(FREE_S, abs=0.005), case
+    for case in (dict(idle=True), dict(retrying=1)):  # a runner waits for work (a backup may come) or to retry
+        held, delay = asyncio.run(hold(streaming=2, due_in=None, **case))
+        assert COALESCE_S <= held < QUIET_HOLD_S, case
     for case in (dict(streaming=2, routing=1), dict(streaming=2, routed_ago=POST_S / 2), dict(streaming=0)):
         held, delay = asyncio.run(hold(**case))
         assert held < COALESCE_S / 2 and delay == pytest.approx(COALESCE_S, abs=0.01), case

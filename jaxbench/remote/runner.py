@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import json
 import logging
+import math
 import signal
 import sys
 import time
@@ -45,6 +48,9 @@ DEADLINE_GRACE_S = 30.0  # requests still open this long after a --duration sear
 FLEET_WAIT_S = 2.0  # how long a worker whose speed is known waits for the fleet's before it gets a part
 COALESCE_S = 0.05  # while requests stream, the event loop takes its input this often (_coalesce) …
 POST_S = 0.25  # … except during a route call and for this long after it, while the request is posted
+QUIET_HOLD_S = 0.25  # … and for this long at a time while no request is due to end within DUE_MARGIN_S after it
+DUE_MARGIN_S = 1.0
+FREE_S = 0.01  # after a hold the loop runs free this long, so that what the held input sets going runs at once
 
 
 class Refused(Exception):
@@ -110,8 +116,11 @@ class RemoteSearch:
         self._closing = False
         self._streaming = 0  # requests whose stream is open
         self._routing = 0  # route calls in flight
+        self._retrying = 0  # runners pausing before their next request after a failed one
         self._hold_from = 0.0  # no hold before then: a routed request is being posted
         self._coalescing: asyncio.TimerHandle | None = None
+        self._due: list[tuple[float, int, Running]] = []  # (when it ends by itself, order, request): a heap
+        self._due_order = itertools.count()
         self._running_on: dict[str, list[Running]] = {}  # worker url → the search's requests streaming there
         self._last_progress = time.monotonic()
         self._refusals: dict[str, set[str]] = {}  # what was refused → by which workers
@@ -209,7 +218,11 @@ class RemoteSearch:
                 failures = 0
             else:  # a failing autoscaler or client fault must not turn the runners into a busy loop
                 failures += 1
-                await asyncio.sleep(RETRY.pause(failures))
+                self._retrying += 1
+                try:
+                    await asyncio.sleep(RETRY.pause(failures))
+                finally:
+                    self._retrying -= 1
 
     def _work(self) -> Running | None:
         """The next request to send: a backup of what a request that computes nothing holds (left
@@ -265,14 +278,30 @@ class RemoteSearch:
         """Hold the event loop for COALESCE_S at a time while requests stream, then let it take what
         arrived meanwhile: a worker's result line is one packet, and waking for each (hundreds a
         second from a large fleet) costs far more than reading it, so lines are read many at a
-        time. A line or a summary waits at most COALESCE_S. A route call, and the post that follows
-        it for POST_S, are not held: a worker waits for them."""
+        time. After a hold the loop runs free for FREE_S, time enough for what the input set going
+        (a stream's end, the next request) to run through its steps, one loop turn each. While no
+        request is due to end soon and no runner waits, for work or to retry, the holds are
+        QUIET_HOLD_S: only result lines can come, and they wait that long at most. A route call, and
+        the post that follows it for POST_S, are not held: a worker waits for them."""
         loop = asyncio.get_running_loop()
-        if self._routing == 0 and self._streaming and not self._closing and time.monotonic() >= self._hold_from:
-            time.sleep(COALESCE_S)
-            self._coalescing = loop.call_later(0, self._coalesce)
+        now = time.monotonic()
+        if self._routing == 0 and self._streaming and not self._closing and now >= self._hold_from:
+            quiet = not self._idle and not self._retrying and self._next_due() > now + QUIET_HOLD_S + DUE_MARGIN_S
+            time.sleep(QUIET_HOLD_S if quiet else COALESCE_S)
+            self._coalescing = loop.call_later(FREE_S, self._coalesce)
         else:
             self._coalescing = loop.call_later(COALESCE_S, self._coalesce)
+
+    def _expect(self, run: Running) -> None:
+        """Note when a request that just opened ends by itself, as far as the client can tell."""
+        heapq.heappush(self._due, (run.opened + run.outlook(run.opened)[0], next(self._due_order), run))
+
+    def _next_due(self) -> float:
+        """The earliest time a running request ends by itself (inf: none does)."""
+        due = self._due
+        while due and due[0][2].ended:
+            heapq.heappop(due)
+        return due[0][0] if due else math.inf
 
     async def _tick(self) -> None:
         while True:
@@ -362,6 +391,7 @@ class RemoteSearch:
                 continue
             if answer.get("ok"):
                 run.worker, run.opened, run.quantum = url, time.monotonic(), worker.quantum
+                self._expect(run)
                 log.info("%s: nonces from %d (%s)", url, run.track.sequence.nonce(run.settled),
                          "to the end" if run.hi == ENDLESS else f"{run.hi - run.settled} of them")
                 return url, answer["stream"]
