@@ -178,6 +178,7 @@ class Router:
         self._stream_timeout = aiohttp.ClientTimeout(total=None)
         self._key = None
         self._keyed()
+        self._debug_worker = bool(os.environ.get("VAST_DEBUG_WORKER_URL"))  # the SDK's own route then answers
 
     def _keyed(self) -> None:
         """The headers and URLs made with the endpoint's key, made again if a refresh changed it."""
@@ -203,7 +204,7 @@ class Router:
         """One /route/ call, as `Endpoint._route` makes it: its answer's body."""
         endpoint = self.endpoint
         refresh_due = time.time() > endpoint.last_refresh + endpoint.soft_refresh_threshold
-        if refresh_due or os.environ.get("VAST_DEBUG_WORKER_URL"):
+        if refresh_due or self._debug_worker:
             return (await endpoint._route(cost=cost, req_idx=request_idx, timeout=REPLAY_TIMEOUT_S)).body
         if endpoint.api_key != self._key:
             self._keyed()
