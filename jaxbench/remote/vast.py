@@ -12,9 +12,10 @@ worker (a fresh route each time, polled until a worker is given, as `Endpoint._r
 would retry a failing worker itself (the same route, with no bound on a streaming request's wait);
 here the caller decides, and bounds the wait itself.
 
-Both send what the SDK sends, through its session (its connection pool and certificate): `route()`
-the POST of `Endpoint._route` (its body, the endpoint's key as `api_key` and bearer token, one
-attempt of at most 10 s, RuntimeError when it fails), `open()` that of the streaming
+Both send what the SDK sends, through its session (its connection pool, whose idle connections are
+kept KEEPALIVE_S, and certificate): `route()` the POST of `Endpoint._route` (its body, the
+endpoint's key as `api_key` and bearer token, one attempt of at most 10 s, RuntimeError when it
+fails), `open()` that of the streaming
 `_make_request`. They build the request themselves, its URL (with the key) and headers made once:
 the SDK's general-purpose `_make_request` copies every answer's headers, decodes its body twice,
 formats the whole answer for a debug log and encodes the query again at each call (a route and a
@@ -95,7 +96,7 @@ def ca_context(ca_file: str) -> ssl.SSLContext:
 def _import_serverless_client():
     """The SDK's CoroutineServerless, imported without the rest of the SDK. `import vastai` runs the
     package's __init__, which imports all of it (the console API's client with requests, the PyWorker's
-    server, pycryptodome through cffi): 0.17 s of CPU at each start of a client that uses none of it.
+    server, pycryptodome through cffi): about 0.15 s of CPU at each start of a client that uses none of it.
     Where vastai is not imported yet, the package is registered without running its __init__, which
     then runs at the package's first attribute lookup (`vastai.X`, `from vastai import X`); its
     submodules import as usual."""
