@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import signal
@@ -238,6 +239,14 @@ def test_the_loop_is_held_only_while_no_request_is_being_routed_or_posted():
 
     held, delay = asyncio.run(hold(streaming=2))
     assert COALESCE_S <= held < QUIET_HOLD_S and delay == pytest.approx(FREE_S, abs=0.005)  # held, then free
+    # The expected ends of requests that ended early (stopped, failed) do not pile up.
+    remote = RemoteSearch(None, search)
+    for i in range(1000):
+        run = Running(Track(remote.plan.tracks[0].sequence, 0), 0, 1000, rate=100.0)
+        run.opened, run.bound_s = time.monotonic(), 1000.0 - i
+        remote._expect(run)
+        run.ended = True
+    assert len(remote._due) <= 64 + 1 and remote._next_due() == math.inf
     for case in (dict(due_in=QUIET_HOLD_S + DUE_MARGIN_S + 1.0), dict(due_in=None)):  # nothing due soon
         held, delay = asyncio.run(hold(streaming=2, **case))
         assert held >= QUIET_HOLD_S and delay == pytest.approx(FREE_S, abs=0.005), case

@@ -293,7 +293,11 @@ class RemoteSearch:
             self._coalescing = loop.call_later(COALESCE_S, self._coalesce)
 
     def _expect(self, run: Running) -> None:
-        """Note when a request that just opened ends by itself, as far as the client can tell."""
+        """Note when a request that just opened ends by itself, as far as the client can tell. Ended
+        requests leave the heap at its top, or all at once when they outnumber the running ones."""
+        if len(self._due) > 2 * self.plan.running_count + 64:
+            self._due = [entry for entry in self._due if not entry[2].ended]
+            heapq.heapify(self._due)
         heapq.heappush(self._due, (run.opened + run.outlook(run.opened)[0], next(self._due_order), run))
 
     def _next_due(self) -> float:
