@@ -239,14 +239,6 @@ def test_the_loop_is_held_only_while_no_request_is_being_routed_or_posted():
 
     held, delay = asyncio.run(hold(streaming=2))
     assert COALESCE_S <= held < QUIET_HOLD_S and delay == pytest.approx(FREE_S, abs=0.005)  # held, then free
-    # The expected ends of requests that ended early (stopped, failed) do not pile up.
-    remote = RemoteSearch(None, search)
-    for i in range(1000):
-        run = Running(Track(remote.plan.tracks[0].sequence, 0), 0, 1000, rate=100.0)
-        run.opened, run.bound_s = time.monotonic(), 1000.0 - i
-        remote._expect(run)
-        run.ended = True
-    assert len(remote._due) <= 64 + 1 and remote._next_due() == math.inf
     for case in (dict(due_in=QUIET_HOLD_S + DUE_MARGIN_S + 1.0), dict(due_in=None)):  # nothing due soon
         held, delay = asyncio.run(hold(streaming=2, **case))
         assert held >= QUIET_HOLD_S and delay == pytest.approx(FREE_S, abs=0.005), case
@@ -256,6 +248,14 @@ def test_the_loop_is_held_only_while_no_request_is_being_routed_or_posted():
     for case in (dict(streaming=2, routing=1), dict(streaming=2, routed_ago=POST_S / 2), dict(streaming=0)):
         held, delay = asyncio.run(hold(**case))
         assert held < COALESCE_S / 2 and delay == pytest.approx(COALESCE_S, abs=0.01), case
+    # The expected ends of requests that ended early (stopped, failed) do not pile up.
+    remote = RemoteSearch(None, search)
+    for i in range(1000):
+        run = Running(Track(remote.plan.tracks[0].sequence, 0), 0, 1000, rate=100.0)
+        run.opened, run.bound_s = time.monotonic(), 1000.0 - i
+        remote._expect(run)
+        run.ended = True
+    assert len(remote._due) <= 64 + 1 and remote._next_due() == math.inf
 
 
 # The plan --------------------------------------------------------------------------------------------

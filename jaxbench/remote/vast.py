@@ -15,14 +15,14 @@ here the caller decides, and bounds the wait itself.
 Both send what the SDK sends, through its session (its connection pool, whose idle connections are
 kept KEEPALIVE_S, and certificate): `route()` the POST of `Endpoint._route` (its body, the
 endpoint's key as `api_key` and bearer token, one attempt of at most 10 s, RuntimeError when it
-fails), `open()` that of the streaming
-`_make_request`. They build the request themselves, its URL (with the key) and headers made once:
-the SDK's general-purpose `_make_request` copies every answer's headers, decodes its body twice,
-formats the whole answer for a debug log and encodes the query again at each call (a route and a
-`/generate` took about a fifth more CPU that way: docs/benchmarks.md). `open()` reads the stream
-itself (`Lines`): the SDK's stream yields parsed objects only, through two generators, and each line
-printed would be encoded again. The SDK's own `_route` still answers where it does more: a route
-while the endpoint's record is due for a refresh, or with VAST_DEBUG_WORKER_URL set.
+fails), `open()` that of the streaming `_make_request`. They build the request themselves, its URL
+(with the key) and headers made once: the SDK's general-purpose `_make_request` copies every
+answer's headers, decodes its body twice, formats the whole answer for a debug log and encodes the
+query again at each call (a route and a `/generate` took about a fifth more CPU that way:
+docs/benchmarks.md). `open()` reads the stream itself (`Lines`): the SDK's stream yields parsed
+objects only, through two generators, and each line printed would be encoded again. The SDK's own
+`_route` still answers where it does more: a route while the endpoint's record is due for a refresh,
+or with VAST_DEBUG_WORKER_URL set.
 """
 
 from __future__ import annotations
