@@ -25,7 +25,7 @@ from vast_helpers import (ACCOUNT_API_KEY, ENDPOINT_API_KEY, ENDPOINT_NAME, ROOT
                           running_workers)
 
 from jaxbench.remote.intervals import Intervals, SortedInts
-from jaxbench.remote.plan import ENDLESS, Plan, Sequence
+from jaxbench.remote.plan import ENDLESS, Plan, Running, Sequence, Track
 from jaxbench.remote.runner import Silence
 from jaxbench.remote.stream import RequestCheck, Violation
 from jaxbench.remote.vast import Lines
@@ -210,7 +210,6 @@ def test_the_loop_is_held_only_while_no_request_is_being_routed_or_posted():
     soon and no runner waits; a route call in flight, or one that ended less than POST_S ago, ends
     the holds."""
     from jaxbench.params import PRESETS
-    from jaxbench.remote.plan import Running, Track
     from jaxbench.remote.runner import COALESCE_S, DUE_MARGIN_S, FREE_S, POST_S, QUIET_HOLD_S, RemoteSearch
     from jaxbench.remote.search import Search
 
@@ -353,13 +352,13 @@ def test_a_part_is_cut_from_the_fresh_range_that_fits_it_best():
     plan.resize(slow, 8)  # … then the smallest range that holds its part
     assert (slow.lo, slow.hi) == (190, 198)
     medium = plan.take(50)
-    plan.resize(medium, 50, least=20)  # 10 would be left of [40, 100): less than a part, so all of it
-    assert (medium.lo, medium.hi) == (40, 100)
+    plan.resize(medium, 50)  # what it leaves of [40, 100) stays pending, however little
+    assert (medium.lo, medium.hi) == (40, 90)
     fast = plan.take(50)
     plan.resize(fast, 900)  # none holds it: the largest
-    assert (fast.lo, fast.hi) == (250, 1000) and [(p.lo, p.hi) for p in plan.pending] == [(198, 200)]
-    assert plan.pending_size == 2 and sorted((r.lo, r.hi) for r in plan.tracks[0].running) == [
-        (40, 100), (190, 198), (250, 1000)]
+    assert (fast.lo, fast.hi) == (250, 1000) and [(p.lo, p.hi) for p in plan.pending] == [(90, 100), (198, 200)]
+    assert plan.pending_size == 12 and sorted((r.lo, r.hi) for r in plan.tracks[0].running) == [
+        (40, 90), (190, 198), (250, 1000)]
 
 
 def test_the_best_fit_index_follows_every_change_of_the_pending_work():
@@ -381,7 +380,7 @@ def test_the_best_fit_index_follows_every_change_of_the_pending_work():
             if plan.pending and (len(running) < 8 and rng.random() < 0.6):
                 run = plan.take(rng.randint(1, 400), least=rng.randint(0, 50))
                 if rng.random() < 0.7:  # fitted at its route
-                    plan.resize(run, rng.randint(1, 900), least=rng.randint(0, 50))
+                    plan.resize(run, rng.randint(1, 900))
                 running.append(run)
             elif running:
                 run = running.pop(rng.randrange(len(running)))
@@ -393,6 +392,63 @@ def test_the_best_fit_index_follows_every_change_of_the_pending_work():
             if index:
                 size = rng.randint(1, 1200)
                 assert plan._best_fit(plan.tracks[0], size) == scanned_best_fit(plan, size)
+
+
+def test_the_work_left_counts_a_first_request_at_the_fleets_mean_speed():
+    """What the running requests have not reached counts in the work left: at their workers' speed
+    where it is known, at the fleet's mean speed where it is not (a first request, whose lines may
+    settle nothing for seconds), and all of it for a request whose stream has not opened."""
+    plan = Plan([Sequence(0, 0, 1, 10_000)], workers=4, give_up_after=3)
+    first, known, unopened = plan.take(1000), plan.take(1000), plan.take(1000)
+    now = time.monotonic()
+    first.opened = now - 5.0  # 400 nonces/s from 4 workers: 100 a worker, so 500 of its 1000 done
+    known.opened, known.rate = now - 5.0, 50.0  # 250 done
+    assert unopened.opened is None
+    assert plan.work_left(fleet_rate=400.0) == pytest.approx(7000 + 500 + 750 + 1000, abs=2)
+
+
+def test_a_workers_speed_is_learnt_from_its_first_result_line_to_its_summary():
+    """By the worker's own clock (the lines' elapsed_seconds), where that span is long enough: the
+    stream's start also holds the job's start and, at a first request, the build of the weights.
+    Otherwise, or where the worker's clock is not a number of seconds, from the stream's start."""
+    from jaxbench.remote.runner import RemoteSearch
+
+    run = Running(Track(Sequence(0, 0, 1, 10_000), 0), 0, 10_000)
+    run.opened = time.monotonic() - 12.0
+    run.first_line = (2.5, 640)  # every index below 640 was computed 2.5 s into the request
+    assert RemoteSearch._speed(run, 2688, 10.5) == (2048, 8.0)
+    for began, elapsed in ((2.5, 4.0), (None, 10.5), (2.5, "10.5"), (2.5, math.inf), (True, 10.5), (-1.0, 10.5)):
+        run.first_line = (began, 640)
+        nonces, seconds = RemoteSearch._speed(run, 2688, elapsed)
+        assert nonces == 2688 and seconds == pytest.approx(12.0, abs=0.5), (began, elapsed)
+
+
+def test_the_fleets_speed_is_known_once_most_workers_reported_or_soon_after_a_quarter(monkeypatch):
+    """Parts to the search's end are sized from the fleet's speed: a quarter of the workers is a
+    sample a few percent off, so it counts once FLEET_KNOWN of them have reported, or FLEET_SETTLE_S
+    after a quarter have (the rest may be slow to start, or dead)."""
+    from jaxbench.params import PRESETS
+    from jaxbench.remote import runner
+    from jaxbench.remote.search import Search
+
+    monkeypatch.setattr(runner, "FLEET_SETTLE_S", 0.2)
+    search = Search(PRESETS["tiny"], "hash", 0, "key", 1.4, "float16", 0, 100_000, None, workers=40)
+
+    async def reported(n: int) -> tuple[bool, bool]:
+        """(known as the n-th reported, known FLEET_SETTLE_S later)"""
+        remote = runner.RemoteSearch(None, search)
+        for i in range(n):
+            remote.fleet.served(f"http://w{i}", 1000, 4.0)
+            remote._learnt()
+        at_once = remote._fleet_known.is_set()
+        assert (remote._fleet_rate() is not None) == at_once
+        await asyncio.sleep(0.3)
+        assert (remote._fleet_rate() == pytest.approx(40 * 250.0)) == remote._fleet_known.is_set()
+        return at_once, remote._fleet_known.is_set()
+
+    assert asyncio.run(reported(36)) == (True, True)  # FLEET_KNOWN of them
+    assert asyncio.run(reported(10)) == (False, True)  # a quarter
+    assert asyncio.run(reported(9)) == (False, False)
 
 
 def test_a_backup_of_a_request_that_computes_nothing_takes_a_whole_part():

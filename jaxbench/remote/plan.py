@@ -9,10 +9,12 @@ a worker whose speed is not known yet gets an equal share of the whole search an
 after PROBE_S, so that the first requests end together and the first speeds known are a fair sample
 (the runner has a worker wait briefly for the fleet's speed rather than probe again; PROBE_S of its
 work if it does not come); then each part is the worker's speed × the time the rest of the search
-would take the whole fleet (/ SHARE, at least MIN_PART_S, less the time the worker is busy with
-another request of the search first), so that parts end together, a few a worker. A part is cut
-from the fresh range that fits it best (`resize`): the ranges a first request leaves are of many
-sizes, and a fast worker handed a small one comes back soon. A fresh range given back joins the
+would take the whole fleet (at least MIN_PART_S, less the time the worker is busy with another
+request of the search first), so that parts end together at the search's end: few requests a
+worker, and a request costs the client far more than a result line. A part is cut from the fresh
+range that fits it best (`resize`): the ranges a first request leaves are of many sizes, and a fast
+worker handed a small one comes back for more. What a part leaves of its range stays pending,
+however little: a part that took it would end after the others. A fresh range given back joins the
 fresh ranges beside it, so that a part can span them. Every part carries a time bound (`bound`): a
 worker slower than thought gives the rest back. With `--duration` there is one endless sequence per
 worker (node i of N = workers).
@@ -38,8 +40,7 @@ from bisect import bisect_left, insort
 
 from .intervals import Intervals, SortedInts
 
-SHARE = 1.25  # a part is the worker's speed × the time the rest would take the fleet / SHARE …
-MIN_PART_S = 2.0  # … but at least this many seconds of its work
+MIN_PART_S = 2.0  # a part is at least this many seconds of its worker's work
 PROBE_S = 10.0  # a worker whose speed is not known yet is asked to stop after this many seconds
 BOUND_SLACK = 1.5  # … one whose speed is known, after this × its part's expected time + MIN_PART_S
 UNSTARTED_S = 5.0  # a request without a worker after this long may be backed up
@@ -106,6 +107,7 @@ class Running:
     rate: float | None = None  # the worker's nonces per second, when known
     started: float = dataclasses.field(default_factory=time.monotonic)  # handed out (then routed)
     opened: float | None = None  # the worker's stream opened
+    first_line: tuple | None = None  # (elapsed_seconds, index) of its first result line: all below computed
     bound_s: float | None = None  # the request's duration_s: the worker stops after it
     quantum: int = 1  # nonces of the worker's full step, as far as known
     settled: int = 0  # absolute index: everything in [lo, settled) settled by this request
@@ -187,25 +189,27 @@ class Plan:
         (None: not known yet) when all the workers together do `fleet_rate` (None: not known yet),
         and which starts it only after `busy_s` (it runs another request first)."""
         if rate and fleet_rate:
-            size = rate * max(MIN_PART_S, self.work_left() / fleet_rate / SHARE - busy_s)
+            size = rate * max(MIN_PART_S, self.work_left(fleet_rate) / fleet_rate - busy_s)
         elif rate:  # the fleet's speed is not known yet: PROBE_S of this worker's work
             size = rate * PROBE_S
         else:  # a first request: an equal share of the search (it stops after PROBE_S anyway)
             size = self.share
         return max(quantum, math.ceil(size / quantum) * quantum)
 
-    def work_left(self) -> float:
+    def work_left(self, fleet_rate: float) -> float:
         """Indices of bounded ranges not computed yet, as far as the client can tell: the pending
         ones, and what the running requests have not reached at their workers' speed (their lines
-        may settle it only later). Worked out at most every LEFT_S: it costs a pass over them."""
+        may settle it only later), or at the fleet's mean speed (`fleet_rate` / workers) where a
+        worker's is not known yet. Worked out at most every LEFT_S: it costs a pass over them."""
         now = time.monotonic()
         if now - self._left_at > LEFT_S:
             left = self.pending_size
+            mean = fleet_rate / self.workers
             for track in self.tracks:
                 if track.sequence.count is not None:
                     for run in track.running:
-                        at = run.settled if not (run.rate and run.opened) else max(
-                            run.settled, run.lo + run.rate * (now - run.opened))
+                        at = run.settled if run.opened is None else max(
+                            run.settled, run.lo + (run.rate or mean) * (now - run.opened))
                         left += max(0.0, run.hi - at)
             self._left, self._left_at = left, now
         return self._left
@@ -224,20 +228,19 @@ class Plan:
             self._replace(0, dataclasses.replace(p, lo=hi))
         return self._start(Running(p.track, p.lo, hi, p.failures, p.failed_on))
 
-    def resize(self, run: Running, size: int, least: int = 0) -> None:
+    def resize(self, run: Running, size: int) -> None:
         """Fit a part not yet sent to `size` indices. A part of fresh work is cut again from the fresh
         range that fits it best: the smallest one that holds `size`, else the largest (so that a fast
         worker is not handed the rest of a probe it would finish early, and a slow one leaves the large
-        ranges alone); all of that range if less than `least`, the smallest part worth a request of its
-        own, would be left. A part of a range that failed before keeps its place: it gives the excess
-        back, or takes more from the pending range that follows it."""
+        ranges alone); what it leaves of that range stays pending. A part of a range that failed before
+        keeps its place: it gives the excess back, or takes more from the pending range that follows it."""
         if run.hi == ENDLESS or run.backup:
             return
         if run.failures == 0:
             self._give_back(Pending(run.track, run.lo, run.hi))
             i = self._best_fit(run.track, size)
             p = self.pending[i]
-            hi = p.hi if p.hi - p.lo < size + least else p.lo + size
+            hi = min(p.hi, p.lo + size)
             if hi == p.hi:
                 self._pop(i)
             else:
@@ -246,7 +249,7 @@ class Plan:
             run.hi = hi
             return
         want = run.lo + size
-        if want + least < run.hi:
+        if want < run.hi:
             self._give_back(Pending(run.track, want, run.hi, run.failures, run.failed_on))
             run.hi = want
         elif want > run.hi:

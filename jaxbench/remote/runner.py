@@ -33,7 +33,7 @@ from ..backoff import Backoff
 from .plan import ENDLESS, Plan, Running, least_part
 from .search import Search
 from .stream import RequestCheck, Violation
-from .workers import Fleet, Worker
+from .workers import RATE_SPAN_S, Fleet, Worker
 
 log = logging.getLogger("jaxbench.remote")
 
@@ -46,6 +46,8 @@ FLUSH_S = 0.1  # result lines go to stdout in one write at most this often, and 
 TICK_S = 0.5  # how often idle runners look for a backup and the progress bar's counts refresh
 DEADLINE_GRACE_S = 30.0  # requests still open this long after a --duration search's deadline are closed
 FLEET_WAIT_S = 2.0  # how long a worker whose speed is known waits for the fleet's before it gets a part
+FLEET_KNOWN = 0.9  # the fleet's speed is known once this share of the workers have reported theirs …
+FLEET_SETTLE_S = 1.0  # … or this long after a quarter of them have (Fleet.total_rate)
 COALESCE_S = 0.05  # while requests stream, the event loop takes its input this often (_coalesce) …
 POST_S = 0.25  # … except during a route call and for this long after it, while the request is posted
 QUIET_HOLD_S = 0.25  # … and for this long at a time while no request is due to end within DUE_MARGIN_S after it
@@ -55,6 +57,11 @@ FREE_S = 0.01  # after a hold the loop runs free this long, so that what the hel
 
 class Refused(Exception):
     """Workers refuse the request itself."""
+
+
+def _is_seconds(value) -> bool:
+    """Whether a worker's clock reading (a line's elapsed_seconds) is one: a finite number ≥ 0."""
+    return type(value) in (int, float) and math.isfinite(value) and value >= 0
 
 
 class _JobFailed(Exception):
@@ -128,7 +135,8 @@ class RemoteSearch:
         self._unwritten: list[str] = []  # result lines not yet written to `out`
         self._flushed = 0.0
         self._no_backup_until = self._no_stuck_until = 0.0
-        self._fleet_known = asyncio.Event()  # set once the fleet's speed is known (Fleet.total_rate)
+        self._fleet_known = asyncio.Event()  # set once the fleet's speed is known (_learnt)
+        self._fleet_settling: asyncio.TimerHandle | None = None
 
     # The search ------------------------------------------------------------------------------------
 
@@ -154,6 +162,8 @@ class RemoteSearch:
         finally:
             self._closing = True
             self._coalescing.cancel()
+            if self._fleet_settling is not None:
+                self._fleet_settling.cancel()
             for task in (ticker, stop_waiter, runners):
                 task.cancel()
             await asyncio.gather(ticker, stop_waiter, runners, return_exceptions=True)
@@ -369,7 +379,7 @@ class RemoteSearch:
             if not fitted:
                 if worker.rate and run.hi != ENDLESS and not run.backup and not self._fleet_known.is_set():
                     # The first requests end together: rather than a second probe, a part sized for the
-                    # fleet once a quarter of them have reported.
+                    # fleet once its speed is known (_learnt).
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(FLEET_WAIT_S):
                             await self._fleet_known.wait()
@@ -379,8 +389,7 @@ class RemoteSearch:
                 else:  # a worker that runs one of the search's requests starts this one after it
                     now = time.monotonic()
                     busy_s = max([r.outlook(now)[0] for r in self._running_on.get(url, ())] + [0.0])
-                    self.plan.resize(run, self.plan.part_size(worker.rate, self._fleet_rate(), quantum, busy_s),
-                                     least_part(worker.rate or self.fleet.mean_rate, quantum))
+                    self.plan.resize(run, self.plan.part_size(worker.rate, self._fleet_rate(), quantum, busy_s))
                 fitted = True
             run.bound(worker.rate)
             payload = self._payload(run)
@@ -421,7 +430,18 @@ class RemoteSearch:
         self._note(f"{url}: {cause}; the request goes to another worker")
 
     def _fleet_rate(self) -> float | None:
-        return self.fleet.total_rate(self.search.workers)
+        return self.fleet.total_rate(self.search.workers) if self._fleet_known.is_set() else None
+
+    def _learnt(self) -> None:
+        """A worker's speed was measured: the fleet's is known once most workers have reported, or
+        FLEET_SETTLE_S after a quarter have (Fleet.total_rate), so that the parts that take the
+        search to its end are sized from most of the first requests (a quarter of them is a sample
+        whose mean is a few percent off) without waiting for those that will not report soon."""
+        workers = self.search.workers
+        if self.fleet.measured >= FLEET_KNOWN * workers:
+            self._fleet_known.set()
+        elif self._fleet_settling is None and self.fleet.total_rate(workers) is not None:
+            self._fleet_settling = asyncio.get_running_loop().call_later(FLEET_SETTLE_S, self._fleet_known.set)
 
     def _payload(self, run: Running) -> dict | None:
         """The request's body: its range, and the time it may take (the rest of the search's time,
@@ -483,9 +503,9 @@ class RemoteSearch:
             log.info("%s: %s after %d nonces in %.1f s", url, reason, check.settled, time.monotonic() - run.opened)
             if reason == "error":
                 raise _JobFailed
-            self.fleet.served(url, check.settled, time.monotonic() - run.opened)
-            if not self._fleet_known.is_set() and self._fleet_rate() is not None:
-                self._fleet_known.set()
+            self.fleet.served(url, *self._speed(run, check.settled, line.get("elapsed_seconds")))
+            if not self._fleet_known.is_set():
+                self._learnt()
             if reason == "shutdown":
                 self.fleet.busy(url)
             return True
@@ -493,6 +513,8 @@ class RemoteSearch:
             log.warning("%s reported: %s", url, str(line["error"])[:300])
             return False
         indices = check.result(line)
+        if run.first_line is None:
+            run.first_line = (line.get("elapsed_seconds"), check.reached)
         worker = self.fleet.get(url)
         if isinstance(line.get("batch_computed"), int) and check.groups * line["batch_computed"] > worker.quantum:
             worker.quantum = check.groups * line["batch_computed"]
@@ -501,6 +523,19 @@ class RemoteSearch:
             self._settle(run, base + check.settled)
         self._print(run, worker, line, text, indices, base)
         return run.done_elsewhere  # the rest of its range is done: it may stop
+
+    @staticmethod
+    def _speed(run: Running, computed: int, elapsed) -> tuple[int, float]:
+        """What a request that ended well (`computed` nonces, its summary's `elapsed`) tells of its
+        worker's speed: (nonces, seconds) from its first result line to its summary by the worker's
+        own clock (the lines' elapsed_seconds), where that span is RATE_SPAN_S or more; else from
+        its stream's start by the client's, which holds the job's start (and at a worker's first
+        request the build of the weights, seconds on a GPU) and the client's own delays."""
+        if run.first_line is not None:
+            began, reached = run.first_line
+            if _is_seconds(began) and _is_seconds(elapsed) and elapsed - began >= RATE_SPAN_S:
+                return computed - reached, elapsed - began
+        return computed, time.monotonic() - run.opened
 
     def _print(self, run: Running, worker: Worker, line: dict, text: str, indices: list[int], base: int) -> None:
         plan, track = self.plan, run.track

@@ -130,6 +130,11 @@ class RequestCheck:
             raise Violation(f"next_nonce {following} does not follow group {group}'s nonces")
         return k - group
 
+    @property
+    def reached(self) -> int:
+        """Every index below it is computed: where the newest step ends, as far as its lines tell."""
+        return max(self.settled, self._reached if self._step_end is None else self._step_end)
+
     def summary(self, line: dict) -> str:
         """The summary line: checks it, settles what it counts computed, returns its reason."""
         reason = line.get("reason")
@@ -138,7 +143,7 @@ class RequestCheck:
         computed = _integer(line, "total_computed")
         if _integer(line, "total_valid") != self.valid:
             raise Violation(f"the summary counts {line['total_valid']} valid nonces, its lines {self.valid}")
-        end = max(self.settled, self._reached if self._step_end is None else self._step_end)
+        end = self.reached
         if computed < end or self.count is not None and computed > self.count:
             raise Violation(f"the summary counts {computed} nonces computed, its lines show {end}" + ("" if self.count is None else f" of {self.count}"))
         if reason == "completed" and self.count is not None and computed != self.count:

@@ -50,6 +50,11 @@ class Fleet:
         return w
 
     @property
+    def measured(self) -> int:
+        """How many workers' speeds are known."""
+        return len(self._rates)
+
+    @property
     def mean_rate(self) -> float | None:
         return self._rate_sum / len(self._rates) if self._rates else None
 
