@@ -739,7 +739,9 @@ def test_split_search_survives_a_worker_killed_mid_run(endpoint, truth):
     assert summary["total_valid"] == len(truth)
 
     lost = summary["workers"][doomed.worker_url]
-    assert lost["failures"] == 1 and lost["last_failure"].startswith("its stream broke")
+    # The request it computed broke; one the autoscaler had queued behind it, if any (both runners'
+    # requests can be routed to one worker), failed with it.
+    assert 1 <= lost["failures"] <= 2 and re.match("its stream (broke|ended)|unreachable", lost["last_failure"]), lost
     assert summary["workers"][survivor.worker_url]["failures"] == 0
     assert lost["computed"] + summary["workers"][survivor.worker_url]["computed"] == 30000
     # Its part goes on from where its lines had settled it, not from the part's beginning: at most
